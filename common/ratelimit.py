@@ -1,0 +1,53 @@
+"""Token-bucket rate limiting.
+
+The bucket itself is pure (time is passed in); `Throttle` is the small async shell used
+by the CDN fetch, dfget's downloads and the peer servers' uploads. Debt is allowed so a
+whole piece can be charged at once: the caller then waits for the debt to be repaid,
+which keeps the long-run average at the rate without splitting sendfile calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    rate: float  # bytes per second; <= 0 means unlimited
+    burst: float = 0.0
+    tokens: float = field(default=0.0)
+    stamp: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.burst <= 0:
+            self.burst = max(self.rate * 0.25, 64 * 1024)
+        self.tokens = self.burst
+
+    def reserve(self, n: int, now: float) -> float:
+        """Take n tokens; return seconds the caller must wait before using them."""
+        if self.rate <= 0:
+            return 0.0
+        if self.stamp == 0.0:
+            self.stamp = now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class Throttle:
+    """Async shell over a bucket. Several tasks may share one (a host-wide limit)."""
+
+    def __init__(self, rate: float) -> None:
+        self.bucket = TokenBucket(rate)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.bucket.rate <= 0
+
+    async def consume(self, n: int) -> None:
+        delay = self.bucket.reserve(n, time.monotonic())
+        if delay > 0:
+            await asyncio.sleep(delay)

@@ -1,0 +1,165 @@
+"""Wire records of the supernode API, in JSON or msgpack.
+
+Decoding is strict: wrong types, missing fields, over-long strings and arrays are all
+rejected with `BadRequest` before anything else looks at the data. msgspec does the
+validation and both encodings (it is faster than json+msgpack by hand and validates as
+it parses, so a hostile body never becomes a half-checked dict).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .errors import BadRequest
+
+JSON_TYPE = "application/json"
+MSGPACK_TYPE = "application/msgpack"
+
+Id32 = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+TaskId = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+Digest = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+Md5 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{32}$")]
+Url = Annotated[str, Meta(min_length=1, max_length=8192)]
+Ip = Annotated[str, Meta(min_length=2, max_length=64)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+PieceNo = Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]
+ShortText = Annotated[str, Meta(max_length=256)]
+HeaderName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+HeaderValue = Annotated[str, Meta(max_length=8192, pattern=r"^[^\r\n\x00]*$")]
+Headers = Annotated[dict[HeaderName, HeaderValue], Meta(max_length=64)]
+FilterKeys = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=32)]
+
+Pattern = Literal["p2p", "cdn"]
+ReportResult = Literal["ok", "failed", "have"]
+FailReason = Literal[
+    "not_found", "digest_mismatch", "timeout", "refused", "short_body", "long_body", "error"
+]
+PullState = Literal["continue", "wait", "finished", "failed"]
+
+
+class PeerAddr(Struct, frozen=True):
+    """Where this client's peer server listens; the id is the peer server's own."""
+
+    peer_id: Id32
+    ip: Ip
+    port: Port
+
+
+class RegisterRequest(Struct, frozen=True):
+    url: Url
+    peer: PeerAddr | None = None
+    headers: Headers = {}
+    md5: Md5 | None = None
+    identifier: ShortText | None = None
+    filter: FilterKeys = []
+    range: Annotated[str, Meta(max_length=128)] | None = None
+    pattern: Pattern = "p2p"
+    cid: Id32 | None = None  # given when a client moves to another supernode mid-download
+
+
+class TaskInfo(Struct, frozen=True):
+    task_id: TaskId
+    length: int  # -1 while unknown (chunked origin still streaming)
+    piece_size: int
+    piece_count: int  # -1 while unknown
+    status: str  # pending | fetching | success | failed
+    digest_algo: str = "sha256"
+    file_digest: str | None = None
+    error: dict[str, str] | None = None
+
+
+class RegisterReply(Struct, frozen=True):
+    cid: Id32
+    supernode_id: Id32
+    task: TaskInfo
+
+
+class Report(Struct, frozen=True):
+    piece: PieceNo
+    result: ReportResult
+    source: Id32 | None = None
+    reason: FailReason | None = None
+
+
+Reports = Annotated[list[Report], Meta(max_length=64)]
+
+
+class PullRequest(Struct, frozen=True):
+    cid: Id32
+    limit: Annotated[int, Meta(ge=1, le=16)] = 4
+    wait: Annotated[float, Meta(ge=0, le=30)] = 20.0
+    reports: Reports = []
+
+
+class Source(Struct, frozen=True):
+    cid: Id32
+    ip: Ip
+    port: Port
+    kind: Literal["peer", "cdn"]
+
+
+class Assignment(Struct, frozen=True):
+    piece: int
+    start: int
+    end: int  # inclusive
+    digest: Digest
+    source: Source
+    token: str | None = None
+
+
+class PullReply(Struct, frozen=True):
+    state: PullState
+    task: TaskInfo
+    assignments: list[Assignment] = []
+    done: int = 0  # pieces this client holds, as the supernode sees it
+
+
+class ReportRequest(Struct, frozen=True):
+    cid: Id32
+    reports: Reports = []
+    event: Literal["finished", "aborted"] | None = None
+
+
+class DigestsReply(Struct, frozen=True):
+    task: TaskInfo
+    digests: list[str | None]
+
+
+class PeerDownRequest(Struct, frozen=True):
+    """A peer server leaving (all its files) or dropping some files."""
+
+    peer_id: Id32
+    tasks: Annotated[list[TaskId], Meta(max_length=4096)] | None = None
+
+
+class HeartbeatRequest(Struct, frozen=True):
+    peer_id: Id32
+
+
+T = TypeVar("T")
+
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(obj: object, *, msgpack: bool = False) -> bytes:
+    return _msgpack_encoder.encode(obj) if msgpack else _json_encoder.encode(obj)
+
+
+def decode(data: bytes, typ: type[T], *, msgpack: bool = False) -> T:
+    """Decode and validate; any problem is a BadRequest naming the field."""
+    try:
+        if msgpack:
+            return msgspec.msgpack.decode(data, type=typ)
+        return msgspec.json.decode(data, type=typ)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
+
+
+def to_builtins(obj: object) -> object:
+    return msgspec.to_builtins(obj)
