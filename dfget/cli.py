@@ -1,0 +1,164 @@
+"""The `dfget` command line: `dfget -u URL -o OUT [...]`, `dfget server [...]`,
+`dfget version`.
+
+Exit codes (common/errors.py, README "Exit codes"): 0 ok, 1 unexpected, 2 bad
+arguments, 3 no supernode reachable (with --notbs), 4 origin error, 5 integrity,
+6 timeout, 7 local disk error, 8 P2P failed (with --notbs), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from common import __version__
+from common.errors import (
+    EXIT_GENERIC,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    DfError,
+    DownloadTimeout,
+)
+
+from . import config as C
+from .download import download
+from .progress import ProgressBar, Stats
+
+SUBCOMMANDS = ("server", "version")
+
+
+def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args, **kw)
+    except C.ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-u", "--url", required=True, help="URL of the file (http or https).")
+@click.option("-o", "--output", default=None, help="Output file (default: last URL segment).")
+@click.option("-m", "--md5", default=None, help="Expected md5 of the whole file.")
+@click.option("-i", "--identifier", default=None, help="Identifies the file instead of the md5.")
+@click.option("-n", "--node", default="127.0.0.1:8002", help="Supernodes: host[:port][=weight],...")
+@click.option("--header", "headers", multiple=True, help="'Name: value' for the origin (repeatable).")
+@click.option("-f", "--filter", "filter_", default=None, help="Query keys ignored in the task id: 'k1&k2'.")
+@click.option("-s", "--locallimit", default="20MB", show_default=True, help="Download rate limit.")
+@click.option("--totallimit", default="0", help="Host-wide rate limit (uploads + downloads); 0 = none.")
+@click.option("--minrate", default="64KB", show_default=True, help="Slowest acceptable piece rate.")
+@click.option("-e", "--timeout", default=None, help="Give up after this long (e.g. 10m).")
+@click.option("-p", "--pattern", type=click.Choice(["p2p", "cdn", "source"]), default="p2p", show_default=True)
+@click.option("--notbs", is_flag=True, help="Never download straight from the origin.")
+@click.option("-b/-B", "--showbar/--no-showbar", default=None, help="Progress bar on stderr (default: if a tty).")
+@click.option("--verbose", is_flag=True, help="Log details to stderr.")
+@click.option("--home", default="~/.dfget", show_default=True, help="dfget's working directory.")
+@click.option("--ip", default=None, help="IP of this host's peer server (default: towards the supernode).")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="Port of the peer server (0 = any).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout at the end.")
+@click.option("--pull-limit", default=C.DEFAULT_PULL_LIMIT, type=click.IntRange(1, 16), show_default=True,
+              help="Pieces in flight at once.")
+@click.option("--expiretime", default="3m", show_default=True, help="Peer server: stop serving a file unread this long.")
+@click.option("--alivetime", default="5m", show_default=True, help="Peer server: exit after this long idle.")
+@click.option("--stall-timeout", default="2m", show_default=True, help="P2P without progress this long fails.")
+@click.option("--no-serve", is_flag=True, help="Do not start or use a peer server.")
+def download_cmd(url: str, output: str | None, md5: str | None, identifier: str | None, node: str,
+                 headers: tuple[str, ...], filter_: str | None, locallimit: str, totallimit: str,
+                 minrate: str, timeout: str | None, pattern: str, notbs: bool, showbar: bool | None,
+                 verbose: bool, home: str, ip: str | None, port: int, as_json: bool, pull_limit: int,
+                 expiretime: str, alivetime: str, stall_timeout: str, no_serve: bool) -> None:
+    """Download URL through the supernodes (P2P), back to the origin if that fails."""
+    cfg = C.DownloadConfig(
+        url=_cfg(C.check_url, url), output=_cfg(C.default_output, url, output),
+        home=Path(home).expanduser().absolute(), nodes=_cfg(C.parse_nodes, node),
+        md5=_cfg(C.check_md5, md5), identifier=identifier, headers=_cfg(C.parse_headers, headers),
+        filter_keys=C.parse_filter(filter_), locallimit=_cfg(C.parse_rate, locallimit, "--locallimit"),
+        totallimit=_cfg(C.parse_rate, totallimit, "--totallimit"),
+        minrate=_cfg(C.parse_rate, minrate, "--minrate") or 1,
+        timeout=_cfg(C.parse_duration, timeout, "--timeout") if timeout else None,
+        pattern=pattern, notbs=notbs, showbar=sys.stderr.isatty() if showbar is None else showbar,
+        verbose=verbose, json=as_json, ip=ip, port=port, pull_limit=pull_limit,
+        stall_timeout=_cfg(C.parse_duration, stall_timeout, "--stall-timeout"),
+        alivetime=_cfg(C.parse_duration, alivetime, "--alivetime"),
+        expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), serve=not no_serve)
+    sys.exit(run(cfg))
+
+
+def run(cfg: C.DownloadConfig) -> int:
+    logging.basicConfig(level=logging.INFO if cfg.verbose else logging.ERROR, stream=sys.stderr,
+                        format="dfget: %(name)s: %(message)s")
+    stats = Stats(url=cfg.url, output=str(cfg.output))
+    code = EXIT_OK
+    try:
+        asyncio.run(_main(cfg, stats))
+    except DfError as exc:
+        code = exc.exit_code
+        click.echo(f"dfget: error: {exc.message}", err=True)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+        click.echo("dfget: interrupted", err=True)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, detail with --verbose
+        code = EXIT_GENERIC
+        click.echo(f"dfget: unexpected error: {type(exc).__name__}: {exc}", err=True)
+        if cfg.verbose:
+            traceback.print_exc()
+    if cfg.json:
+        report = stats.report()
+        report["exit_code"] = code
+        click.echo(json.dumps(report))
+    return code
+
+
+async def _main(cfg: C.DownloadConfig, stats: Stats) -> None:
+    bar = ProgressBar(stats) if cfg.showbar else None
+    if bar is not None:
+        bar.start()
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            await download(cfg, stats)
+    except TimeoutError:
+        raise DownloadTimeout(f"download did not finish within {cfg.timeout:g} s") from None
+    finally:
+        if bar is not None:
+            await bar.stop()
+
+
+@click.command("server", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", default="~/.dfget", show_default=True)
+@click.option("--ip", default="127.0.0.1", show_default=True, help="Address to listen on and advertise.")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="0 = any free port.")
+@click.option("--totallimit", default="0", help="Upload rate shared by all uploads; 0 = none.")
+@click.option("--alivetime", default="5m", show_default=True)
+@click.option("--expiretime", default="3m", show_default=True)
+@click.option("--max-uploads", default=5, type=click.IntRange(1, 1024), show_default=True)
+@click.option("--upload-timeout", default="60s", show_default=True)
+@click.option("--scan-interval", default="15s", show_default=True)
+def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, expiretime: str,
+               max_uploads: int, upload_timeout: str, scan_interval: str) -> None:
+    """Run this host's peer server (normally started by dfget itself)."""
+    from .server.lifecycle import run_server
+    from .server.state import ServerConfig
+
+    cfg = ServerConfig(
+        home=Path(home).expanduser().absolute(), ip=ip, port=port,
+        totallimit=_cfg(C.parse_rate, totallimit, "--totallimit"),
+        alivetime=_cfg(C.parse_duration, alivetime, "--alivetime"),
+        expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), max_uploads=max_uploads,
+        upload_timeout=_cfg(C.parse_duration, upload_timeout, "--upload-timeout"),
+        scan_interval=_cfg(C.parse_duration, scan_interval, "--scan-interval"))
+    sys.exit(run_server(cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "version":
+        click.echo(f"dfget {__version__}")
+        sys.exit(EXIT_OK)
+    if args and args[0] == "server":
+        server_cmd.main(args[1:], prog_name="dfget server")
+    else:
+        download_cmd.main(args, prog_name="dfget")

@@ -1,0 +1,159 @@
+"""The temporary download file: written piece by piece at offsets, re-checked on resume,
+moved onto the output atomically only when complete and verified.
+
+Every OSError from the local disk becomes `LocalDiskError` (exit code 7) here, so the
+download loop never has to guess whether an error is about the disk or the network.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from common import digest
+from common.errors import IntegrityError, LocalDiskError
+
+READ_CHUNK = 1 << 20
+T = TypeVar("T")
+
+
+def part_path(output: Path, task_id: str) -> Path:
+    """Deterministic, so a re-run with the same URL and output finds the same file."""
+    return output.parent / f".{output.name}.{task_id[:16]}.dfget-part"
+
+
+@contextmanager
+def disk_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        reason = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
+        raise LocalDiskError(f"{what}: {exc.strerror or exc} {f'({reason})' if reason else ''}".strip()) from exc
+
+
+class PartFile:
+    """Blocking methods: call them from a worker thread (they read/write megabytes)."""
+
+    def __init__(self, output: Path, task_id: str) -> None:
+        self.output = output
+        self.path = part_path(output, task_id)
+        self.fd: int | None = None
+
+    def existed(self) -> bool:
+        try:
+            return self.path.stat().st_size > 0
+        except OSError:
+            return False
+
+    def open(self, length: int) -> None:
+        """Open (creating) the file; pre-size it when the length is known so pieces can be
+        written anywhere and peers can be served from it at once."""
+        with disk_errors(f"cannot create {self.path}"):
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if length >= 0 and os.fstat(self.fd).st_size != length:
+                os.ftruncate(self.fd, length)
+
+    def set_length(self, length: int) -> None:
+        assert self.fd is not None
+        with disk_errors(f"cannot resize {self.path}"):
+            if os.fstat(self.fd).st_size != length:
+                os.ftruncate(self.fd, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        with disk_errors(f"cannot write {self.path}"):
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+
+    def piece_digest(self, start: int, end: int) -> str | None:
+        """sha256 of [start, end] as on disk, or None when the file is shorter."""
+        assert self.fd is not None
+        h = digest.new()
+        pos = start
+        with disk_errors(f"cannot read {self.path}"):
+            while pos <= end:
+                chunk = os.pread(self.fd, min(READ_CHUNK, end - pos + 1), pos)
+                if not chunk:
+                    return None
+                h.update(chunk)
+                pos += len(chunk)
+        return str(h.hexdigest())
+
+    def file_md5(self) -> str:
+        assert self.fd is not None
+        h = hashlib.md5(usedforsecurity=False)
+        pos = 0
+        with disk_errors(f"cannot read {self.path}"):
+            while chunk := os.pread(self.fd, READ_CHUNK, pos):
+                h.update(chunk)
+                pos += len(chunk)
+        return h.hexdigest()
+
+    def finish(self, length: int, md5: str | None, md5_actual: str | None = None) -> None:
+        """fsync, check size and md5, then rename onto the output. On an integrity failure
+        the temporary file is removed; the output is never touched."""
+        assert self.fd is not None
+        with disk_errors(f"cannot finish {self.path}"):
+            os.fsync(self.fd)
+            size = os.fstat(self.fd).st_size
+        if size != length:
+            self.discard()
+            raise IntegrityError(f"downloaded {size} bytes, expected {length}")
+        if md5 is not None:
+            actual = md5_actual or self.file_md5()
+            if actual.lower() != md5.lower():
+                self.discard()
+                raise IntegrityError(f"md5 mismatch: expected {md5}, got {actual}")
+        with disk_errors(f"cannot move the download to {self.output}"):
+            os.replace(self.path, self.output)
+            _fsync_dir(self.output.parent)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def discard(self) -> None:
+        self.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recheck(part: PartFile, ranges: list[tuple[int, int, int, str | None]],
+            stop: Callable[[], bool] = lambda: False) -> list[int]:
+    """Pieces (number, start, end, expected digest) whose bytes on disk match: resume."""
+    good: list[int] = []
+    for number, start, end, expected in ranges:
+        if stop():
+            break
+        if expected is None:
+            continue
+        actual = part.piece_digest(start, end)
+        if actual is not None and digest.matches(expected, actual):
+            good.append(number)
+    return good

@@ -1,0 +1,283 @@
+"""One P2P download session: register, resume, then keep up to `pull_limit` pieces in
+flight, pulling again as soon as a slot frees, and failing over between supernodes
+without starting over (the same cid, pieces already done re-announced as `have`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from common import wire
+from common.errors import DfError, TaskFailed, from_wire
+from common.pieces import piece_count, piece_range
+
+from .config import DownloadConfig
+from .output import PartFile, recheck
+from .peerlink import PeerLink
+from .piecefetch import FetchLimits, PieceFailed, fetch_piece
+from .progress import Stats
+from .supernodes import SupernodeDown, Supernodes
+
+log = logging.getLogger("dfget.p2p")
+PULL_WAIT = 20.0
+MAX_FAIL_STREAK = 30
+
+
+class P2PGaveUp(Exception):
+    """P2P made no progress (stall or too many failed pieces): go back to source."""
+
+
+@dataclass(frozen=True)
+class Flight:
+    assignment: wire.Assignment
+    generation: int  # which registration assigned it (bumped on failover)
+
+
+class P2PSession:
+    def __init__(self, cfg: DownloadConfig, session: aiohttp.ClientSession, part: PartFile,
+                 stats: Stats, peer: PeerLink, limits: FetchLimits) -> None:
+        self.cfg, self.session, self.part, self.stats = cfg, session, part, stats
+        self.peer, self.limits = peer, limits
+        self.sn = Supernodes(session, cfg.nodes)
+        self.cid: str | None = None
+        self.task: wire.TaskInfo | None = None
+        self.generation = 0
+        self.done: set[int] = set()
+        self.reports: list[wire.Report] = []
+        self.flights: dict[asyncio.Task[int], Flight] = {}
+        self.last_progress = time.monotonic()
+        self.fail_streak = 0
+
+    @property
+    def task_id(self) -> str:
+        assert self.task is not None
+        return self.task.task_id
+
+    def _register_request(self) -> wire.RegisterRequest:
+        return wire.RegisterRequest(
+            url=self.cfg.url, peer=self.peer.addr, headers=self.cfg.headers, md5=self.cfg.md5,
+            identifier=self.cfg.identifier, filter=list(self.cfg.filter_keys),
+            pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid)
+
+    def _adopt(self, reply: wire.RegisterReply) -> None:
+        self.cid = reply.cid
+        self._update_task(reply.task)
+        self.stats.supernode = self.sn.current.base_url
+        if reply.task.status == "failed":
+            raise _task_error(reply.task)
+
+    def _update_task(self, task: wire.TaskInfo) -> None:
+        self.task = task
+        self.stats.task_id = task.task_id
+        if task.length >= 0:
+            self.stats.length = task.length
+            self.stats.pieces = task.piece_count
+
+    def complete(self) -> bool:
+        t = self.task
+        return t is not None and t.length >= 0 and t.piece_count >= 0 and len(self.done) >= t.piece_count
+
+    async def run(self) -> None:
+        self._adopt(await self.sn.register(self._register_request()))
+        assert self.task is not None
+        resuming = self.part.existed()
+        await asyncio.to_thread(self.part.open, self.task.length)
+        if resuming and self.task.length > 0:
+            await self._resume()
+        await self.peer.register(self.task_id, self.part.path, self.task.length, self.task.piece_size,
+                                 self.sn.base_urls())
+        await self.peer.verified(self.task_id, sorted(self.done))
+        try:
+            await self._loop()
+            await self._finish()
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def _resume(self) -> None:
+        """Only pieces whose bytes re-hash to the supernode's digests count as present."""
+        assert self.task is not None
+        reply = await self.sn.digests(self.task_id)
+        t = reply.task
+        count = piece_count(t.length, t.piece_size)
+        ranges = [(n, *piece_range(n, t.length, t.piece_size), reply.digests[n])
+                  for n in range(min(count, len(reply.digests)))]
+        good = await asyncio.to_thread(recheck, self.part, ranges)
+        for n in good:
+            start, end = piece_range(n, t.length, t.piece_size)
+            self.done.add(n)
+            self.stats.pieces_resumed += 1
+            self.stats.bytes_resumed += end - start + 1
+            self.reports.append(wire.Report(piece=n, result="have"))
+        log.info("resume: %d of %d pieces on disk re-verified", len(good), count)
+
+    async def _loop(self) -> None:
+        pull: asyncio.Task[wire.PullReply] | None = None
+        sender: asyncio.Task[None] | None = None
+        try:
+            while not self.complete():
+                free = self.cfg.pull_limit - len(self.flights)
+                if pull is None and free > 0:
+                    pull = asyncio.create_task(self._pull(free))
+                elif sender is None and self.reports:
+                    sender = asyncio.create_task(self._send_reports())
+                waits: set[asyncio.Future[object]] = set(self.flights)  # type: ignore[arg-type]
+                waits.update(t for t in (pull, sender) if t is not None)
+                timeout = max(0.1, self.cfg.stall_timeout - (time.monotonic() - self.last_progress))
+                finished, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for t in finished:
+                    if t in self.flights:
+                        await self._piece_done(t)  # type: ignore[arg-type]
+                try:
+                    if pull in finished:
+                        p, pull = pull, None
+                        self._pulled(p.result())  # type: ignore[union-attr]
+                    if sender in finished:
+                        s, sender = sender, None
+                        s.result()  # type: ignore[union-attr]
+                except (SupernodeDown, _Reregister) as exc:
+                    pull, sender = await _cancel(pull), await _cancel(sender)
+                    await self._failover(str(exc), skip_current=isinstance(exc, SupernodeDown))
+                if time.monotonic() - self.last_progress > self.cfg.stall_timeout:
+                    raise P2PGaveUp(f"no piece verified for {self.cfg.stall_timeout:.0f} s")
+        finally:
+            await _cancel(pull)
+            await _cancel(sender)
+            for t in list(self.flights):
+                await _cancel(t)
+            self.flights.clear()
+
+    async def _pull(self, free: int) -> wire.PullReply:
+        assert self.cid is not None
+        reports, self.reports = self.reports[:64], self.reports[64:]
+        wait = PULL_WAIT if not self.reports else 0.0
+        started = time.monotonic()
+        try:
+            reply = await self.sn.pull(self.task_id, wire.PullRequest(
+                cid=self.cid, limit=min(free, 16), wait=wait, reports=reports))
+        except DfError as exc:
+            self.reports[:0] = reports
+            if exc.code == "not_found":  # the supernode forgot this client or task
+                raise _Reregister(exc.message) from None
+            raise
+        except BaseException:
+            self.reports[:0] = reports  # not delivered: send them again after failover
+            raise
+        if reply.state == "wait" and time.monotonic() - started < 0.2:
+            # A supernode that answers "wait" at once must not turn us into a busy loop.
+            await asyncio.sleep(0.2)
+        return reply
+
+    def _pulled(self, reply: wire.PullReply) -> None:
+        self._update_task(reply.task)
+        if reply.task.length >= 0:
+            self.part.set_length(reply.task.length)
+        if reply.state == "failed":
+            raise _task_error(reply.task)
+        if reply.state == "finished" and not self.complete():
+            raise P2PGaveUp("the supernode says finished but pieces are missing here")
+        for a in reply.assignments:
+            if a.piece in self.done or any(f.assignment.piece == a.piece for f in self.flights.values()):
+                continue
+            task = asyncio.create_task(fetch_piece(self.session, self.task_id, a, self.part, self.limits))
+            self.flights[task] = Flight(a, self.generation)
+
+    async def _piece_done(self, task: asyncio.Task[int]) -> None:
+        flight = self.flights.pop(task)
+        a = flight.assignment
+        try:
+            nbytes = task.result()
+        except PieceFailed as exc:
+            log.info("piece %d from %s:%d failed: %s", a.piece, a.source.ip, a.source.port, exc)
+            self.stats.peer_failures[exc.reason] += 1
+            self.fail_streak += 1
+            if flight.generation == self.generation:
+                self.reports.append(wire.Report(piece=a.piece, result="failed", source=a.source.cid,
+                                                reason=exc.reason))  # type: ignore[arg-type]
+            if self.fail_streak > MAX_FAIL_STREAK:
+                raise P2PGaveUp(f"{self.fail_streak} pieces failed in a row") from None
+            return
+        self.fail_streak = 0
+        self.last_progress = time.monotonic()
+        self.done.add(a.piece)
+        self.stats.add_piece(a.source.kind, nbytes)
+        # The peer server learns of the piece before the supernode sends anyone to us.
+        await self.peer.verified(self.task_id, [a.piece], self.task.length if self.task else None)
+        result = "ok" if flight.generation == self.generation else "have"
+        self.reports.append(wire.Report(piece=a.piece, result=result,
+                                        source=a.source.cid if result == "ok" else None))
+
+    async def _send_reports(self) -> None:
+        assert self.cid is not None
+        while self.reports:
+            batch, self.reports = self.reports[:64], self.reports[64:]
+            try:
+                await self.sn.report(self.task_id, wire.ReportRequest(cid=self.cid, reports=batch))
+            except SupernodeDown:
+                self.reports[:0] = batch
+                raise
+            except DfError as exc:
+                # 409 (not assigned to us any more) and the like: the piece stays ours.
+                if exc.code == "not_found":
+                    raise _Reregister(exc.message) from None
+                log.info("report rejected: %s", exc.message)
+
+    async def _failover(self, why: str, *, skip_current: bool) -> None:
+        log.warning("supernode %s: %s; moving on", self.sn.current.base_url, why)
+        self.stats.failovers += 1
+        self.generation += 1
+        self._adopt(await self.sn.register(self._register_request(), skip_current=skip_current))
+        self.reports = [wire.Report(piece=n, result="have") for n in sorted(self.done)]
+
+    async def _finish(self) -> None:
+        assert self.task is not None
+        length = self.task.length
+        await asyncio.to_thread(self.part.finish, length, self.cfg.md5)
+        await self.peer.moved(self.task_id, self.cfg.output)
+        with contextlib.suppress(SupernodeDown, DfError):
+            await self._final_report("finished")
+
+    async def _abort(self) -> None:
+        if self.cid is None or self.task is None:
+            return
+        with contextlib.suppress(SupernodeDown, DfError, asyncio.CancelledError):
+            async with asyncio.timeout(3):
+                await self._final_report("aborted")
+
+    async def _final_report(self, event: str) -> None:
+        assert self.cid is not None
+        while len(self.reports) > 64:
+            await self._send_reports_once()
+        await self.sn.report(self.task_id, wire.ReportRequest(
+            cid=self.cid, reports=self.reports, event=event))  # type: ignore[arg-type]
+        self.reports = []
+
+    async def _send_reports_once(self) -> None:
+        assert self.cid is not None
+        batch, self.reports = self.reports[:64], self.reports[64:]
+        await self.sn.report(self.task_id, wire.ReportRequest(cid=self.cid, reports=batch))
+
+
+class _Reregister(Exception):
+    """The supernode forgot us (404): register again there, same cid."""
+
+
+def _task_error(task: wire.TaskInfo) -> DfError:
+    if task.error:
+        return from_wire(task.error, fallback_status=502)
+    return TaskFailed("the supernode reports the task as failed")
+
+
+async def _cancel(task: asyncio.Task[object] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    elif task is not None and not task.cancelled():
+        task.exception()
+    return None

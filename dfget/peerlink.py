@@ -1,0 +1,72 @@
+"""dfget's link to this host's peer server. Serving is a bonus, never a reason for a
+download to fail: after the first error the link goes quiet and the download goes on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from common.wire import PeerAddr
+
+from .server.launcher import ControlClient, PeerServerError, ensure_server
+from .server.protocol import RegisterFile, ServerInfo
+
+log = logging.getLogger("dfget.peer")
+
+
+class PeerLink:
+    def __init__(self, client: ControlClient | None, info: ServerInfo | None) -> None:
+        self.client = client
+        self.info = info
+
+    @classmethod
+    async def start(cls, home: Path, ip: str, port: int, totallimit: int, alivetime: float,
+                    expiretime: float) -> PeerLink:
+        try:
+            client, info = await ensure_server(home, ip, port, totallimit, alivetime, expiretime)
+        except (PeerServerError, OSError, TimeoutError) as exc:
+            log.warning("peer server unavailable, downloading without serving: %s", exc)
+            return cls(None, None)
+        link = cls(client, info)
+        if totallimit and info.totallimit != totallimit:
+            await link._do(client.set_limit(totallimit))
+        return link
+
+    @property
+    def addr(self) -> PeerAddr | None:
+        if self.info is None or self.client is None:
+            return None
+        return PeerAddr(peer_id=self.info.peer_id, ip=self.info.ip, port=self.info.port)
+
+    async def _do(self, coro: object) -> bool:
+        try:
+            await coro  # type: ignore[misc]
+            return True
+        except PeerServerError as exc:
+            log.warning("peer server stopped answering, no longer serving: %s", exc)
+            await self.close()
+            return False
+
+    async def register(self, task_id: str, path: Path, length: int, piece_size: int, supernodes: list[str]) -> None:
+        if self.client is not None:
+            await self._do(self.client.register(RegisterFile(
+                task_id=task_id, path=str(path), length=length, piece_size=piece_size,
+                supernodes=supernodes, owner_pid=os.getpid())))
+
+    async def verified(self, task_id: str, pieces: list[int], length: int | None = None) -> None:
+        if self.client is not None and (pieces or length is not None):
+            await self._do(self.client.verified(task_id, pieces, length))
+
+    async def moved(self, task_id: str, path: Path) -> None:
+        if self.client is not None:
+            await self._do(self.client.moved(task_id, path))
+
+    async def remove(self, task_id: str) -> None:
+        if self.client is not None:
+            await self._do(self.client.remove(task_id))
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()

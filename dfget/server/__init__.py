@@ -1,0 +1,1 @@
+"""The per-host peer server (`dfget server`): serves verified pieces to other peers."""

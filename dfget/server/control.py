@@ -1,0 +1,125 @@
+"""Local control plane on a Unix socket: dfget processes of this host register their
+files, mark pieces verified, report the final path, remove files, change the limit.
+
+Routes: GET /info; GET /files; POST /files (RegisterFile);
+POST /files/{task_id}/verified (MarkVerified); POST /files/{task_id}/moved (MovedFile);
+DELETE /files/{task_id}; POST /limits (Limits); POST /shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+from aiohttp import web
+
+from common import __version__
+from common.errors import BadRequest
+from common.taskid import is_task_id
+from common.wire import decode
+
+from .protocol import Limits, MarkVerified, MovedFile, RegisterFile, ServerInfo
+from .state import ServerState
+from .table import FileEntry
+
+T = TypeVar("T")
+STATE: web.AppKey[ServerState] = web.AppKey("control_state", ServerState)
+Notify = Callable[[list[FileEntry]], Awaitable[None]]
+NOTIFY: web.AppKey[Notify] = web.AppKey("notify", Notify)  # type: ignore[arg-type]
+
+
+async def _body(request: web.Request, typ: type[T]) -> T:
+    try:
+        return decode(await request.read(), typ)
+    except BadRequest as exc:
+        raise web.HTTPBadRequest(text=exc.message) from None
+
+
+def _task_id(request: web.Request) -> str:
+    tid = request.match_info["task_id"]
+    if not is_task_id(tid):
+        raise web.HTTPNotFound(text="unknown task")
+    return tid
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+
+
+async def info(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    return _json(ServerInfo(peer_id=s.peer_id, ip=s.config.ip, port=s.port, pid=os.getpid(),
+                            version=__version__, totallimit=int(s.throttle.bucket.rate)))
+
+
+async def list_files(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    return _json([{"task_id": e.task_id, "path": str(e.path), "length": e.length,
+                   "complete": e.complete, "verified": len(e.verified)}
+                  for e in s.table.files.values()])
+
+
+async def register_file(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    body = await _body(request, RegisterFile)
+    s.table.register(FileEntry(task_id=body.task_id, path=Path(body.path), length=body.length,
+                               piece_size=body.piece_size, supernodes=list(body.supernodes),
+                               owner_pid=body.owner_pid))
+    return _json({"ok": True})
+
+
+async def mark_verified(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    tid = _task_id(request)
+    body = await _body(request, MarkVerified)
+    if not s.table.mark(tid, body.pieces, body.length):
+        raise web.HTTPNotFound(text="unknown task")
+    return _json({"ok": True})
+
+
+async def moved(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    tid = _task_id(request)
+    body = await _body(request, MovedFile)
+    if not s.table.moved(tid, Path(body.path)):
+        raise web.HTTPNotFound(text="unknown task or file")
+    return _json({"ok": True})
+
+
+async def remove(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    entry = s.table.remove(_task_id(request))
+    if entry is None:
+        raise web.HTTPNotFound(text="unknown task")
+    await request.app[NOTIFY]([entry])
+    return _json({"ok": True})
+
+
+async def limits(request: web.Request) -> web.Response:
+    body = await _body(request, Limits)
+    request.app[STATE].set_totallimit(body.totallimit)
+    return _json({"ok": True})
+
+
+async def shutdown(request: web.Request) -> web.Response:
+    request.app[STATE].stop.set()
+    return _json({"ok": True})
+
+
+def build_control_app(state: ServerState, notify: Notify) -> web.Application:
+    app = web.Application(client_max_size=8 << 20)
+    app[STATE] = state
+    app[NOTIFY] = notify
+    r = app.router
+    r.add_get("/info", info, allow_head=False)
+    r.add_get("/files", list_files, allow_head=False)
+    r.add_post("/files", register_file)
+    r.add_post("/files/{task_id}/verified", mark_verified)
+    r.add_post("/files/{task_id}/moved", moved)
+    r.add_delete("/files/{task_id}", remove)
+    r.add_post("/limits", limits)
+    r.add_post("/shutdown", shutdown)
+    return app

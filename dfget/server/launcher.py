@@ -1,0 +1,125 @@
+"""dfget's side of the peer server: reuse the one running for this home, or start it as
+a detached process; then talk to it over its Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import msgspec
+
+from common import wire
+
+from .protocol import Limits, MarkVerified, MovedFile, RegisterFile, ServerInfo, socket_path
+
+log = logging.getLogger("dfget.launcher")
+T = TypeVar("T")
+START_TIMEOUT = 10.0
+# Detached children are kept referenced so Popen.__del__ never warns about a server that
+# is meant to outlive us.
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+class PeerServerError(Exception):
+    """The local peer server could not be reached or started (downloads go on without it)."""
+
+
+class ControlClient:
+    def __init__(self, home: Path) -> None:
+        self.path = socket_path(home)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(self.path)),
+            timeout=aiohttp.ClientTimeout(total=5))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _call(self, method: str, path: str, body: object = None, typ: type[T] | None = None) -> T:
+        data = wire.encode(body) if body is not None else None
+        try:
+            async with self.session.request(method, "http://peer-server" + path, data=data,
+                                            headers={"Content-Type": wire.JSON_TYPE}) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise PeerServerError(f"{method} {path}: HTTP {resp.status} {raw[:200]!r}")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PeerServerError(f"{method} {path}: {exc}") from None
+        return msgspec.json.decode(raw, type=typ) if typ is not None else None  # type: ignore[return-value]
+
+    async def info(self) -> ServerInfo:
+        return await self._call("GET", "/info", typ=ServerInfo)
+
+    async def register(self, req: RegisterFile) -> None:
+        await self._call("POST", "/files", req)
+
+    async def verified(self, task_id: str, pieces: list[int], length: int | None = None) -> None:
+        await self._call("POST", f"/files/{task_id}/verified", MarkVerified(pieces, length))
+
+    async def moved(self, task_id: str, path: Path) -> None:
+        await self._call("POST", f"/files/{task_id}/moved", MovedFile(str(path)))
+
+    async def remove(self, task_id: str) -> None:
+        await self._call("DELETE", f"/files/{task_id}")
+
+    async def set_limit(self, totallimit: int) -> None:
+        await self._call("POST", "/limits", Limits(totallimit))
+
+    async def shutdown(self) -> None:
+        await self._call("POST", "/shutdown")
+
+
+def _spawn(home: Path, ip: str, port: int, totallimit: int, alivetime: float, expiretime: float) -> subprocess.Popen[bytes]:
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "dfget", "server", "--home", str(home), "--ip", ip,
+           "--port", str(port), "--totallimit", str(totallimit),
+           "--alivetime", str(alivetime), "--expiretime", str(expiretime)]
+    with open(logs / "server.log", "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
+
+
+def _launch_lock(home: Path) -> int:
+    fd = os.open(home / "launch.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def ensure_server(home: Path, ip: str, port: int, totallimit: int, alivetime: float,
+                        expiretime: float) -> tuple[ControlClient, ServerInfo]:
+    """Reuse the running server or start one; concurrent dfgets serialize on a lock so
+    only one of them starts it."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    client = ControlClient(home)
+    try:
+        return client, await client.info()
+    except PeerServerError:
+        pass
+    fd = await asyncio.wait_for(asyncio.to_thread(_launch_lock, home), START_TIMEOUT)
+    try:
+        try:
+            return client, await client.info()
+        except PeerServerError:
+            pass
+        proc = _spawn(home, ip, port, totallimit, alivetime, expiretime)
+        _CHILDREN.append(proc)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            try:
+                return client, await client.info()
+            except PeerServerError:
+                if proc.poll() is not None:
+                    break
+        await client.close()
+        raise PeerServerError(f"the peer server did not start; see {home / 'logs' / 'server.log'}")
+    finally:
+        os.close(fd)

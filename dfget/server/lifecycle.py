@@ -1,0 +1,169 @@
+"""Running the peer server: one per home (flock), two listeners (peer TCP, control Unix
+socket), periodic sweep / heartbeat / idle check, and a clean shutdown sequence:
+stop accepting, tell the supernodes, drain with a deadline, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from common import wire
+
+from .app import build_peer_app
+from .control import build_control_app
+from .protocol import socket_path
+from .state import ServerConfig, ServerState
+from .table import FileEntry
+
+log = logging.getLogger("dfget.server")
+LOCK_NAME = "server.lock"
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def server_lock(home: Path) -> Iterator[None]:
+    """Held for the whole life of the server: a second server on this home cannot start."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"a peer server already runs for {home}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class Notifier:
+    """Best-effort calls to the supernodes; a dead supernode must not stall the server."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Notifier:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def _post(self, base: str, path: str, body: object) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.post(base + path, data=wire.encode(body),
+                                         headers={"Content-Type": wire.JSON_TYPE}) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.info("supernode %s%s: %s", base, path, exc)
+
+    async def files_gone(self, entries: list[FileEntry]) -> None:
+        by_node: dict[str, list[str]] = {}
+        for e in entries:
+            log.info("file of task %s is gone, telling supernodes", e.task_id[:16])
+            for url in e.supernodes:
+                by_node.setdefault(url, []).append(e.task_id)
+        await asyncio.gather(*(self._post(url, "/api/v1/peers/down",
+                                          wire.PeerDownRequest(self.state.peer_id, tids))
+                               for url, tids in by_node.items()))
+
+    async def server_down(self) -> None:
+        await asyncio.gather(*(self._post(url, "/api/v1/peers/down",
+                                          wire.PeerDownRequest(self.state.peer_id, None))
+                               for url in self.state.table.supernodes()))
+
+    async def heartbeat(self) -> None:
+        await asyncio.gather(*(self._post(url, "/api/v1/peers/heartbeat",
+                                          wire.HeartbeatRequest(self.state.peer_id))
+                               for url in self.state.table.supernodes()))
+
+
+async def _periodic(state: ServerState, notifier: Notifier) -> None:
+    cfg = state.config
+    next_beat = time.monotonic() + cfg.heartbeat_interval
+    tick = min(cfg.scan_interval, 1.0)
+    last_scan = time.monotonic()
+    while not state.stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.stop.wait(), tick)
+        now = time.monotonic()
+        if now - last_scan >= cfg.scan_interval:
+            last_scan = now
+            gone = state.table.sweep(now, cfg.expiretime)
+            if gone:
+                await notifier.files_gone(gone)
+        if now >= next_beat:
+            next_beat = now + cfg.heartbeat_interval
+            await notifier.heartbeat()
+        if state.active_uploads == 0 and state.idle_for(now) > cfg.alivetime and not state.table.busy():
+            log.info("no request for %.0f s and no download in progress: exiting", cfg.alivetime)
+            state.stop.set()
+
+
+async def serve(cfg: ServerConfig) -> None:
+    state = ServerState(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, state.stop.set)
+    async with Notifier(state) as notifier:
+        def dropped(entry: FileEntry) -> None:
+            if state.table.remove(entry.task_id) is not None:
+                task = loop.create_task(notifier.files_gone([entry]))
+                background.add(task)
+                task.add_done_callback(background.discard)
+
+        background: set[asyncio.Task[None]] = set()
+        peer_runner = web.AppRunner(build_peer_app(state, dropped), access_log=None,
+                                    shutdown_timeout=cfg.drain_timeout)
+        control_runner = web.AppRunner(build_control_app(state, notifier.files_gone), access_log=None)
+        await peer_runner.setup()
+        await control_runner.setup()
+        try:
+            site = web.TCPSite(peer_runner, cfg.ip, cfg.port, reuse_address=True)
+            await site.start()
+            state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            sock = socket_path(cfg.home)
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()  # stale: we hold the lock, so nobody else serves it
+            old = os.umask(0o077)
+            try:
+                await web.UnixSite(control_runner, str(sock)).start()
+            finally:
+                os.umask(old)
+            log.info("peer server %s on %s:%d, control %s", state.peer_id, cfg.ip, state.port, sock)
+            await _periodic(state, notifier)
+        finally:
+            log.info("shutting down")
+            await notifier.server_down()
+            await control_runner.cleanup()
+            await peer_runner.cleanup()  # stops accepting, drains uploads with a deadline
+            for task in list(background):
+                task.cancel()
+            with contextlib.suppress(FileNotFoundError):
+                socket_path(cfg.home).unlink()
+
+
+def run_server(cfg: ServerConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        with server_lock(cfg.home):
+            asyncio.run(serve(cfg))
+    except AlreadyRunning as exc:
+        log.info("%s", exc)
+        return 0
+    return 0

@@ -1,0 +1,50 @@
+"""Settings and shared state of one peer server process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.ratelimit import Throttle
+from common.taskid import new_id
+
+from .table import FileTable
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    home: Path
+    ip: str = "127.0.0.1"
+    port: int = 0
+    totallimit: int = 0  # bytes/s shared by every upload of this host; 0 = unlimited
+    alivetime: float = 300.0
+    expiretime: float = 180.0
+    max_uploads: int = 5  # v1's per-peer upload cap; the next one gets 503
+    upload_timeout: float = 60.0  # a reader too slow to take one piece in this frees its slot
+    scan_interval: float = 15.0
+    heartbeat_interval: float = 30.0
+    drain_timeout: float = 10.0
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    peer_id: str = field(default_factory=new_id)
+    table: FileTable = field(default_factory=FileTable)
+    active_uploads: int = 0
+    last_request: float = field(default_factory=time.monotonic)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    uploaded_bytes: int = 0
+    throttle: Throttle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.throttle = Throttle(self.config.totallimit)
+
+    def set_totallimit(self, rate: int) -> None:
+        self.throttle = Throttle(rate)
+
+    def idle_for(self, now: float) -> float:
+        return now - self.last_request

@@ -1,0 +1,114 @@
+"""The peer server's file table: which task lives in which local file, which of its
+pieces are verified, and whether the file is still the one we registered.
+
+Requests are resolved through this table only; a path never comes from the network.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.pieces import piece_count
+
+
+@dataclass
+class FileEntry:
+    task_id: str
+    path: Path
+    length: int
+    piece_size: int
+    supernodes: list[str]
+    owner_pid: int = 0
+    complete: bool = False  # moved to its final path by its dfget
+    verified: set[int] = field(default_factory=set)
+    stamp: tuple[int, int] | None = None  # (size, mtime_ns) when it became complete
+    last_access: float = field(default_factory=time.monotonic)
+
+    def holds(self, piece: int) -> bool:
+        return piece in self.verified
+
+    def in_progress(self) -> bool:
+        """A download still running (its dfget is alive) keeps the server alive."""
+        return not self.complete and self.owner_pid > 0 and _pid_alive(self.owner_pid)
+
+    def still_valid(self) -> bool:
+        """False once the file was deleted or, for a complete file, changed size/mtime
+        (the user edited the output: its bytes no longer match the digests)."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        if self.length >= 0 and st.st_size != self.length:
+            return False
+        return self.stamp is None or self.stamp == (st.st_size, st.st_mtime_ns)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FileTable:
+    def __init__(self) -> None:
+        self.files: dict[str, FileEntry] = {}
+
+    def get(self, task_id: str) -> FileEntry | None:
+        return self.files.get(task_id)
+
+    def register(self, entry: FileEntry) -> None:
+        """A re-registration (resume, or a second dfget of the same task into another
+        output) replaces the entry: the new file is the one being written now."""
+        self.files[entry.task_id] = entry
+
+    def mark(self, task_id: str, pieces: list[int], length: int | None) -> bool:
+        entry = self.files.get(task_id)
+        if entry is None:
+            return False
+        if length is not None and length >= 0:
+            entry.length = length
+        count = piece_count(entry.length, entry.piece_size)
+        entry.verified.update(p for p in pieces if count < 0 or p < count)
+        return True
+
+    def moved(self, task_id: str, path: Path) -> bool:
+        entry = self.files.get(task_id)
+        if entry is None:
+            return False
+        entry.path = path
+        entry.complete = True
+        try:
+            st = path.stat()
+        except OSError:
+            self.files.pop(task_id, None)
+            return False
+        entry.stamp = (st.st_size, st.st_mtime_ns)
+        entry.last_access = time.monotonic()
+        return True
+
+    def remove(self, task_id: str) -> FileEntry | None:
+        return self.files.pop(task_id, None)
+
+    def sweep(self, now: float, expiretime: float) -> list[FileEntry]:
+        """Drop files that changed, vanished, or (complete ones) were not read for
+        `expiretime`. Returns what was dropped so supernodes can be told."""
+        gone: list[FileEntry] = []
+        for tid, entry in list(self.files.items()):
+            expired = entry.complete and now - entry.last_access > expiretime
+            orphan = not entry.complete and not entry.in_progress() and now - entry.last_access > expiretime
+            if expired or orphan or not entry.still_valid():
+                gone.append(self.files.pop(tid))
+        return gone
+
+    def busy(self) -> bool:
+        return any(e.in_progress() for e in self.files.values())
+
+    def supernodes(self) -> set[str]:
+        return {url for e in self.files.values() for url in e.supernodes}

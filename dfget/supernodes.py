@@ -1,0 +1,103 @@
+"""Client of the supernode API (docs/api.md) with failover between supernodes.
+
+`SupernodeDown` means "try another supernode" (connection refused/reset/timeout, 5xx
+that is not an origin failure); every other error answer is rebuilt with
+`common.errors.from_wire` and raised as-is.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+import aiohttp
+
+from common import wire
+from common.errors import DfError, SupernodeUnavailable, from_wire
+
+from .config import Node
+
+log = logging.getLogger("dfget.supernode")
+T = TypeVar("T")
+API_TIMEOUT = 5.0  # v1's dfget -> supernode timeout
+REGISTER_TIMEOUT = 20.0  # the supernode waits up to 10 s for the origin's first answer
+_RETRY_CODES = {"store_unavailable", "busy", "supernode_unavailable", "internal"}
+
+
+class SupernodeDown(Exception):
+    """This supernode cannot serve us now; another one may."""
+
+
+class Supernodes:
+    def __init__(self, session: aiohttp.ClientSession, nodes: tuple[Node, ...]) -> None:
+        self.session = session
+        self.nodes = nodes
+        self.index = 0
+
+    @property
+    def current(self) -> Node:
+        return self.nodes[self.index]
+
+    def base_urls(self) -> list[str]:
+        return [n.base_url for n in self.nodes]
+
+    async def register(self, req: wire.RegisterRequest, *, skip_current: bool = False) -> wire.RegisterReply:
+        """Register with the first supernode that answers, starting at the current one
+        (or the next one, after a failure), wrapping around the list once."""
+        count = len(self.nodes)
+        first = (self.index + 1) % count if skip_current else self.index
+        errors: list[str] = []
+        for k in range(count):
+            i = (first + k) % count
+            try:
+                reply = await self._call(self.nodes[i], "POST", "/api/v1/tasks", req,
+                                         wire.RegisterReply, REGISTER_TIMEOUT)
+            except SupernodeDown as exc:
+                log.info("supernode %s: %s", self.nodes[i].base_url, exc)
+                errors.append(f"{self.nodes[i].base_url}: {exc}")
+                continue
+            self.index = i
+            return reply
+        raise SupernodeUnavailable("no supernode answered: " + "; ".join(errors))
+
+    async def pull(self, task_id: str, req: wire.PullRequest) -> wire.PullReply:
+        return await self._call(self.current, "POST", f"/api/v1/tasks/{task_id}/pull", req,
+                                wire.PullReply, req.wait + API_TIMEOUT * 2)
+
+    async def report(self, task_id: str, req: wire.ReportRequest) -> None:
+        await self._call(self.current, "POST", f"/api/v1/tasks/{task_id}/report", req, None, API_TIMEOUT)
+
+    async def digests(self, task_id: str) -> wire.DigestsReply:
+        return await self._call(self.current, "GET", f"/api/v1/tasks/{task_id}/digests", None,
+                                wire.DigestsReply, API_TIMEOUT)
+
+    async def _call(self, node: Node, method: str, path: str, body: object,
+                    typ: type[T] | None, timeout: float) -> T:
+        data = wire.encode(body) if body is not None else None
+        headers = {"Content-Type": wire.JSON_TYPE, "Accept": wire.JSON_TYPE}
+        try:
+            async with self.session.request(method, node.base_url + path, data=data, headers=headers,
+                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise SupernodeDown(f"{type(exc).__name__}: {exc}") from None
+        if status >= 400:
+            raise _error(raw, status)
+        if typ is None:
+            return None  # type: ignore[return-value]
+        try:
+            return wire.decode(raw, typ)
+        except DfError as exc:  # a supernode answering garbage is as good as down
+            raise SupernodeDown(f"bad answer: {exc.message}") from None
+
+
+def _error(raw: bytes, status: int) -> Exception:
+    try:
+        body = wire.decode(raw, dict)  # type: ignore[type-abstract]
+    except DfError:
+        body = None
+    err = from_wire(body, fallback_status=status)
+    if status >= 500 and (body is None or err.code in _RETRY_CODES):
+        return SupernodeDown(f"HTTP {status} {err.message}")
+    return err
