@@ -1,0 +1,1 @@
+"""Benchmarks and test infrastructure (the misbehaving origin server); not installed."""
