@@ -1,0 +1,158 @@
+"""App factory and process runner of the supernode.
+
+Every resource (store, origin client, piece cache, seed server, background loops) is
+opened in one cleanup context and closed in reverse order. Shutdown sequence: stop
+accepting, wake long-polls so they answer at once, drain seed uploads with a deadline,
+stop CDN fetches (their leases are released for another supernode to take over), then
+close Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from common.ratelimit import Throttle
+from common.taskid import is_short_id, new_id
+
+from . import api
+from .cache import PieceCache
+from .cdn import Cdn, CdnSettings
+from .config import Settings
+from .dispatch import Dispatcher
+from .events import EventHub
+from .gc import announce_loop, gc_loop
+from .metrics import Metrics
+from .origin import OriginClient, OriginSettings
+from .repo import Repo
+from .scheduler import Limits
+from .seed import Seed
+from .state import STATE, SupernodeState
+from .store import Store, connect
+
+log = logging.getLogger("supernode")
+
+
+def _supernode_id(home: Path) -> str:
+    """Stable across restarts with the same home, so Redis still names us as the holder
+    of the pieces in our cache."""
+    path = home / "supernode.id"
+    try:
+        value = path.read_text().strip()
+        if is_short_id(value):
+            return value
+    except OSError:
+        pass
+    value = new_id()
+    path.write_text(value + "\n")
+    return value
+
+
+def _load_cache(cache: PieceCache) -> None:
+    for _atime, tid, _size in cache.on_disk():
+        entry = cache.load(tid)
+        if entry is not None and entry.complete:
+            cache.adopt(entry)
+
+
+async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings: Settings = app[SETTINGS]
+    settings.home.mkdir(parents=True, exist_ok=True)
+    store = Store(connect(settings.redis_url))
+    origin = OriginClient(settings.origin_policy(), OriginSettings(read_timeout=settings.origin_read_timeout))
+    await origin.start()
+    cache = PieceCache(settings.home)
+    await asyncio.to_thread(_load_cache, cache)
+    sn_id = _supernode_id(settings.home)
+    repo = Repo(store)
+    hub = EventHub(store.client, wake_batch=settings.wake_batch)
+    cdn = Cdn(repo, origin, cache, sn_id, Throttle(settings.max_bandwidth),
+              CdnSettings(max_file_size=settings.max_file_size, min_rate=settings.origin_min_rate,
+                          max_fetches=settings.max_fetches))
+    seed = Seed(cache, slots=settings.seed_slots, throttle=Throttle(settings.upload_limit))
+    seed_runner = web.AppRunner(seed.app(), handle_signals=False, access_log=None)
+    await seed_runner.setup()
+    seed_site = web.TCPSite(seed_runner, settings.listen, settings.download_port)
+    await seed_site.start()
+    download_port = seed_runner.addresses[0][1]
+    ip = settings.public_ip()
+    limits = Limits(max_inflight=settings.down_limit, peer_uploads=settings.up_limit,
+                    cdn_uploads=settings.cdn_limit)
+    dispatcher = Dispatcher(repo, hub, cdn, sn_id=sn_id, address=(ip, download_port), limits=limits,
+                            min_rate=settings.origin_min_rate)
+    st = SupernodeState(settings=settings, sn_id=sn_id, policy=settings.origin_policy(), store=store,
+                        repo=repo, hub=hub, cache=cache, cdn=cdn, seed=seed, dispatcher=dispatcher,
+                        metrics=Metrics(), download_port=download_port)
+    app[STATE] = st
+    background = [asyncio.create_task(hub.run(), name="events")]
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(hub.connected.wait(), 5.0)
+    background.append(asyncio.create_task(gc_loop(st), name="gc"))
+    api_port = app[API_PORT] if API_PORT in app else settings.port
+    background.append(asyncio.create_task(announce_loop(st, ip, api_port, download_port), name="announce"))
+    try:
+        yield
+    finally:
+        await seed.drain(settings.shutdown_timeout / 2)
+        await cdn.close()
+        for t in background:
+            t.cancel()
+        for t in background:
+            with contextlib.suppress(BaseException):
+                await t
+        await seed_runner.cleanup()
+        await origin.close()
+        await store.close()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    if STATE in app:
+        app[STATE].dispatcher.draining = True
+        app[STATE].hub.wake_all()
+
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+API_PORT: web.AppKey[int] = web.AppKey("api_port", int)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[api.error_middleware], client_max_size=api.MAX_BODY)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_state_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    api.routes(app)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    if settings.port:
+        app[API_PORT] = settings.port
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen, settings.port)
+    await site.start()
+    st = app[STATE]
+    port = runner.addresses[0][1]
+    log.info("supernode %s ready: api http://%s:%d download port %d store %s", st.sn_id[:8],
+             settings.public_ip(), port, st.download_port, "redis" if settings.redis_url else "embedded")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("supernode shutting down")
+        await runner.cleanup()
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(serve(settings))

@@ -1,0 +1,111 @@
+"""`supernode` command line: options map 1:1 onto `Settings`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from common import __version__
+from common.units import parse_duration, parse_size
+
+from .config import Settings
+
+_SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size", "origin_min_rate"}
+_DURATIONS = {"fail_access_interval", "task_expire_time", "peer_gc_delay", "gc_initial_delay",
+              "gc_meta_interval", "register_wait", "origin_read_timeout", "shutdown_timeout"}
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        try:
+            data = yaml.safe_load(Path(value).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise click.BadParameter(f"cannot read config file: {exc}") from None
+        if not isinstance(data, dict):
+            raise click.BadParameter("config file must be a mapping of option names to values")
+        ctx.default_map = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return value
+
+
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--port", dict(type=int, default=8002, show_default=True, help="API port.")),
+    ("--download-port", dict(type=int, default=8001, show_default=True, help="Port serving CDN pieces to peers.")),
+    ("--listen", dict(default="0.0.0.0", show_default=True, help="Address to bind both ports on.")),
+    ("--advertise-ip", dict(default="", help="IP peers use to reach this supernode (default: detected).")),
+    ("--home", dict(default=str(Path.home() / ".supernode"), show_default=True, help="Piece cache and state directory.")),
+    ("--redis-url", dict(default=None, help="redis://, rediss://, redis+sentinel://, redis+cluster://; default: embedded in-process store.")),
+    ("--allow-origin", dict(multiple=True, help="CIDR origins may resolve to even if denied by default (repeatable).")),
+    ("--deny-origin", dict(multiple=True, help="Extra CIDR never dialled as an origin (repeatable).")),
+    ("--max-bandwidth", dict(default="200MB", show_default=True, help="Origin fetch rate cap (0 = none).")),
+    ("--upload-limit", dict(default="0", show_default=True, help="Seed upload rate cap (0 = none).")),
+    ("--up-limit", dict(type=int, default=5, show_default=True, help="Concurrent uploads per peer.")),
+    ("--down-limit", dict(type=int, default=4, show_default=True, help="Pieces in flight per client.")),
+    ("--cdn-limit", dict(type=int, default=8, show_default=True, help="Concurrent CDN uploads per task.")),
+    ("--seed-slots", dict(type=int, default=64, show_default=True, help="Concurrent CDN uploads in all.")),
+    ("--fail-access-interval", dict(default="3m", show_default=True, help="How long a failed origin stays failed.")),
+    ("--task-expire-time", dict(default="3m", show_default=True, help="Idle time after which a task is dropped.")),
+    ("--peer-gc-delay", dict(default="3m", show_default=True, help="Silence after which a peer is dropped.")),
+    ("--gc-initial-delay", dict(default="6s", show_default=True)),
+    ("--gc-meta-interval", dict(default="2m", show_default=True)),
+    ("--disk-gc-threshold", dict(default="5GB", show_default=True, help="Evict unused cached files below this free space.")),
+    ("--max-file-size", dict(default="64GB", show_default=True, help="Largest origin file accepted (also chunked).")),
+    ("--max-fetches", dict(type=int, default=16, show_default=True, help="Concurrent origin fetches.")),
+    ("--register-wait", dict(default="10s", show_default=True, help="How long a registration waits for the origin's answer.")),
+    ("--origin-read-timeout", dict(default="30s", show_default=True)),
+    ("--origin-min-rate", dict(default="64KB", show_default=True)),
+    ("--log-level", dict(default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))),
+    ("--log-json", dict(is_flag=True, default=False, help="Log one JSON object per line.")),
+    ("--shutdown-timeout", dict(default="10s", show_default=True)),
+]
+
+
+def build_settings(values: dict[str, Any]) -> Settings:
+    kwargs: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    for name, value in values.items():
+        if name not in fields or value is None:
+            continue
+        if name in _SIZES:
+            value = parse_size(str(value))
+        elif name in _DURATIONS:
+            value = parse_duration(str(value))
+        elif name in ("allow_origin", "deny_origin"):
+            value = tuple(value) if not isinstance(value, str) else (value,)
+        elif name == "home":
+            value = Path(value).expanduser()
+        kwargs[name] = value
+    return Settings(**kwargs).validate()
+
+
+def _command() -> click.Command:
+    @click.command(context_settings={"auto_envvar_prefix": "SUPERNODE", "help_option_names": ["-h", "--help"]})
+    @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+                  expose_value=False, help="YAML file of option values (keys as option names).")
+    @click.version_option(__version__, prog_name="supernode")
+    def cmd(**values: Any) -> None:
+        """Run the supernode: tracker, scheduler and CDN seed."""
+        try:
+            settings = build_settings(values)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        from .app import run
+
+        logging.basicConfig(
+            level=settings.log_level.upper(), stream=sys.stderr,
+            format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+            if settings.log_json else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        run(settings)
+
+    for flag, kw in reversed(OPTIONS):
+        cmd = click.option(flag, **kw)(cmd)
+    return cmd
+
+
+main = _command()

@@ -1,0 +1,103 @@
+"""Long-poll wake-ups through Redis pub/sub: no busy polling, cluster-wide.
+
+Every state change of a task is published on `df:ev:{T}` (by the Lua scripts, whichever
+supernode ran them). One pub/sub connection per supernode dispatches them to the pulls
+waiting on that task. A piece/slot event ("p") wakes the `wake_batch` longest-waiting
+pulls (about the capacity one event creates, so 200 waiting clients do not all
+re-schedule for one freed slot); a status event ("s") wakes all of them.
+A generation counter per task closes the race between reading state and starting to
+wait: a pull remembers the generation before it reads, and returns at once if an event
+arrived in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any
+
+from . import keys
+
+log = logging.getLogger("supernode.events")
+
+
+class EventHub:
+    def __init__(self, client: Any, *, wake_batch: int = 8) -> None:
+        self.client = client
+        self.wake_batch = wake_batch
+        self._gen: dict[str, int] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self.connected = asyncio.Event()
+
+    def generation(self, task_id: str) -> int:
+        return self._gen.get(task_id, 0)
+
+    async def wait(self, task_id: str, since: int, timeout: float) -> bool:
+        """Wait for an event on the task after generation `since`; False on timeout."""
+        if self._gen.get(task_id, 0) != since:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        q = self._waiters.setdefault(task_id, deque())
+        q.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                q.remove(fut)
+            if not q:
+                self._waiters.pop(task_id, None)
+
+    def dispatch(self, task_id: str, kind: str) -> None:
+        self._gen[task_id] = self._gen.get(task_id, 0) + 1
+        q = self._waiters.get(task_id)
+        if not q:
+            return
+        n = len(q) if kind != "p" else min(self.wake_batch, len(q))
+        for _ in range(n):
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    def wake_all(self) -> None:
+        for task_id in list(self._waiters):
+            self.dispatch(task_id, "s")
+
+    def forget(self, task_id: str) -> None:
+        if task_id not in self._waiters:
+            self._gen.pop(task_id, None)
+
+    async def run(self) -> None:
+        """Listen forever; reconnect with backoff; wake everyone after a gap."""
+        delay = 0.1
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.psubscribe(keys.EVENT_PATTERN)
+                self.connected.set()
+                self.wake_all()  # events may have been missed while disconnected
+                delay = 0.1
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
+                    if msg is None:
+                        continue
+                    channel = msg["channel"]
+                    channel = channel.decode() if isinstance(channel, bytes) else channel
+                    task_id = keys.task_of_event_channel(channel)
+                    if task_id:
+                        data = msg["data"]
+                        self.dispatch(task_id, data.decode() if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any transport failure: reconnect
+                self.connected.clear()
+                log.warning("event subscription lost (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

@@ -1,0 +1,76 @@
+"""Garbage collection: idle tasks, dead peers, cached files under disk pressure, and the
+supernode's own liveness record."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from common import errors
+
+from .state import SupernodeState
+
+log = logging.getLogger("supernode.gc")
+
+
+async def collect_once(st: SupernodeState) -> dict[str, int]:
+    s = st.settings
+    stats = {"tasks": 0, "clients": 0, "files": 0}
+    for tid in await st.repo.idle_tasks(int(s.task_expire_time * 1000)):
+        if tid in st.cdn.running or await st.repo.lease_holder(tid):
+            continue
+        await st.repo.delete_task(tid)
+        st.hub.forget(tid)
+        stats["tasks"] += 1
+    for tid in await st.repo.list_tasks(1000):
+        clients = await st.repo.all_clients(tid)
+        dead: list[str] = []
+        alive: dict[str, bool] = {}
+        for cid, info in clients.items():
+            if info.kind not in ("peer", "peer-cdn"):
+                continue
+            if info.peer_id not in alive:
+                alive[info.peer_id] = await st.repo.is_alive(info.peer_id)
+            if not alive[info.peer_id]:
+                dead.append(cid)
+        await st.repo.remove_clients(tid, dead)
+        stats["clients"] += len(dead)
+    stats["files"] = await _disk(st)
+    return stats
+
+
+async def _disk(st: SupernodeState) -> int:
+    """Below the free-space threshold, evict cached files of tasks nobody uses, oldest
+    access first, never a file being fetched."""
+    if st.cache.free_bytes() >= st.settings.disk_gc_threshold:
+        return 0
+    removed = 0
+    for _atime, tid, _size in st.cache.on_disk():
+        if st.cache.free_bytes() >= st.settings.disk_gc_threshold:
+            break
+        if tid in st.cdn.running or await st.repo.get_meta(tid) is not None:
+            continue
+        st.cache.remove(tid)
+        removed += 1
+    return removed
+
+
+async def gc_loop(st: SupernodeState) -> None:
+    await asyncio.sleep(st.settings.gc_initial_delay)
+    while True:
+        try:
+            stats = await collect_once(st)
+            if any(stats.values()):
+                log.info("gc: %s", stats)
+        except errors.StoreError as exc:
+            log.warning("gc skipped: %s", exc.message)
+        await asyncio.sleep(st.settings.gc_meta_interval)
+
+
+async def announce_loop(st: SupernodeState, ip: str, port: int, download_port: int) -> None:
+    while True:
+        try:
+            await st.repo.announce_supernode(st.sn_id, ip, port, download_port)
+        except errors.StoreError as exc:
+            log.warning("cannot announce this supernode: %s", exc.message)
+        await asyncio.sleep(10)

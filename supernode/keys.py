@@ -1,0 +1,129 @@
+"""Every Redis key, channel and TTL the supernode uses, in one place.
+
+All keys of one task carry the hash tag `{<task_id>}` so multi-key Lua scripts run on
+Redis Cluster: every key a script touches is derived inside the script from KEYS[1]
+(the task's meta key) by replacing its suffix, which keeps them in the same slot.
+
+Per task T (`df:t:{T}:...`):
+  meta        HASH   url, url_key, md5, identifier, headers, length, piece_size,
+                     piece_count, status, error, error_message, file_digest, cdn,
+                     created_ms, failed_ms
+  cdnmap      STRING bitmap: pieces verified on the CDN (its digest is in `dig`)
+  dig         HASH   piece -> sha256 hex (computed by the CDN from the origin stream)
+  cnt         STRING BITFIELD u16 per piece: number of peer holders (rarest first)
+  h:<n>       SET    peer holders (client ids) of piece n
+  peers       HASH   cid -> "peer_id|ip|port|kind" (kind: peer or cdn)
+  have:<cid>  STRING bitmap of pieces client cid holds
+  fly:<cid>   HASH   piece -> "source|deadline_ms": assignments in flight
+  up:<src>    ZSET   "cid:piece" -> deadline_ms: uploads a source is doing for this task
+  bl:<cid>    SET    sources that failed for this client (its private blacklist)
+  fails       HASH   source -> failures reported against it (any client)
+  cfails      HASH   cid -> failures this client reported
+  bad         SET    sources dropped for everyone
+  lease       STRING supernode id holding the CDN fetch lease (PX TTL)
+Global (not tagged):
+  df:tasks            ZSET task_id -> last access ms (GC index)
+  df:host:<peer_id>   SET  task ids in which this peer server has clients (TTL)
+  df:alive:<peer_id>  STRING liveness of a peer server (TTL, refreshed by heartbeats)
+  df:sn:<sn_id>       HASH ip, port, download_port of a live supernode (TTL)
+Channels:
+  df:ev:{T}   one message per change in a task: "p" (piece/slot), "s" (status)
+"""
+
+from __future__ import annotations
+
+PREFIX = "df"
+
+TASK_INDEX = f"{PREFIX}:tasks"
+EVENT_PATTERN = f"{PREFIX}:ev:*"
+
+# TTLs (milliseconds). Every task key is re-armed with TASK_KEY_TTL_MS when written; the
+# GC deletes idle tasks far earlier (--task-expire-time), the TTL is the safety net.
+TASK_KEY_TTL_MS = 24 * 3600 * 1000
+HOST_TTL_MS = 10 * 60 * 1000
+PEER_ALIVE_TTL_MS = 3 * 60 * 1000
+SUPERNODE_TTL_MS = 30 * 1000
+LEASE_TTL_MS = 15 * 1000
+
+
+def task_prefix(task_id: str) -> str:
+    return f"{PREFIX}:t:{{{task_id}}}:"
+
+
+def meta(task_id: str) -> str:
+    return task_prefix(task_id) + "meta"
+
+
+def digests(task_id: str) -> str:
+    return task_prefix(task_id) + "dig"
+
+
+def cdnmap(task_id: str) -> str:
+    return task_prefix(task_id) + "cdnmap"
+
+
+def counts(task_id: str) -> str:
+    return task_prefix(task_id) + "cnt"
+
+
+def peers(task_id: str) -> str:
+    return task_prefix(task_id) + "peers"
+
+
+def holders(task_id: str, piece: int) -> str:
+    return task_prefix(task_id) + f"h:{piece}"
+
+
+def have(task_id: str, cid: str) -> str:
+    return task_prefix(task_id) + f"have:{cid}"
+
+
+def inflight(task_id: str, cid: str) -> str:
+    return task_prefix(task_id) + f"fly:{cid}"
+
+
+def uploads(task_id: str, source: str) -> str:
+    return task_prefix(task_id) + f"up:{source}"
+
+
+def blacklist(task_id: str, cid: str) -> str:
+    return task_prefix(task_id) + f"bl:{cid}"
+
+
+def fails(task_id: str) -> str:
+    return task_prefix(task_id) + "fails"
+
+
+def client_fails(task_id: str) -> str:
+    return task_prefix(task_id) + "cfails"
+
+
+def bad(task_id: str) -> str:
+    return task_prefix(task_id) + "bad"
+
+
+def lease(task_id: str) -> str:
+    return task_prefix(task_id) + "lease"
+
+
+def events(task_id: str) -> str:
+    return f"{PREFIX}:ev:{{{task_id}}}"
+
+
+def task_of_event_channel(channel: str) -> str | None:
+    head = f"{PREFIX}:ev:{{"
+    if channel.startswith(head) and channel.endswith("}"):
+        return channel[len(head) : -1]
+    return None
+
+
+def host(peer_id: str) -> str:
+    return f"{PREFIX}:host:{peer_id}"
+
+
+def alive(peer_id: str) -> str:
+    return f"{PREFIX}:alive:{peer_id}"
+
+
+def supernode(sn_id: str) -> str:
+    return f"{PREFIX}:sn:{sn_id}"

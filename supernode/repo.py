@@ -1,0 +1,350 @@
+"""Typed access to the task state in Redis. Each method is one atomic script or read."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import wire
+from common.errors import StoreError
+
+from . import keys
+from .scheduler import Bitmap, SourceState
+from .store import Store, translate
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+@dataclass(frozen=True)
+class TaskMeta:
+    task_id: str
+    url: str
+    url_key: str
+    md5: str
+    identifier: str
+    range: str
+    headers: dict[str, str]
+    status: str
+    length: int
+    piece_size: int
+    piece_count: int
+    cdn: str
+    file_digest: str
+    error: str
+    error_message: str
+    created_ms: int
+
+    @classmethod
+    def from_hash(cls, task_id: str, h: dict[str, str]) -> TaskMeta:
+        return cls(
+            task_id=task_id,
+            url=h.get("url", ""),
+            url_key=h.get("url_key", ""),
+            md5=h.get("md5", ""),
+            identifier=h.get("identifier", ""),
+            range=h.get("range", ""),
+            headers=json.loads(h.get("headers") or "{}"),
+            status=h.get("status", "pending"),
+            length=int(h.get("length", "-1")),
+            piece_size=int(h.get("piece_size", "0")),
+            piece_count=int(h.get("piece_count", "-1")),
+            cdn=h.get("cdn", ""),
+            file_digest=h.get("file_digest", ""),
+            error=h.get("error", ""),
+            error_message=h.get("error_message", ""),
+            created_ms=int(h.get("created_ms", "0")),
+        )
+
+    def info(self) -> wire.TaskInfo:
+        err = {"error": self.error, "message": self.error_message} if self.error else None
+        return wire.TaskInfo(
+            task_id=self.task_id,
+            length=self.length,
+            piece_size=self.piece_size,
+            piece_count=self.piece_count,
+            status=self.status,
+            file_digest=self.file_digest or None,
+            error=err,
+        )
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    peer_id: str
+    ip: str
+    port: int
+    kind: str
+
+    def encode(self) -> str:
+        return f"{self.peer_id}|{self.ip}|{self.port}|{self.kind}"
+
+    @classmethod
+    def decode(cls, raw: str) -> PeerInfo | None:
+        parts = raw.split("|")
+        if len(parts) != 4:
+            return None
+        return cls(parts[0], parts[1], int(parts[2]), parts[3])
+
+
+@dataclass
+class Snapshot:
+    meta: TaskMeta
+    counts_raw: bytes
+    have: Bitmap
+    cdn: Bitmap
+    inflight: frozenset[int]
+    blacklist: frozenset[str]
+    bad: frozenset[str]
+    client_failures: int
+    client: PeerInfo | None
+    registered: bool
+
+
+@dataclass
+class Detail:
+    holders: list[tuple[str, ...]]
+    digests: list[str]
+    sources: dict[str, SourceState] = field(default_factory=dict)
+    addresses: dict[str, PeerInfo] = field(default_factory=dict)
+
+
+class Repo:
+    def __init__(self, store: Store, *, ttl_ms: int = keys.TASK_KEY_TTL_MS) -> None:
+        self.store = store
+        self.r = store.client
+        self.ttl = ttl_ms
+
+    # --- tasks ------------------------------------------------------------------------
+    async def register_task(
+        self, task_id: str, *, url: str, url_key: str, md5: str, identifier: str,
+        range_: str, headers: dict[str, str], fail_interval_ms: int,
+    ) -> tuple[str, str]:
+        res = await self.store.run(
+            "register_task",
+            [keys.meta(task_id)],
+            [url, url_key, md5, identifier, range_, json.dumps(headers, sort_keys=True),
+             now_ms(), self.ttl, fail_interval_ms],
+        )
+        await self.touch(task_id)
+        return _s(res[0]), _s(res[1])
+
+    @translate
+    async def touch(self, task_id: str) -> None:
+        await self.r.zadd(keys.TASK_INDEX, {task_id: now_ms()})
+
+    @translate
+    async def get_meta(self, task_id: str) -> TaskMeta | None:
+        h = await self.r.hgetall(keys.meta(task_id))
+        if not h:
+            return None
+        return TaskMeta.from_hash(task_id, {_s(a): _s(b) for a, b in h.items()})
+
+    async def set_meta(self, task_id: str, **fields: object) -> bool:
+        args: list[Any] = [self.ttl]
+        for name, value in fields.items():
+            args += [name, str(value)]
+        return bool(await self.store.run("set_meta", [keys.meta(task_id)], args))
+
+    async def publish_pieces(self, task_id: str, cdn_id: str, pieces: list[tuple[int, str]]) -> None:
+        args: list[Any] = [self.ttl, cdn_id]
+        for n, d in pieces:
+            args += [n, d]
+        await self.store.run("publish_pieces", [keys.meta(task_id)], args)
+
+    @translate
+    async def digests(self, task_id: str) -> dict[int, str]:
+        h = await self.r.hgetall(keys.digests(task_id))
+        return {int(_s(a)): _s(b) for a, b in h.items()}
+
+    @translate
+    async def cdn_bitmap(self, task_id: str) -> Bitmap:
+        return Bitmap(await self.r.get(keys.cdnmap(task_id)))
+
+    async def delete_task(self, task_id: str) -> None:
+        await self.store.run("delete_task", [keys.meta(task_id)], [])
+        await self._zrem_task(task_id)
+
+    @translate
+    async def _zrem_task(self, task_id: str) -> None:
+        await self.r.zrem(keys.TASK_INDEX, task_id)
+
+    @translate
+    async def list_tasks(self, limit: int = 1000) -> list[str]:
+        ids = await self.r.zrevrange(keys.TASK_INDEX, 0, limit - 1)
+        return [_s(i) for i in ids]
+
+    @translate
+    async def idle_tasks(self, older_than_ms: int) -> list[str]:
+        ids = await self.r.zrangebyscore(keys.TASK_INDEX, "-inf", now_ms() - older_than_ms, start=0, num=500)
+        return [_s(i) for i in ids]
+
+    # --- leases -----------------------------------------------------------------------
+    @translate
+    async def take_lease(self, task_id: str, owner: str, ttl_ms: int) -> bool:
+        return bool(await self.r.set(keys.lease(task_id), owner, nx=True, px=ttl_ms))
+
+    async def keep_lease(self, task_id: str, owner: str, ttl_ms: int) -> bool:
+        return bool(await self.store.run("lease_keep", [keys.lease(task_id)], [owner, ttl_ms]))
+
+    @translate
+    async def lease_holder(self, task_id: str) -> str | None:
+        v = await self.r.get(keys.lease(task_id))
+        return _s(v) if v else None
+
+    # --- peers ------------------------------------------------------------------------
+    async def add_peer(self, task_id: str, cid: str, info: PeerInfo) -> bool:
+        ok = await self.store.run("add_peer", [keys.meta(task_id)], [cid, info.encode(), self.ttl])
+        if ok and info.kind == "peer":
+            await self._index_host(info.peer_id, task_id)
+        return bool(ok)
+
+    @translate
+    async def _index_host(self, peer_id: str, task_id: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sadd(keys.host(peer_id), task_id)
+        pipe.pexpire(keys.host(peer_id), keys.HOST_TTL_MS)
+        pipe.set(keys.alive(peer_id), b"1", px=keys.PEER_ALIVE_TTL_MS)
+        await pipe.execute()
+
+    @translate
+    async def peer_of(self, task_id: str, cid: str) -> PeerInfo | None:
+        raw = await self.r.hget(keys.peers(task_id), cid)
+        return PeerInfo.decode(_s(raw)) if raw else None
+
+    @translate
+    async def heartbeat(self, peer_id: str) -> bool:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(keys.alive(peer_id), b"1", px=keys.PEER_ALIVE_TTL_MS)
+        pipe.pexpire(keys.host(peer_id), keys.HOST_TTL_MS)
+        res = await pipe.execute()
+        return bool(res[1])
+
+    @translate
+    async def is_alive(self, peer_id: str) -> bool:
+        return bool(await self.r.exists(keys.alive(peer_id)))
+
+    @translate
+    async def host_tasks(self, peer_id: str) -> list[str]:
+        return [_s(t) for t in await self.r.smembers(keys.host(peer_id))]
+
+    @translate
+    async def clients_of_host(self, task_id: str, peer_id: str) -> list[str]:
+        h = await self.r.hgetall(keys.peers(task_id))
+        out = []
+        for cid, raw in h.items():
+            info = PeerInfo.decode(_s(raw))
+            if info and info.peer_id == peer_id and info.kind == "peer":
+                out.append(_s(cid))
+        return out
+
+    @translate
+    async def all_clients(self, task_id: str) -> dict[str, PeerInfo]:
+        h = await self.r.hgetall(keys.peers(task_id))
+        out = {}
+        for cid, raw in h.items():
+            info = PeerInfo.decode(_s(raw))
+            if info:
+                out[_s(cid)] = info
+        return out
+
+    async def remove_clients(self, task_id: str, cids: list[str]) -> None:
+        if cids:
+            await self.store.run("remove_clients", [keys.meta(task_id)], cids)
+
+    @translate
+    async def forget_host(self, peer_id: str, task_ids: list[str] | None = None) -> None:
+        if task_ids is None:
+            await self.r.delete(keys.host(peer_id), keys.alive(peer_id))
+        else:
+            await self.r.srem(keys.host(peer_id), *task_ids)
+
+    # --- scheduling -------------------------------------------------------------------
+    async def snapshot(self, task_id: str, cid: str) -> Snapshot | None:
+        res = await self.store.run("snapshot", [keys.meta(task_id)], [cid, now_ms()])
+        h = _pairs(res[0])
+        if not h:
+            return None
+        fly = _pairs(res[4])
+        client_raw = _s(res[8])
+        return Snapshot(
+            meta=TaskMeta.from_hash(task_id, h),
+            counts_raw=bytes(res[1]) if res[1] else b"",
+            have=Bitmap(bytes(res[2]) if res[2] else b""),
+            cdn=Bitmap(bytes(res[3]) if res[3] else b""),
+            inflight=frozenset(int(p) for p in fly),
+            blacklist=frozenset(_s(x) for x in res[5]),
+            bad=frozenset(_s(x) for x in res[6]),
+            client_failures=int(_s(res[7])),
+            client=PeerInfo.decode(client_raw) if client_raw else None,
+            registered=bool(client_raw),
+        )
+
+    async def detail(self, task_id: str, cdn_id: str, pieces: list[int], sample: int) -> Detail:
+        res = await self.store.run(
+            "detail", [keys.meta(task_id)], [now_ms(), sample, cdn_id, *pieces]
+        )
+        d = Detail(
+            holders=[tuple(_s(h) for h in hs) for hs in res[0]],
+            digests=[_s(x) for x in res[1]],
+        )
+        for sid_raw, info_raw, load, fails in res[2]:
+            sid = _s(sid_raw)
+            info = PeerInfo.decode(_s(info_raw)) if info_raw else None
+            kind = "cdn" if sid == cdn_id else "peer"
+            if info is not None:
+                d.addresses[sid] = info
+            elif kind == "peer":
+                continue  # holder that left between the sample and now
+            d.sources[sid] = SourceState(sid, kind, int(load), int(_s(fails)))
+        return d
+
+    async def claim(
+        self, task_id: str, cid: str, items: list[tuple[int, str, str, int]], *,
+        max_inflight: int, peer_cap: int, cdn_cap: int,
+    ) -> list[int]:
+        args: list[Any] = [cid, now_ms(), self.ttl, max_inflight, peer_cap, cdn_cap]
+        for n, src, kind, deadline in items:
+            args += [n, src, kind, deadline]
+        res = await self.store.run("claim", [keys.meta(task_id)], args)
+        return [int(_s(x)) for x in res]
+
+    async def report(
+        self, task_id: str, cid: str, reports: list[wire.Report], *, source_fail_limit: int
+    ) -> tuple[str, str]:
+        args: list[Any] = [cid, self.ttl, source_fail_limit]
+        for r in reports:
+            args += [r.piece, r.result, r.source or "", r.reason or ""]
+        res = await self.store.run("report", [keys.meta(task_id)], args)
+        return _s(res[0]), _s(res[1])
+
+    async def release(self, task_id: str, cid: str) -> int:
+        return int(await self.store.run("release", [keys.meta(task_id)], [cid]))
+
+    # --- supernodes -------------------------------------------------------------------
+    @translate
+    async def announce_supernode(self, sn_id: str, ip: str, port: int, download_port: int) -> None:
+        await self.r.hset(keys.supernode(sn_id), mapping={"ip": ip, "port": port, "download_port": download_port})
+        await self.r.pexpire(keys.supernode(sn_id), keys.SUPERNODE_TTL_MS)
+
+    @translate
+    async def supernode_address(self, sn_id: str) -> tuple[str, int] | None:
+        h = await self.r.hgetall(keys.supernode(sn_id))
+        if not h:
+            return None
+        d = {_s(a): _s(b) for a, b in h.items()}
+        return d["ip"], int(d["download_port"])
+
+
+__all__ = ["Repo", "TaskMeta", "PeerInfo", "Snapshot", "Detail", "StoreError", "now_ms"]

@@ -1,0 +1,300 @@
+"""Lua scripts: every multi-key update of a task runs atomically in Redis.
+
+KEYS[1] is always the task's meta key (`df:t:{T}:meta`); the other keys of the task are
+derived from it inside the script (same hash tag, so same Cluster slot). Only the
+portable subset of Lua is used (no bit ops, no unpack) so fakeredis runs them too.
+"""
+
+from __future__ import annotations
+
+# Shared prelude: key helpers and the routines several scripts need.
+_PRELUDE = r"""
+local meta = KEYS[1]
+local base = string.sub(meta, 1, #meta - 4)
+local function k(s) return base .. s end
+local function chan() return 'df:ev:' .. string.sub(base, 6, #base - 1) end
+local function touch(key, ttl) redis.call('PEXPIRE', key, ttl) end
+local function release_upload(src, member)
+  if src and src ~= '' then redis.call('ZREM', k('up:' .. src), member) end
+end
+local function split2(s)
+  local i = string.find(s, '|', 1, true)
+  if not i then return s, '0' end
+  return string.sub(s, 1, i - 1), string.sub(s, i + 1)
+end
+local function add_holder(cid, n, ttl)
+  if redis.call('SETBIT', k('have:' .. cid), n, 1) == 0 then
+    redis.call('SADD', k('h:' .. n), cid)
+    touch(k('h:' .. n), ttl)
+    redis.call('BITFIELD', k('cnt'), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. n, 1)
+    touch(k('cnt'), ttl)
+  end
+  touch(k('have:' .. cid), ttl)
+end
+local function remove_client(cid)
+  local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
+  local hv = k('have:' .. cid)
+  if count < 0 then count = redis.call('STRLEN', hv) * 8 end
+  for n = 0, count - 1 do
+    if redis.call('GETBIT', hv, n) == 1 then
+      redis.call('SREM', k('h:' .. n), cid)
+      redis.call('BITFIELD', k('cnt'), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. n, -1)
+    end
+  end
+  local fly = redis.call('HGETALL', k('fly:' .. cid))
+  for i = 1, #fly, 2 do
+    local src = split2(fly[i + 1])
+    release_upload(src, cid .. ':' .. fly[i])
+  end
+  redis.call('DEL', hv, k('fly:' .. cid), k('bl:' .. cid), k('up:' .. cid))
+  redis.call('HDEL', k('peers'), cid)
+end
+local function delete_task()
+  local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
+  if count < 0 then count = redis.call('STRLEN', k('cdnmap')) * 8 end
+  for n = 0, count - 1 do redis.call('DEL', k('h:' .. n)) end
+  local cids = redis.call('HKEYS', k('peers'))
+  for _, cid in ipairs(cids) do
+    redis.call('DEL', k('have:' .. cid), k('fly:' .. cid), k('bl:' .. cid), k('up:' .. cid))
+  end
+  local cdn = redis.call('HGET', meta, 'cdn')
+  if cdn then redis.call('DEL', k('up:' .. cdn)) end
+  redis.call('DEL', meta, k('cdnmap'), k('dig'), k('cnt'), k('peers'), k('fails'),
+             k('cfails'), k('bad'))
+end
+"""
+
+# ARGV: url, url_key, md5, identifier, range, headers_json, now_ms, ttl_ms, fail_interval_ms
+# -> {"new"|"exists"|"conflict", status}
+REGISTER_TASK = _PRELUDE + r"""
+local now = tonumber(ARGV[7])
+if redis.call('EXISTS', meta) == 1 then
+  local f = redis.call('HMGET', meta, 'url_key', 'md5', 'identifier', 'range', 'status', 'failed_ms')
+  if f[1] ~= ARGV[2] or f[2] ~= ARGV[3] or f[3] ~= ARGV[4] or f[4] ~= ARGV[5] then
+    return {'conflict', f[5] or ''}
+  end
+  if f[5] == 'failed' and now - tonumber(f[6] or '0') >= tonumber(ARGV[9]) then
+    delete_task()
+  else
+    touch(meta, tonumber(ARGV[8]))
+    return {'exists', f[5] or ''}
+  end
+end
+redis.call('HSET', meta, 'url', ARGV[1], 'url_key', ARGV[2], 'md5', ARGV[3],
+  'identifier', ARGV[4], 'range', ARGV[5], 'headers', ARGV[6], 'status', 'pending',
+  'length', '-1', 'piece_size', '0', 'piece_count', '-1', 'created_ms', ARGV[7])
+touch(meta, tonumber(ARGV[8]))
+return {'new', 'pending'}
+"""
+
+# ARGV: cid, info ("peer_id|ip|port|kind"), ttl_ms  -> 1
+ADD_PEER = _PRELUDE + r"""
+if redis.call('EXISTS', meta) == 0 then return 0 end
+redis.call('HSET', k('peers'), ARGV[1], ARGV[2])
+touch(k('peers'), tonumber(ARGV[3]))
+return 1
+"""
+
+# ARGV: ttl_ms, then field/value pairs to set on meta. Publishes a status event.
+SET_META = _PRELUDE + r"""
+if redis.call('EXISTS', meta) == 0 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', meta, ARGV[i], ARGV[i + 1]) end
+touch(meta, tonumber(ARGV[1]))
+redis.call('PUBLISH', chan(), 's')
+return 1
+"""
+
+# ARGV: ttl_ms, cdn_id, then piece/digest pairs. The CDN has verified these pieces.
+PUBLISH_PIECES = _PRELUDE + r"""
+if redis.call('EXISTS', meta) == 0 then return 0 end
+local ttl = tonumber(ARGV[1])
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
+  redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
+end
+touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+redis.call('PUBLISH', chan(), 'p')
+return 1
+"""
+
+# Read-only view for one pull. ARGV: cid, now_ms
+SNAPSHOT = _PRELUDE + r"""
+local cid = ARGV[1]
+local fly = redis.call('HGETALL', k('fly:' .. cid))
+return {
+  redis.call('HGETALL', meta),
+  redis.call('GET', k('cnt')) or '',
+  redis.call('GET', k('have:' .. cid)) or '',
+  redis.call('GET', k('cdnmap')) or '',
+  fly,
+  redis.call('SMEMBERS', k('bl:' .. cid)),
+  redis.call('SMEMBERS', k('bad')),
+  redis.call('HGET', k('cfails'), cid) or '0',
+  redis.call('HGET', k('peers'), cid) or '',
+}
+"""
+
+# Holders, digests and source state for candidate pieces.
+# ARGV: now_ms, sample, cdn_id ('' if none), pieces...
+DETAIL = _PRELUDE + r"""
+local now = ARGV[1]
+local sample = tonumber(ARGV[2])
+local holders, digs, seen, srcs = {}, {}, {}, {}
+local function see(s)
+  if not seen[s] then seen[s] = true; srcs[#srcs + 1] = s end
+end
+if ARGV[3] ~= '' then see(ARGV[3]) end
+for i = 4, #ARGV do
+  local n = ARGV[i]
+  local hs = redis.call('SRANDMEMBER', k('h:' .. n), sample)
+  holders[#holders + 1] = hs
+  for _, h in ipairs(hs) do see(h) end
+  digs[#digs + 1] = redis.call('HGET', k('dig'), n) or ''
+end
+local info = {}
+for _, s in ipairs(srcs) do
+  local up = k('up:' .. s)
+  redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
+  info[#info + 1] = {s, redis.call('HGET', k('peers'), s) or '',
+    redis.call('ZCARD', up), redis.call('HGET', k('fails'), s) or '0'}
+end
+return {holders, digs, info}
+"""
+
+# Atomic claim. ARGV: cid, now_ms, ttl_ms, max_inflight, peer_cap, cdn_cap,
+# then piece, source, kind, deadline_ms quadruples. Returns the claimed pieces.
+CLAIM = _PRELUDE + r"""
+local cid, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local fly = k('fly:' .. cid)
+local cur = redis.call('HGETALL', fly)
+for i = 1, #cur, 2 do
+  local src, dl = split2(cur[i + 1])
+  if tonumber(dl) < now then
+    redis.call('HDEL', fly, cur[i])
+    release_upload(src, cid .. ':' .. cur[i])
+  end
+end
+local room = tonumber(ARGV[4]) - redis.call('HLEN', fly)
+local out = {}
+for i = 7, #ARGV, 4 do
+  if room <= 0 then break end
+  local n, src, kind, dl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local up = k('up:' .. src)
+  local cap = tonumber(ARGV[5])
+  if kind == 'cdn' then cap = tonumber(ARGV[6]) end
+  local ok = redis.call('GETBIT', k('have:' .. cid), tonumber(n)) == 0
+    and redis.call('HEXISTS', fly, n) == 0
+    and redis.call('SISMEMBER', k('bad'), src) == 0
+    and (kind == 'cdn' or redis.call('HEXISTS', k('peers'), src) == 1)
+  if ok then
+    redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
+    ok = redis.call('ZCARD', up) < cap
+  end
+  if ok then
+    redis.call('ZADD', up, dl, cid .. ':' .. n)
+    touch(up, ttl)
+    redis.call('HSET', fly, n, src .. '|' .. dl)
+    room = room - 1
+    out[#out + 1] = n
+  end
+end
+touch(fly, ttl)
+return out
+"""
+
+# ARGV: cid, ttl_ms, source_fail_limit, then piece, result, source, reason quadruples.
+# Validates every report first; applies all or nothing.
+# -> {"ok", done} | {"not_assigned", piece} | {"unknown_client", ""} | {"bad_piece", piece}
+REPORT = _PRELUDE + r"""
+local cid, ttl, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('HEXISTS', k('peers'), cid) == 0 then return {'unknown_client', ''} end
+local fly = k('fly:' .. cid)
+for i = 4, #ARGV, 4 do
+  local n, res, src = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if res == 'have' then
+    if redis.call('HEXISTS', k('dig'), n) == 0 then return {'bad_piece', n} end
+  else
+    local entry = redis.call('HGET', fly, n)
+    if not entry then return {'not_assigned', n} end
+    local esrc = split2(entry)
+    if src ~= '' and src ~= esrc then return {'not_assigned', n} end
+  end
+end
+local changed = false
+for i = 4, #ARGV, 4 do
+  local n, res = ARGV[i], ARGV[i + 1]
+  if res == 'have' then
+    add_holder(cid, tonumber(n), ttl)
+  else
+    local src = split2(redis.call('HGET', fly, n))
+    redis.call('HDEL', fly, n)
+    release_upload(src, cid .. ':' .. n)
+    if res == 'ok' then
+      add_holder(cid, tonumber(n), ttl)
+    else
+      redis.call('SADD', k('bl:' .. cid), src)
+      touch(k('bl:' .. cid), ttl)
+      if redis.call('HINCRBY', k('fails'), src, 1) >= limit then
+        redis.call('SADD', k('bad'), src)
+        touch(k('bad'), ttl)
+      end
+      redis.call('HINCRBY', k('cfails'), cid, 1)
+      touch(k('fails'), ttl); touch(k('cfails'), ttl)
+    end
+  end
+  changed = true
+end
+if changed then redis.call('PUBLISH', chan(), 'p') end
+touch(meta, ttl)
+return {'ok', redis.call('BITCOUNT', k('have:' .. cid))}
+"""
+
+# A client aborts: release its in-flight assignments. ARGV: cid
+RELEASE = _PRELUDE + r"""
+local cid = ARGV[1]
+local fly = k('fly:' .. cid)
+local cur = redis.call('HGETALL', fly)
+for i = 1, #cur, 2 do
+  local src = split2(cur[i + 1])
+  release_upload(src, cid .. ':' .. cur[i])
+end
+redis.call('DEL', fly)
+if #cur > 0 then redis.call('PUBLISH', chan(), 'p') end
+return #cur / 2
+"""
+
+# Remove clients (a peer server going away, or expired). ARGV: cid...
+REMOVE_CLIENTS = _PRELUDE + r"""
+for i = 1, #ARGV do remove_client(ARGV[i]) end
+if #ARGV > 0 then redis.call('PUBLISH', chan(), 'p') end
+return #ARGV
+"""
+
+DELETE_TASK = _PRELUDE + r"""
+delete_task()
+redis.call('PUBLISH', chan(), 's')
+return 1
+"""
+
+# Renew or release a lease only if we own it. ARGV: owner, ttl_ms (0 = release)
+LEASE_KEEP = r"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) == 0 then redis.call('DEL', KEYS[1]) return 1 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+ALL = {
+    "register_task": REGISTER_TASK,
+    "add_peer": ADD_PEER,
+    "set_meta": SET_META,
+    "publish_pieces": PUBLISH_PIECES,
+    "snapshot": SNAPSHOT,
+    "detail": DETAIL,
+    "claim": CLAIM,
+    "report": REPORT,
+    "release": RELEASE,
+    "remove_clients": REMOVE_CLIENTS,
+    "delete_task": DELETE_TASK,
+    "lease_keep": LEASE_KEEP,
+}

@@ -1,0 +1,97 @@
+"""The supernode as the first seed: serves verified CDN pieces on the download port.
+
+Same shape as a peer server: `GET /peer/file/{task_id}` with exactly one Range lying in
+one verified piece. The file is found in the cache's own table, never from the request
+path. Uploads take a slot (503 when none is free) and a deadline so a slow reader
+cannot hold one forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from common.pieces import piece_of_range
+from common.ranges import RangeSyntaxError, RangeUnsatisfiable, parse_range
+from common.ratelimit import Throttle
+from common.taskid import is_task_id
+
+from .cache import PieceCache
+
+
+class _FileResponse(web.FileResponse):
+    """FileResponse whose prepare() may be called twice: we prepare it inside the
+    upload slot and deadline, then aiohttp prepares the returned response again."""
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
+        if self.prepared:
+            return self._payload_writer
+        return await super().prepare(request)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+class Seed:
+    def __init__(self, cache: PieceCache, *, slots: int, throttle: Throttle, min_rate: int = 64 << 10) -> None:
+        self.cache = cache
+        self.slots = slots
+        self.active = 0
+        self.throttle = throttle
+        self.min_rate = min_rate
+        self.bytes_served = 0
+        self.draining = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/peer/file/{task_id}", self.serve)
+        app.router.add_get("/_ping", self.ping)
+        return app
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        tid = request.match_info["task_id"]
+        entry = self.cache.entries.get(tid) if is_task_id(tid) else None
+        if entry is None:
+            return _error(404, "not_found", "unknown task")
+        header = request.headers.get("Range")
+        if header is None:
+            return _error(400, "bad_request", "a single Range is required")
+        size = entry.length if entry.length >= 0 else (max(entry.digests, default=-1) + 1) * entry.piece_size
+        try:
+            rng = parse_range(header, size)
+        except RangeSyntaxError as exc:
+            return _error(400, "bad_request", str(exc))
+        except RangeUnsatisfiable as exc:
+            return _error(416, "range_not_satisfiable", str(exc))
+        piece = piece_of_range(rng.start, rng.end, size, entry.piece_size)
+        if piece is None:
+            return _error(400, "bad_request", "range must lie inside one piece")
+        if not entry.has(piece):
+            return _error(404, "not_found", f"piece {piece} not available here")
+        if self.draining or self.active >= self.slots:
+            return _error(503, "busy", "no upload slot free")
+        self.active += 1
+        try:
+            if not self.throttle.unlimited:
+                await self.throttle.consume(rng.length)
+            resp = _FileResponse(self.cache.data_path(tid), chunk_size=1 << 20)
+            async with asyncio.timeout(rng.length / self.min_rate + 10):
+                await resp.prepare(request)
+            self.bytes_served += rng.length
+            return resp
+        finally:
+            self.active -= 1
+
+    async def drain(self, deadline: float) -> None:
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        with contextlib.suppress(asyncio.TimeoutError):
+            while self.active and loop.time() < end:
+                await asyncio.sleep(0.05)
