@@ -1,0 +1,121 @@
+"""Table-driven tests of the scheduler's pure decision (supernode/scheduler.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from supernode.scheduler import (
+    Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, decode_counts, rank, wanted,
+)
+
+CDN = "c" * 32
+A, B, C, ME = "a" * 32, "b" * 32, "d" * 32, "e" * 32
+
+
+def rng() -> random.Random:
+    return random.Random(7)
+
+
+def test_bitmap_matches_redis_bit_order() -> None:
+    bm = Bitmap(bytes([0b1000_0001, 0b0100_0000]))
+    assert [n for n in range(16) if n in bm] == [0, 7, 9]
+    assert Bitmap.of([0, 7, 9])._data == bm._data
+    assert bm.count() == 3
+    assert 100 not in bm and -1 not in bm
+
+
+def test_decode_counts_big_endian_u16_with_missing_tail() -> None:
+    assert decode_counts(b"\x00\x02\x01\x00", 4) == [2, 256, 0, 0]
+    assert decode_counts(None, 2) == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "count, cdn, counts, have, inflight, limit, expected",
+    [
+        # rarest first: piece 2 has no peer holder, piece 0 has 3, piece 1 has 1
+        (3, [0, 1, 2], [3, 1, 0], [], [], 3, [2, 1, 0]),
+        # pieces the client holds or has in flight are never candidates
+        (4, [0, 1, 2, 3], [0, 0, 0, 0], [0, 1], [2], 4, [3]),
+        # a piece nobody has (not on CDN, no peer holder) is not a candidate
+        (3, [0], [0, 0, 2], [], [], 3, [0, 2]),
+        # ties broken by distance to the mean in-flight piece (here 10)
+        (20, list(range(20)), [1] * 20, [], [10], 3, [{9, 11}, {9, 11}, {8, 12}]),
+        # limit respected
+        (5, list(range(5)), [0] * 5, [], [], 0, []),
+    ],
+)
+def test_rank(count, cdn, counts, have, inflight, limit, expected) -> None:
+    client = ClientState(ME, have=Bitmap.of(have), inflight=frozenset(inflight))
+    got = rank(count, Bitmap.of(cdn), counts, client, limit, rng())
+    if inflight:  # equal distances: any of the nearest, at random
+        assert len(got) == 3 and set(got[:2]) == expected[0] and got[2] in expected[2]
+    else:
+        assert got == expected
+
+
+def test_rank_random_tiebreak_is_seeded() -> None:
+    client = ClientState(ME)
+    a = rank(50, Bitmap.of(range(50)), [0] * 50, client, 5, random.Random(1))
+    b = rank(50, Bitmap.of(range(50)), [0] * 50, client, 5, random.Random(1))
+    c = rank(50, Bitmap.of(range(50)), [0] * 50, client, 5, random.Random(2))
+    assert a == b and a != c
+
+
+def src(sid: str, kind: str = "peer", load: int = 0, failures: int = 0, bad: bool = False) -> SourceState:
+    return SourceState(sid, kind, load, failures, bad)  # type: ignore[arg-type]
+
+
+LIM = Limits(max_inflight=4, peer_uploads=2, cdn_uploads=1, source_fail_limit=3, client_fail_limit=2)
+
+
+@pytest.mark.parametrize(
+    "name, cands, sources, client, want, expected",
+    [
+        ("peer preferred to the CDN",
+         [Candidate(0, True, (A,))], [src(CDN, "cdn"), src(A)], ClientState(ME), 1, [Decision(0, A)]),
+        ("least loaded peer",
+         [Candidate(0, True, (A, B))], [src(A, load=1), src(B)], ClientState(ME), 1, [Decision(0, B)]),
+        ("CDN when no peer holds it",
+         [Candidate(0, True, ())], [src(CDN, "cdn")], ClientState(ME), 1, [Decision(0, CDN)]),
+        ("peer at its upload cap is skipped, CDN used",
+         [Candidate(0, True, (A,))], [src(A, load=2), src(CDN, "cdn")], ClientState(ME), 1, [Decision(0, CDN)]),
+        ("CDN cap counts assignments made in the same call",
+         [Candidate(0, True, ()), Candidate(1, True, ())], [src(CDN, "cdn")], ClientState(ME), 2,
+         [Decision(0, CDN)]),
+        ("peer cap counts assignments made in the same call",
+         [Candidate(n, False, (A,)) for n in range(3)], [src(A)], ClientState(ME), 3,
+         [Decision(0, A), Decision(1, A)]),
+        ("blacklisted source avoided by this client",
+         [Candidate(0, True, (A,))], [src(A), src(CDN, "cdn")], ClientState(ME, blacklist=frozenset({A})), 1,
+         [Decision(0, CDN)]),
+        ("source with too many failures dropped for everyone",
+         [Candidate(0, False, (A, B))], [src(A, failures=3), src(B, load=1)], ClientState(ME), 1,
+         [Decision(0, B)]),
+        ("bad source never chosen",
+         [Candidate(0, False, (A,))], [src(A, bad=True)], ClientState(ME), 1, []),
+        ("client with too many failures served by the CDN only",
+         [Candidate(0, True, (A,)), Candidate(1, False, (A,))], [src(A), src(CDN, "cdn")],
+         ClientState(ME, failures=3), 2, [Decision(0, CDN)]),
+        ("pattern cdn",
+         [Candidate(0, True, (A,))], [src(A), src(CDN, "cdn")], ClientState(ME, cdn_only=True), 1,
+         [Decision(0, CDN)]),
+        ("never assigned to itself",
+         [Candidate(0, False, (ME,))], [src(ME)], ClientState(ME), 1, []),
+        ("unknown holder ignored",
+         [Candidate(0, False, (C,))], [src(A)], ClientState(ME), 1, []),
+        ("want bounds the result, order kept",
+         [Candidate(5, False, (A,)), Candidate(3, False, (B,)), Candidate(1, False, (A,))], [src(A), src(B)],
+         ClientState(ME), 2, [Decision(5, A), Decision(3, B)]),
+    ],
+)
+def test_assign(name, cands, sources, client, want, expected) -> None:
+    got = assign(cands, {s.sid: s for s in sources}, CDN, client, want, LIM)
+    assert got == expected, name
+
+
+def test_wanted_respects_inflight_cap() -> None:
+    assert wanted(ClientState(ME, inflight=frozenset({1, 2, 3})), 4, LIM) == 1
+    assert wanted(ClientState(ME, inflight=frozenset({1, 2, 3, 4})), 4, LIM) == 0
+    assert wanted(ClientState(ME), 2, LIM) == 2
