@@ -20,6 +20,15 @@ STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
 FILE_DROPPED: web.AppKey[object] = web.AppKey("file_dropped", object)
 
 
+class _SentFileResponse(web.FileResponse):
+    """A FileResponse the handler sends itself; aiohttp's second prepare() is a no-op."""
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def,override]
+        if self.prepared:
+            return None
+        return await super().prepare(request)
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
@@ -67,7 +76,7 @@ async def serve_piece(request: web.Request) -> web.StreamResponse:
 async def _send(request: web.Request, state: ServerState, path: object, nbytes: int) -> web.StreamResponse:
     """Send inside the handler (not after it returns) so the slot is held exactly while
     bytes flow, and a reader too slow for `upload_timeout` is cut off."""
-    resp = web.FileResponse(path, chunk_size=256 * 1024)  # type: ignore[arg-type]
+    resp = _SentFileResponse(path, chunk_size=256 * 1024)  # type: ignore[arg-type]
     resp.headers["Cache-Control"] = "no-store"
     try:
         async with asyncio.timeout(state.config.upload_timeout):

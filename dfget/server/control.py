@@ -65,6 +65,7 @@ async def list_files(request: web.Request) -> web.Response:
 async def register_file(request: web.Request) -> web.Response:
     s = request.app[STATE]
     body = await _body(request, RegisterFile)
+    s.known_supernodes.update(body.supernodes)
     s.table.register(FileEntry(task_id=body.task_id, path=Path(body.path), length=body.length,
                                piece_size=body.piece_size, supernodes=list(body.supernodes),
                                owner_pid=body.owner_pid))

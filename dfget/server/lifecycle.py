@@ -85,7 +85,7 @@ class Notifier:
     async def server_down(self) -> None:
         await asyncio.gather(*(self._post(url, "/api/v1/peers/down",
                                           wire.PeerDownRequest(self.state.peer_id, None))
-                               for url in self.state.table.supernodes()))
+                               for url in self.state.known_supernodes))
 
     async def heartbeat(self) -> None:
         await asyncio.gather(*(self._post(url, "/api/v1/peers/heartbeat",
@@ -145,6 +145,7 @@ async def serve(cfg: ServerConfig) -> None:
                 await web.UnixSite(control_runner, str(sock)).start()
             finally:
                 os.umask(old)
+            os.chmod(sock, 0o600)  # only this user's dfget processes may control us
             log.info("peer server %s on %s:%d, control %s", state.peer_id, cfg.ip, state.port, sock)
             await _periodic(state, notifier)
         finally:

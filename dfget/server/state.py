@@ -38,6 +38,9 @@ class ServerState:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
     uploaded_bytes: int = 0
+    # Every supernode any file was registered with: told at shutdown even if its files
+    # are already gone from the table.
+    known_supernodes: set[str] = field(default_factory=set)
     throttle: Throttle = field(init=False)
 
     def __post_init__(self) -> None:

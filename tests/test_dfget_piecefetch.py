@@ -1,0 +1,118 @@
+"""One piece against a source that misbehaves: each failure has its reason, nothing is
+accepted unless the supernode's digest matches."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from common import digest, wire
+from dfget.output import PartFile
+from dfget.piecefetch import FetchLimits, PieceFailed, fetch_piece
+from dfget_support import start_app
+
+TID = "cd" * 32
+DATA = os.urandom(300_000)
+START, END = 100_000, 199_999
+GOOD = DATA[START:END + 1]
+
+
+def make_app(mode: str) -> web.Application:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        cr = {"Content-Range": f"bytes {START}-{END}/{len(DATA)}"}
+        if mode == "good":
+            return web.Response(status=206, body=GOOD, headers=cr)
+        if mode == "404":
+            return web.Response(status=404)
+        if mode == "503":
+            return web.Response(status=503)
+        if mode == "200":
+            return web.Response(status=200, body=GOOD)
+        if mode == "short":
+            return web.Response(status=206, body=GOOD[:-10], headers=cr)
+        if mode == "long":
+            return web.Response(status=206, body=GOOD + b"xx", headers=cr)
+        if mode == "corrupt":
+            return web.Response(status=206, body=b"\x00" + GOOD[1:], headers=cr)
+        if mode == "wrong_range":
+            return web.Response(status=206, body=GOOD,
+                                headers={"Content-Range": f"bytes 0-99999/{len(DATA)}"})
+        if mode in ("reset", "slow", "chunked_long"):
+            resp = web.StreamResponse(status=206, headers=cr)
+            if mode != "chunked_long":
+                resp.content_length = len(GOOD)
+            await resp.prepare(request)
+            await resp.write(GOOD[:50_000])
+            if mode == "reset":
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if mode == "slow":
+                await asyncio.sleep(2)
+            await resp.write(GOOD[50_000:] + b"extra")
+            return resp
+        raise AssertionError(mode)
+
+    app = web.Application()
+    app.router.add_get("/peer/file/{tid}", handler)
+    return app
+
+
+def assignment(port: int) -> wire.Assignment:
+    src = wire.Source(cid="11" * 16, ip="127.0.0.1", port=port, kind="peer")
+    return wire.Assignment(piece=1, start=START, end=END, digest=digest.of(GOOD), source=src)
+
+
+@pytest.mark.parametrize("mode,reason", [
+    ("404", "not_found"), ("503", "refused"), ("200", "error"), ("short", "short_body"),
+    ("long", "long_body"), ("corrupt", "digest_mismatch"), ("wrong_range", "error"),
+    ("reset", "short_body"), ("chunked_long", "long_body"), ("slow", "timeout"),
+])
+async def test_failures_have_reasons(tmp_path: Path, mode: str, reason: str) -> None:
+    runner, port = await start_app(make_app(mode))
+    part = PartFile(tmp_path / "out", TID)
+    part.open(len(DATA))
+    limits = FetchLimits(minrate=1 << 30)
+    if mode == "slow":
+        limits = FetchLimits(minrate=1 << 30)
+        object.__setattr__(limits, "deadline", lambda n: 0.5)
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(PieceFailed) as info:
+                await fetch_piece(session, TID, assignment(port), part, limits)
+        assert info.value.reason == reason
+    finally:
+        part.close()
+        await runner.cleanup()
+
+
+async def test_good_piece_lands_at_its_offset(tmp_path: Path) -> None:
+    runner, port = await start_app(make_app("good"))
+    part = PartFile(tmp_path / "out", TID)
+    part.open(len(DATA))
+    try:
+        async with aiohttp.ClientSession() as session:
+            n = await fetch_piece(session, TID, assignment(port), part, FetchLimits(minrate=1))
+        assert n == len(GOOD)
+        assert part.path.read_bytes()[START:END + 1] == GOOD
+        assert part.path.stat().st_size == len(DATA)
+    finally:
+        part.close()
+        await runner.cleanup()
+
+
+async def test_refused_connection(tmp_path: Path) -> None:
+    part = PartFile(tmp_path / "out", TID)
+    part.open(len(DATA))
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(PieceFailed) as info:
+                await fetch_piece(session, TID, assignment(1), part, FetchLimits(minrate=1))
+        assert info.value.reason == "refused"
+    finally:
+        part.close()

@@ -1,0 +1,114 @@
+"""`dfget server` as a real detached process: started once per home and reused, driven
+over its Unix socket, telling the supernode when files go away and when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+
+from common import wire
+from common.pieces import piece_count
+from dfget.server.launcher import ControlClient, ensure_server
+from dfget.server.protocol import RegisterFile, socket_path
+from dfget_support import FakeSupernode, start_app, stop_server
+
+TID = "ef" * 32
+
+
+async def _wait_gone(pid: int, timeout: float) -> bool:
+    for _ in range(int(timeout / 0.05)):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if stat.split(")")[-1].split()[0] == "Z":
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_started_once_and_reused_concurrently(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    try:
+        results = await asyncio.gather(*(ensure_server(home, "127.0.0.1", 0, 0, 60, 60) for _ in range(3)))
+        pids = {info.pid for _, info in results}
+        peer_ids = {info.peer_id for _, info in results}
+        assert len(pids) == 1 and len(peer_ids) == 1
+        for client, _ in results:
+            await client.close()
+        assert oct(socket_path(home).stat().st_mode & 0o777) == "0o600"
+    finally:
+        assert await stop_server(home) is not None
+
+
+async def test_serves_registered_piece_and_reports_down_on_sigterm_and_delete(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    sn = FakeSupernode({})
+    runner, sn.port = await start_app(sn.app())
+    data = os.urandom(2500)
+    f1, f2 = tmp_path / "f1", tmp_path / "f2"
+    f1.write_bytes(data)
+    f2.write_bytes(data)
+    tid2 = "aa" * 32
+    client, info = await ensure_server(home, "127.0.0.1", 0, 0, 60, 60)
+    try:
+        base = f"http://127.0.0.1:{sn.port}"
+        for tid, path in ((TID, f1), (tid2, f2)):
+            await client.register(RegisterFile(task_id=tid, path=str(path), length=2500, piece_size=1000,
+                                               supernodes=[base], owner_pid=os.getpid()))
+        url = f"http://127.0.0.1:{info.port}/peer/file/{TID}"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers={"Range": "bytes=1000-1999"}) as r:
+                assert r.status == 404  # not verified yet
+            await client.verified(TID, [1])
+            async with s.get(url, headers={"Range": "bytes=1000-1999"}) as r:
+                assert r.status == 206 and await r.read() == data[1000:2000]
+        await client.remove(tid2)
+        assert [d.tasks for d in sn.downs] == [[tid2]]
+        assert sn.downs[0].peer_id == info.peer_id
+        os.kill(info.pid, signal.SIGTERM)
+        assert await _wait_gone(info.pid, 15)
+        assert sn.downs[-1] == wire.PeerDownRequest(peer_id=info.peer_id, tasks=None)
+        assert not socket_path(home).exists()
+    finally:
+        await client.close()
+        await stop_server(home)
+        await runner.cleanup()
+
+
+async def test_exits_after_alivetime_and_drops_deleted_files(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    sn = FakeSupernode({})
+    runner, sn.port = await start_app(sn.app())
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 10)
+    proc = await asyncio.create_subprocess_exec(
+        "python" if False else os.sys.executable, "-m", "dfget", "server", "--home", str(home),
+        "--alivetime", "3s", "--expiretime", "1h", "--scan-interval", "0.2s")
+    try:
+        client = ControlClient(home)
+        for _ in range(200):
+            try:
+                await client.info()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                await asyncio.sleep(0.05)
+        await client.register(RegisterFile(task_id=TID, path=str(f), length=10, piece_size=4,
+                                           supernodes=[f"http://127.0.0.1:{sn.port}"], owner_pid=0))
+        await client.verified(TID, list(range(piece_count(10, 4))))
+        await client.moved(TID, f)
+        f.unlink()
+        await client.close()
+        rc = await asyncio.wait_for(proc.wait(), 20)
+        assert rc == 0
+        assert [d.tasks for d in sn.downs][:1] == [[TID]]
+        assert sn.downs[-1].tasks is None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
