@@ -15,8 +15,8 @@ def piece_size_for(length: int) -> int:
     """
     if length <= 200 * MIB:
         return DEFAULT_PIECE_SIZE
-    extra = (length - 200 * MIB + 100 * MIB - 1) // (100 * MIB)
-    return min(DEFAULT_PIECE_SIZE + extra * MIB, MAX_PIECE_SIZE)
+    gaps = length // (100 * MIB)  # v1 rounds down: 300 MiB + 1 -> 5 MiB
+    return min(DEFAULT_PIECE_SIZE + (gaps - 2) * MIB, MAX_PIECE_SIZE)
 
 
 def piece_count(length: int, piece_size: int) -> int:

@@ -18,7 +18,7 @@ class TokenBucket:
     rate: float  # bytes per second; <= 0 means unlimited
     burst: float = 0.0
     tokens: float = field(default=0.0)
-    stamp: float = field(default=0.0)
+    stamp: float | None = field(default=None)
 
     def __post_init__(self) -> None:
         if self.burst <= 0:
@@ -29,7 +29,7 @@ class TokenBucket:
         """Take n tokens; return seconds the caller must wait before using them."""
         if self.rate <= 0:
             return 0.0
-        if self.stamp == 0.0:
+        if self.stamp is None:
             self.stamp = now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now

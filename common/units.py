@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)(b?)|()()(b?))\s*\Z", re.IGNORECASE)
 _MULT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DUR_MULT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -22,22 +22,24 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(f"not a size: {text!r} (use e.g. 20MB, 512KB, 1G or plain bytes)")
-    number, unit, _, _ = m.groups()
+    number, unit = m.group(1), m.group(2) or ""
     return int(float(number) * _MULT[unit.lower()])
 
 
 def parse_duration(text: str | float | int) -> float:
     """`3m`, `5s`, `1h30m`, `250ms` or plain seconds -> seconds."""
     if isinstance(text, (int, float)):
+        if text != text or text in (float("inf"), float("-inf")):
+            raise ValueError(f"duration must be finite: {text}")
         if text < 0:
             raise ValueError(f"duration must not be negative: {text}")
         return float(text)
     s = text.strip().lower()
     try:
-        value = float(s)
+        value = float(s) if re.fullmatch(r"\d+(?:\.\d+)?", s) else None
     except ValueError:
-        pass
-    else:
+        value = None
+    if value is not None:
         if value < 0:
             raise ValueError(f"duration must not be negative: {text}")
         return value

@@ -18,17 +18,17 @@ from .errors import BadRequest
 JSON_TYPE = "application/json"
 MSGPACK_TYPE = "application/msgpack"
 
-Id32 = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
-TaskId = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
-Digest = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
-Md5 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{32}$")]
+Id32 = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}\Z")]
+TaskId = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+Digest = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+Md5 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{32}\Z")]
 Url = Annotated[str, Meta(min_length=1, max_length=8192)]
 Ip = Annotated[str, Meta(min_length=2, max_length=64)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 PieceNo = Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]
 ShortText = Annotated[str, Meta(max_length=256)]
-HeaderName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
-HeaderValue = Annotated[str, Meta(max_length=8192, pattern=r"^[^\r\n\x00]*$")]
+HeaderName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")]
+HeaderValue = Annotated[str, Meta(max_length=8192, pattern=r"^[^\r\n\x00]*\Z")]
 Headers = Annotated[dict[HeaderName, HeaderValue], Meta(max_length=64)]
 FilterKeys = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=32)]
 

@@ -64,7 +64,7 @@ def _load_cache(cache: PieceCache) -> None:
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     settings: Settings = app[SETTINGS]
     settings.home.mkdir(parents=True, exist_ok=True)
-    store = Store(connect(settings.redis_url))
+    store = Store(connect(settings.redis_url), embedded=not settings.redis_url)
     origin = OriginClient(settings.origin_policy(), OriginSettings(read_timeout=settings.origin_read_timeout))
     await origin.start()
     cache = PieceCache(settings.home)
@@ -90,7 +90,9 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
                         repo=repo, hub=hub, cache=cache, cdn=cdn, seed=seed, dispatcher=dispatcher,
                         metrics=Metrics(), download_port=download_port)
     app[STATE] = st
-    background = [asyncio.create_task(hub.run(), name="events")]
+    if store.embedded:
+        store.local_listener = hub.dispatch
+    background = [asyncio.create_task(hub.run_local() if store.embedded else hub.run(), name="events")]
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(hub.connected.wait(), 5.0)
     background.append(asyncio.create_task(gc_loop(st), name="gc"))

@@ -166,22 +166,41 @@ class Cdn:
                 return
             if not entry.complete:
                 start = await asyncio.to_thread(self._trusted_prefix, entry)
-        resp = await self._open(meta, entry, headers, start)
-        try:
-            if resp.status == 206 and not meta.range:
-                entry = self._check_resume(resp, entry, start)
-            else:
-                start = 0
-                entry = self._new_entry(meta, resp)
-            self.cache.adopt(entry)
-            await self._announce(meta, entry)
-            await self._stream(meta, entry, resp, start, published)
-        except aiohttp.ClientPayloadError:
-            raise errors.OriginShortBody(f"origin body ended early for {redact_url(meta.url)}") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise errors.OriginUnavailable(f"origin transfer failed: {type(exc).__name__}") from None
-        finally:
-            resp.release()
+        attempt = 0
+        while True:
+            resp = await self._open(meta, entry, headers, start)
+            try:
+                if resp.status == 206 and not meta.range and start > 0:
+                    entry = self._check_resume(resp, entry, start)
+                else:
+                    start = 0
+                    entry = self._new_entry(meta, resp)
+                self.cache.adopt(entry)
+                await self._announce(meta, entry)
+                await self._stream(meta, entry, resp, start, published)
+                return
+            except (aiohttp.ClientError, asyncio.TimeoutError, errors.OriginShortBody,
+                    errors.OriginUnavailable) as exc:
+                attempt += 1
+                resumable = entry is not None and bool(entry.etag or entry.last_modified) and not meta.range
+                if attempt > self.origin.settings.retries or not resumable:
+                    raise self._translate(exc, meta) from None
+                assert entry is not None
+                published.update(entry.digests)
+                start = entry.verified_prefix()
+                log.info("task %s: origin transfer broke (%s); resuming at piece %d",
+                         tid[:12], type(exc).__name__, start)
+                await asyncio.sleep(self.origin.settings.backoff * attempt)
+            finally:
+                resp.release()
+
+    @staticmethod
+    def _translate(exc: Exception, meta: TaskMeta) -> errors.DfError:
+        if isinstance(exc, errors.DfError):
+            return exc
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return errors.OriginShortBody(f"origin body ended early for {redact_url(meta.url)}")
+        return errors.OriginUnavailable(f"origin transfer failed: {type(exc).__name__}")
 
     async def _open(self, meta: TaskMeta, entry: CacheEntry | None, headers: dict[str, str], start: int) -> Any:
         h = dict(headers)
@@ -299,6 +318,7 @@ class Cdn:
         ps = entry.piece_size
         path = self.cache.data_path(meta.task_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        pipe: _PiecePipe | None = None
         try:
             if entry.length >= 0:
                 os.ftruncate(fd, entry.length)
@@ -333,11 +353,15 @@ class Cdn:
                 await pipe.submit(piece, bytes(buf))
                 piece += 1
             await pipe.drain()
+            pipe = None
             if entry.length < 0:
                 entry.length = received
                 await self.repo.set_meta(meta.task_id, length=received, piece_count=piece)
             os.fsync(fd)
         finally:
+            if pipe is not None and pipe.pending is not None:
+                with contextlib.suppress(Exception):
+                    await pipe.drain()  # keep the finished piece; never close the fd under a write
             os.close(fd)
         await self._finish(meta, entry, piece_count(entry.length, ps))
 

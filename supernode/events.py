@@ -71,6 +71,11 @@ class EventHub:
         if task_id not in self._waiters:
             self._gen.pop(task_id, None)
 
+    async def run_local(self) -> None:
+        """Embedded store: events arrive through `dispatch` from the store itself."""
+        self.connected.set()
+        await asyncio.Event().wait()
+
     async def run(self) -> None:
         """Listen forever; reconnect with backoff; wake everyone after a gap."""
         delay = 0.1

@@ -71,16 +71,31 @@ def connect(url: str | None) -> Any:
     raise ValueError(f"unsupported store URL scheme {scheme!r} (redis, rediss, redis+sentinel, redis+cluster)")
 
 
-class Store:
-    """The Redis client plus the registered Lua scripts."""
+# The event each script publishes (see scripts.py), for the embedded store's local fan-out.
+_EVENTS = {"set_meta": "s", "publish_pieces": "p", "report": "p", "release": "p",
+           "remove_clients": "p", "delete_task": "s"}
 
-    def __init__(self, client: Any) -> None:
+
+class Store:
+    """The Redis client plus the registered Lua scripts.
+
+    On the embedded store every subscriber lives in this process, so events are handed
+    to `local_listener` directly after each script instead of through fakeredis'
+    pub/sub (whose blocking read is a poll)."""
+
+    def __init__(self, client: Any, *, embedded: bool = False) -> None:
         self.client = client
+        self.embedded = embedded
+        self.local_listener: Callable[[str, str], None] | None = None
         self._scripts = {name: client.register_script(src) for name, src in scripts.ALL.items()}
 
     @translate
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._scripts[name](keys=keys, args=args)
+        result = await self._scripts[name](keys=keys, args=args)
+        if self.local_listener is not None and name in _EVENTS:
+            task_id = keys[0].split("{", 1)[1].split("}", 1)[0]
+            self.local_listener(task_id, _EVENTS[name])
+        return result
 
     @translate
     async def ping(self) -> bool:
@@ -93,7 +108,7 @@ class Store:
 
 @contextlib.asynccontextmanager
 async def open_store(url: str | None) -> AsyncIterator[Store]:
-    store = Store(connect(url))
+    store = Store(connect(url), embedded=not url)
     try:
         yield store
     finally:

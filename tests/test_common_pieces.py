@@ -12,7 +12,7 @@ from common.pieces import (
 MIB = 1 << 20
 # v1 (supernode/daemon/mgr/cdn computePieceSize): gapCount = length / 100 MiB (floor),
 # size = (gapCount - 2) MiB + 4 MiB, capped at 15 MiB.
-V1_FLOOR = pytest.mark.xfail(strict=True, reason="BUG common/pieces.py: ceil where v1 floors")
+V1_FLOOR = pytest.mark.regression  # was a bug, fixed
 
 
 @pytest.mark.parametrize("length,want", [

@@ -44,7 +44,6 @@ def test_long_run_average_is_the_rate() -> None:
     assert now - 1.0 == pytest.approx((sent - 1000) / 1000, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG common/ratelimit.py: stamp 0.0 doubles as 'never'")
 def test_first_call_at_time_zero_is_not_special() -> None:
     # a monotonic clock can read 0.0-ish; the bucket must still refill afterwards
     b = TokenBucket(100, burst=100)

@@ -11,7 +11,7 @@ from common import wire
 from common.errors import BadRequest
 
 CID, PEER, TID, DIG = "a" * 32, "b" * 32, "c" * 64, "d" * 64
-NL_BUG = pytest.mark.xfail(strict=True, reason="BUG common/wire.py: `^...$` accepts a trailing \\n")
+NL_BUG = pytest.mark.regression  # was a bug, fixed
 
 REGISTER = {"url": "http://origin/f", "peer": {"peer_id": PEER, "ip": "10.0.0.7", "port": 15001},
             "headers": {"Authorization": "Bearer x"}, "md5": "0" * 32, "filter": ["Signature"]}
