@@ -382,7 +382,7 @@ def supernode(
         home = tmp_path / f"supernode{n}"
         home.mkdir(parents=True, exist_ok=True)
         port, dport = free_port(), free_port()
-        cmd = [sys.executable, "-m", "supernode", "--port", str(port),
+        cmd = [sys.executable, "-m", "supernode", "--listen", LOOPBACK, "--port", str(port),
                "--download-port", str(dport), "--home", str(home),
                "--advertise-ip", LOOPBACK, "--allow-origin", "127.0.0.0/8"]
         if redis_url:
