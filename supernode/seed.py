@@ -44,6 +44,8 @@ class Seed:
         self.min_rate = min_rate
         self.bytes_served = 0
         self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -77,6 +79,7 @@ class Seed:
         if self.draining or self.active >= self.slots:
             return _error(503, "busy", "no upload slot free")
         self.active += 1
+        self._idle.clear()
         try:
             if not self.throttle.unlimited:
                 await self.throttle.consume(rng.length)
@@ -87,11 +90,11 @@ class Seed:
             return resp
         finally:
             self.active -= 1
+            if self.active == 0:
+                self._idle.set()
 
     async def drain(self, deadline: float) -> None:
+        """Refuse new uploads, then wait (bounded) for the running ones to finish."""
         self.draining = True
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline
         with contextlib.suppress(asyncio.TimeoutError):
-            while self.active and loop.time() < end:
-                await asyncio.sleep(0.05)
+            await asyncio.wait_for(self._idle.wait(), deadline)
