@@ -129,12 +129,20 @@ async def test_content_changing_mid_fetch_is_never_spliced(api: Api, origin) -> 
     assert task["status"] == "failed" and task["error"]["error"] == "origin_changed"
 
 
-async def test_conflict_same_task_other_identifier_is_rejected(api: Api, origin) -> None:
+async def test_identifier_and_md5_make_distinct_tasks_and_conflicts_are_refused(api: Api, origin) -> None:
+    from supernode.state import STATE
+
     origin.put_random("k.bin", 100, seed=1)
-    await api.register(origin.url("k.bin"), identifier="v1")
-    await api.register(origin.url("k.bin"), identifier="v2")  # different id: fine
-    reg = await api.register(origin.url("k.bin"), md5="0" * 32)
-    assert reg["task"]["task_id"]
+    v1 = await api.register(origin.url("k.bin"), identifier="v1")
+    v2 = await api.register(origin.url("k.bin"), identifier="v2")
+    m = await api.register(origin.url("k.bin"), md5="0" * 32)
+    assert len({v1["task"]["task_id"], v2["task"]["task_id"], m["task"]["task_id"]}) == 3
+    # the same id registered again with another URL/md5/identifier is a conflict
+    repo = api.client.app[STATE].repo
+    state, _ = await repo.register_task(
+        v1["task"]["task_id"], url="http://127.0.0.1/other", url_key="http://127.0.0.1/other", md5="",
+        identifier="v1", range_="", headers={}, fail_interval_ms=1000)
+    assert state == "conflict"
 
 
 @pytest.mark.parametrize(
