@@ -40,7 +40,7 @@ _FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, L
 def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=64, limit_per_host=16, ttl_dns_cache=60)
     return aiohttp.ClientSession(
-        connector=connector, read_bufsize=1 << 20, auto_decompress=False,
+        connector=connector, read_bufsize=256 << 10, auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30))
 
 

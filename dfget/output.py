@@ -74,6 +74,15 @@ class PartFile:
                 n = os.pwrite(self.fd, view, offset)
                 view, offset = view[n:], offset + n
 
+    def writev(self, offset: int, chunks: list[bytes]) -> None:
+        """pwritev the chunks back to back from offset (one syscall, no joining)."""
+        assert self.fd is not None
+        total = sum(len(c) for c in chunks)
+        with disk_errors(f"cannot write {self.path}"):
+            n = os.pwritev(self.fd, chunks, offset)
+        if n < total:  # short write (rare: signals, nearly full disk): finish plainly
+            self.write(offset + n, b"".join(chunks)[n:])
+
     def piece_digest(self, start: int, end: int) -> str | None:
         """sha256 of [start, end] as on disk, or None when the file is shorter."""
         assert self.fd is not None

@@ -1,8 +1,9 @@
 """Fetch one piece: GET with Range from the assigned source, stream it to disk at its
 offset while hashing, and verify the digest the supernode gave.
 
-Memory per piece in flight is about two chunks whatever the piece or file size: one
-being received, one being hashed and written in a worker thread. The piece counts as
+Memory per piece in flight is about two batches of CHUNK bytes whatever the piece or file
+size (one being received, one being hashed and written in a worker thread) plus
+aiohttp's read buffer. The piece counts as
 present only after `digest.matches`; until then its bytes on disk mean nothing.
 """
 
@@ -22,6 +23,11 @@ from common.wire import Assignment
 from .output import PartFile
 
 CHUNK = 1 << 20  # bytes handed to a worker thread at once
+MAX_IOV = 256  # chunks per batch (pwritev takes at most IOV_MAX = 1024)
+STALL = 30.0  # seconds without a batch received: the source stalled
+# The body is read with the socket read timeout off (aiohttp would re-arm a timer on
+# every recv); the stall timer below is re-armed once per batch instead.
+_NO_READ_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None)
 
 
 class PieceFailed(Exception):
@@ -47,9 +53,10 @@ def piece_url(task_id: str, a: Assignment) -> str:
     return f"http://{host}:{a.source.port}/peer/file/{task_id}"
 
 
-def _write_and_hash(part: PartFile, hasher: Any, offset: int, data: bytes) -> None:
-    hasher.update(data)
-    part.write(offset, data)
+def _write_and_hash(part: PartFile, hasher: Any, offset: int, chunks: list[bytes]) -> None:
+    for c in chunks:
+        hasher.update(c)  # releases the GIL: the loop keeps receiving meanwhile
+    part.writev(offset, chunks)
 
 
 async def fetch_piece(session: aiohttp.ClientSession, task_id: str, a: Assignment,
@@ -72,10 +79,11 @@ async def fetch_piece(session: aiohttp.ClientSession, task_id: str, a: Assignmen
 async def _fetch(session: aiohttp.ClientSession, task_id: str, a: Assignment, part: PartFile,
                  limits: FetchLimits, expected: int) -> int:
     headers = {"Range": f"bytes={a.start}-{a.end}", "Accept-Encoding": "identity"}
-    async with session.get(piece_url(task_id, a), headers=headers, auto_decompress=False) as resp:
+    async with asyncio.timeout(STALL) as stall, session.get(
+            piece_url(task_id, a), headers=headers, auto_decompress=False, timeout=_NO_READ_TIMEOUT) as resp:
         _check_head(resp, a, expected)
         hasher = digest.new()
-        received = await _stream(resp, a, part, limits, hasher, expected)
+        received = await _stream(resp, a, part, limits, hasher, expected, stall)
     if received < expected:
         raise PieceFailed("short_body", f"got {received} of {expected} bytes")
     if not digest.matches(a.digest, hasher.hexdigest()):
@@ -106,14 +114,21 @@ def _check_head(resp: aiohttp.ClientResponse, a: Assignment, expected: int) -> N
 
 
 async def _stream(resp: aiohttp.ClientResponse, a: Assignment, part: PartFile,
-                  limits: FetchLimits, hasher: Any, expected: int) -> int:
-    """Read at most `expected` bytes (one more means a long body), writing as we go."""
+                  limits: FetchLimits, hasher: Any, expected: int, stall: asyncio.Timeout) -> int:
+    """Read the body, at most `expected` bytes (more means a long body), writing as we go.
+
+    The chunks aiohttp received are handed on as they are (no joining, no copying) in
+    batches of about CHUNK bytes: one batch is hashed and written in a worker thread while
+    the next is received.
+    """
+    loop = asyncio.get_running_loop()
     received = 0
-    buf = bytearray()
+    batch: list[bytes] = []
+    batched = 0
     pending: asyncio.Future[None] | None = None
     try:
         while True:
-            chunk = await resp.content.read(min(CHUNK, expected + 1 - received))
+            chunk = await resp.content.readany()
             if not chunk:
                 break
             received += len(chunk)
@@ -121,20 +136,20 @@ async def _stream(resp: aiohttp.ClientResponse, a: Assignment, part: PartFile,
                 raise PieceFailed("long_body", f"more than {expected} bytes")
             for t in limits.throttles:
                 await t.consume(len(chunk))
-            buf += chunk
-            if len(buf) >= CHUNK or received == expected:
-                # One chunk is hashed+written while the next is received.
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= CHUNK or len(batch) >= MAX_IOV or received == expected:
+                stall.reschedule(loop.time() + STALL)
                 if pending is not None:
                     await pending
-                offset = a.start + received - len(buf)
-                pending = asyncio.ensure_future(
-                    asyncio.to_thread(_write_and_hash, part, hasher, offset, bytes(buf)))
-                buf = bytearray()
-        if buf:
+                pending = asyncio.ensure_future(asyncio.to_thread(
+                    _write_and_hash, part, hasher, a.start + received - batched, batch))
+                batch, batched = [], 0
+        if batch:
             if pending is not None:
                 await pending
             pending = asyncio.ensure_future(asyncio.to_thread(
-                _write_and_hash, part, hasher, a.start + received - len(buf), bytes(buf)))
+                _write_and_hash, part, hasher, a.start + received - batched, batch))
         if pending is not None:
             p, pending = pending, None
             await p
