@@ -588,7 +588,8 @@ def charts(results: list[dict[str, Any]], out: Path) -> list[Path]:
         for label, part in (("P2P (dfget)", r["swarm"]), ("direct (curl)", r.get("direct"))):
             if part:
                 ts = part["times"]
-                ax.step(ts, [(i + 1) / len(ts) for i in range(len(ts))], where="post", label=label)
+                ax.step([0.0, *ts], [i / len(ts) for i in range(len(ts) + 1)], where="post",
+                        label=label)
         ax.axvline(r["t_min"], color="grey", linestyle="--", label=f"T_min {r['t_min']:.1f}s")
         ax.set(xlabel="completion time (s)", ylabel="fraction of clients",
                title=f"{r['name']}: completion-time CDF", ylim=(0, 1.02), xlim=(0, None))
