@@ -1,9 +1,8 @@
 """Fetch one piece: GET with Range from the assigned source, stream it to disk at its
 offset while hashing, and verify the digest the supernode gave.
 
-Memory per piece in flight is about two batches of CHUNK bytes whatever the piece or file
-size (one being received, one being hashed and written in a worker thread) plus
-aiohttp's read buffer. The piece counts as
+Memory per piece in flight is two buffers of CHUNK bytes whatever the piece or file size:
+one being received into, one being hashed and written in a worker thread. The piece counts as
 present only after `digest.matches`; until then its bytes on disk mean nothing.
 """
 
@@ -21,13 +20,10 @@ from common.ratelimit import Throttle
 from common.wire import Assignment
 
 from .output import PartFile
+from .piecewire import Head, PieceProtocol, WireError, dechunk, open_piece
 
 CHUNK = 1 << 20  # bytes handed to a worker thread at once
-MAX_IOV = 256  # chunks per batch (pwritev takes at most IOV_MAX = 1024)
-STALL = 30.0  # seconds without a batch received: the source stalled
-# The body is read with the socket read timeout off (aiohttp would re-arm a timer on
-# every recv); the stall timer below is re-armed once per batch instead.
-_NO_READ_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None)
+STALL = 30.0  # seconds without a buffer filled: the source stalled
 
 
 class PieceFailed(Exception):
@@ -53,13 +49,12 @@ def piece_url(task_id: str, a: Assignment) -> str:
     return f"http://{host}:{a.source.port}/peer/file/{task_id}"
 
 
-def _write_and_hash(part: PartFile, hasher: Any, offset: int, chunks: list[bytes]) -> None:
-    for c in chunks:
-        hasher.update(c)  # releases the GIL: the loop keeps receiving meanwhile
-    part.writev(offset, chunks)
+def _write_and_hash(part: PartFile, hasher: Any, offset: int, data: memoryview) -> None:
+    hasher.update(data)  # hashlib and pwrite release the GIL: the loop keeps receiving
+    part.write(offset, data)
 
 
-async def fetch_piece(session: aiohttp.ClientSession, task_id: str, a: Assignment,
+async def fetch_piece(session: aiohttp.ClientSession | None, task_id: str, a: Assignment,
                       part: PartFile, limits: FetchLimits) -> int:
     """Returns the number of bytes of the verified piece; raises PieceFailed."""
     expected = a.end - a.start + 1
@@ -68,22 +63,37 @@ async def fetch_piece(session: aiohttp.ClientSession, task_id: str, a: Assignmen
             return await _fetch(session, task_id, a, part, limits, expected)
     except TimeoutError:
         raise PieceFailed("timeout", f"piece {a.piece} not received in time") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise PieceFailed("refused", f"cannot connect to {a.source.ip}:{a.source.port}: {exc}") from None
-    except aiohttp.ClientPayloadError as exc:
-        raise PieceFailed("short_body", f"body cut short: {exc}") from None
-    except (aiohttp.ClientError, ConnectionError) as exc:
+    except _Refused as exc:
+        raise PieceFailed("refused", f"cannot connect to {a.source.ip}:{a.source.port}: {exc.__cause__}") from None
+    except WireError as exc:
+        raise PieceFailed(exc.reason, str(exc)) from None
+    except OSError as exc:
         raise PieceFailed("error", f"{type(exc).__name__}: {exc}") from None
 
 
-async def _fetch(session: aiohttp.ClientSession, task_id: str, a: Assignment, part: PartFile,
+class _Refused(Exception):
+    pass
+
+
+async def _fetch(session: aiohttp.ClientSession | None, task_id: str, a: Assignment, part: PartFile,
                  limits: FetchLimits, expected: int) -> int:
-    headers = {"Range": f"bytes={a.start}-{a.end}", "Accept-Encoding": "identity"}
-    async with asyncio.timeout(STALL) as stall, session.get(
-            piece_url(task_id, a), headers=headers, auto_decompress=False, timeout=_NO_READ_TIMEOUT) as resp:
-        _check_head(resp, a, expected)
-        hasher = digest.new()
-        received = await _stream(resp, a, part, limits, hasher, expected, stall)
+    """`session` is unused: pieces go over their own connection (see piecewire)."""
+    path = f"/peer/file/{task_id}"
+    async with asyncio.timeout(STALL) as stall:
+        try:
+            proto, transport = await open_piece(a.source.ip, a.source.port, path, a.start, a.end, CHUNK, expected)
+        except OSError as exc:
+            raise _Refused() from exc
+        try:
+            _check_head(await proto.head, a, expected)
+            hasher = digest.new()
+            if proto.head.result().chunked:
+                received = await _dechunked(proto, a, part, hasher, expected)
+            else:
+                received = await _stream(proto, a, part, limits, hasher, stall)
+        finally:
+            transport.abort()
+            proto.recycle()
     if received < expected:
         raise PieceFailed("short_body", f"got {received} of {expected} bytes")
     if not digest.matches(a.digest, hasher.hexdigest()):
@@ -91,7 +101,7 @@ async def _fetch(session: aiohttp.ClientSession, task_id: str, a: Assignment, pa
     return received
 
 
-def _check_head(resp: aiohttp.ClientResponse, a: Assignment, expected: int) -> None:
+def _check_head(resp: Head, a: Assignment, expected: int) -> None:
     if resp.status == 404:
         raise PieceFailed("not_found", "source does not hold the piece")
     if resp.status in (429, 503):
@@ -103,7 +113,7 @@ def _check_head(resp: aiohttp.ClientResponse, a: Assignment, expected: int) -> N
         raise PieceFailed("long_body", f"declared {declared} bytes, piece has {expected}")
     if declared is not None and declared < expected:
         raise PieceFailed("short_body", f"declared {declared} bytes, piece has {expected}")
-    cr = resp.headers.get("Content-Range")
+    cr = resp.headers.get("content-range")
     if cr is not None:
         try:
             start, end, _ = parse_content_range(cr)
@@ -113,51 +123,39 @@ def _check_head(resp: aiohttp.ClientResponse, a: Assignment, expected: int) -> N
             raise PieceFailed("error", f"Content-Range {cr!r} is not the piece asked for")
 
 
-async def _stream(resp: aiohttp.ClientResponse, a: Assignment, part: PartFile,
-                  limits: FetchLimits, hasher: Any, expected: int, stall: asyncio.Timeout) -> int:
-    """Read the body, at most `expected` bytes (more means a long body), writing as we go.
-
-    The chunks aiohttp received are handed on as they are (no joining, no copying) in
-    batches of about CHUNK bytes: one batch is hashed and written in a worker thread while
-    the next is received.
-    """
+async def _stream(proto: PieceProtocol, a: Assignment, part: PartFile, limits: FetchLimits,
+                  hasher: Any, stall: asyncio.Timeout) -> int:
+    """Hash and write each filled buffer in a worker thread while the socket fills the
+    other; the protocol stops reading past the piece (long body)."""
     loop = asyncio.get_running_loop()
-    received = 0
-    batch: list[bytes] = []
-    batched = 0
-    pending: asyncio.Future[None] | None = None
-    try:
-        while True:
-            chunk = await resp.content.readany()
-            if not chunk:
-                break
-            received += len(chunk)
-            if received > expected:
-                raise PieceFailed("long_body", f"more than {expected} bytes")
+    offset = a.start
+    while (block := await proto.next_block()) is not None:
+        buf, n = block
+        try:
             for t in limits.throttles:
-                await t.consume(len(chunk))
-            batch.append(chunk)
-            batched += len(chunk)
-            if batched >= CHUNK or len(batch) >= MAX_IOV or received == expected:
-                stall.reschedule(loop.time() + STALL)
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(
-                    _write_and_hash, part, hasher, a.start + received - batched, batch))
-                batch, batched = [], 0
-        if batch:
-            if pending is not None:
-                await pending
-            pending = asyncio.ensure_future(asyncio.to_thread(
-                _write_and_hash, part, hasher, a.start + received - batched, batch))
-        if pending is not None:
-            p, pending = pending, None
-            await p
-    finally:
-        if pending is not None:
-            # Never leave a thread writing after we give up on the piece: the caller
-            # relies on "no writes in flight" once we return or raise.
-            await asyncio.wait([pending])
-            if not pending.cancelled():
-                pending.exception()  # retrieved: our own error is the one that matters
-    return received
+                await t.consume(n)
+            stall.reschedule(loop.time() + STALL)
+            # Awaited to the end even if we are cancelled meanwhile: the caller relies on
+            # "no writes in flight" once we return or raise.
+            work = asyncio.ensure_future(asyncio.to_thread(_write_and_hash, part, hasher, offset, memoryview(buf)[:n]))
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait([work])
+                raise
+        finally:
+            proto.release(buf)
+        offset += n
+    return offset - a.start
+
+
+async def _dechunked(proto: PieceProtocol, a: Assignment, part: PartFile, hasher: Any, expected: int) -> int:
+    raw = bytearray()
+    while (block := await proto.next_block()) is not None:
+        raw += memoryview(block[0])[:block[1]]
+        proto.release(block[0])
+    body = dechunk(bytes(raw))
+    if len(body) > expected:
+        raise PieceFailed("long_body", f"more than {expected} bytes")
+    await asyncio.to_thread(_write_and_hash, part, hasher, a.start, memoryview(body))
+    return len(body)

@@ -116,3 +116,36 @@ async def test_refused_connection(tmp_path: Path) -> None:
         assert info.value.reason == "refused"
     finally:
         part.close()
+
+
+BIG = os.urandom(3 * (1 << 20) + 12345)  # several receive buffers, a partial last one
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_big_piece_through_several_buffers(tmp_path: Path, chunked: bool) -> None:
+    start, end = 1000, len(BIG) - 1
+    body = BIG[start:]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=206, headers={"Content-Range": f"bytes {start}-{end}/{len(BIG)}"})
+        if not chunked:
+            resp.content_length = len(body)
+        await resp.prepare(request)
+        for i in range(0, len(body), 100_000):
+            await resp.write(body[i:i + 100_000])
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/peer/file/{tid}", handler)
+    runner, port = await start_app(app)
+    part = PartFile(tmp_path / "out", TID)
+    part.open(len(BIG))
+    src = wire.Source(cid="11" * 16, ip="127.0.0.1", port=port, kind="peer")
+    a = wire.Assignment(piece=0, start=start, end=end, digest=digest.of(body), source=src)
+    try:
+        for _ in range(2):  # the second run reuses pooled buffers
+            assert await fetch_piece(None, TID, a, part, FetchLimits(minrate=1)) == len(body)  # type: ignore[arg-type]
+            assert part.path.read_bytes()[start:] == body
+    finally:
+        part.close()
+        await runner.cleanup()
