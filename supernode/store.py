@@ -52,7 +52,10 @@ def connect(url: str | None) -> Any:
         return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=False)
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss", "unix"):
-        return aioredis.from_url(url, max_connections=64, **common)
+        # A blocking pool: with more concurrent pulls than connections a command waits
+        # for a free connection instead of failing (MaxConnectionsError -> 503).
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=5.0, **common)
+        return aioredis.Redis(connection_pool=pool)
     if scheme == "redis+sentinel":
         from redis.asyncio.sentinel import Sentinel
 
