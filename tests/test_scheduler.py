@@ -120,3 +120,18 @@ def test_wanted_respects_inflight_cap() -> None:
     assert wanted(ClientState(ME, inflight=frozenset({1, 2, 3})), 4, LIM) == 1
     assert wanted(ClientState(ME, inflight=frozenset({1, 2, 3, 4})), 4, LIM) == 0
     assert wanted(ClientState(ME), 2, LIM) == 2
+
+
+def test_rank_leaves_out_cdn_only_pieces_while_the_cdn_is_full() -> None:
+    # piece 0 and 2 only on the CDN, 1 and 3 have peer holders
+    client = ClientState(ME)
+    assert rank(4, Bitmap.of(range(4)), [0, 1, 0, 2], client, 4, rng(), cdn_open=False) == [1, 3]
+    assert rank(4, Bitmap.of(range(4)), [0, 1, 0, 2], client, 4, rng())[2:] == [1, 3]
+
+
+def test_rank_picks_the_rarest_level_then_nearest_among_many_ties() -> None:
+    client = ClientState(ME, have=Bitmap.of(range(0, 1000, 2)), inflight=frozenset({501}))
+    counts = [1] * 1000
+    counts[999] = 0
+    got = rank(1000, Bitmap.of(range(1000)), counts, client, 3, rng())
+    assert got[0] == 999 and set(got[1:]) == {499, 503}
