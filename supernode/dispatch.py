@@ -12,7 +12,7 @@ from common.pieces import piece_range
 
 from .cdn import Cdn
 from .events import EventHub
-from .repo import PeerInfo, Repo, Snapshot, now_ms
+from .repo import PeerInfo, ReportRefused, Repo, Snapshot, now_ms
 from .scheduler import Candidate, ClientState, Limits, SourceState, assign, decode_counts, rank, wanted
 
 SOURCE_KINDS = ("peer", "peer-cdn")
@@ -35,13 +35,14 @@ class Dispatcher:
         self.latency: list[float] = []  # recent scheduling latencies (seconds), for metrics
 
     async def pull(self, task_id: str, req: wire.PullRequest) -> wire.PullReply:
-        if req.reports:
-            await self.report(task_id, req.cid, list(req.reports))
+        _check_reports(req.reports)
+        reports = req.reports  # applied atomically with the first snapshot
         deadline = time.monotonic() + req.wait
         while True:
             gen = self.hub.generation(task_id)
             t0 = time.perf_counter()
-            reply, snap = await self._try(task_id, req)
+            reply, snap = await self._try(task_id, req, reports)
+            reports = []
             self.latency.append(time.perf_counter() - t0)
             if len(self.latency) > 4096:
                 del self.latency[:2048]
@@ -54,8 +55,14 @@ class Dispatcher:
                 await self.cdn.ensure(snap.meta)  # take over an orphaned fetch
             await self.hub.wait(task_id, gen, remaining)
 
-    async def _try(self, task_id: str, req: wire.PullRequest) -> tuple[wire.PullReply | None, Snapshot]:
-        snap = await self.repo.snapshot(task_id, req.cid)
+    async def _try(
+        self, task_id: str, req: wire.PullRequest, reports: list[wire.Report]
+    ) -> tuple[wire.PullReply | None, Snapshot]:
+        try:
+            snap = await self.repo.snapshot(task_id, req.cid, reports,
+                                            source_fail_limit=self.limits.source_fail_limit)
+        except ReportRefused as exc:
+            raise _refusal(exc.status, exc.value) from None
         if snap is None:
             raise errors.NotFound("unknown task")
         if not snap.registered:
@@ -78,10 +85,13 @@ class Dispatcher:
         if want == 0 or meta.piece_size <= 0:
             return None, snap
         counts = decode_counts(snap.counts_raw, count)
-        ranked = rank(count, snap.cdn, counts, client, max(16, 4 * want), self.rng)
+        cdn_open = bool(meta.cdn) and snap.cdn_uploads < self.limits.cdn_uploads and not (
+            meta.cdn in snap.bad or meta.cdn in snap.blacklist)
+        ranked = rank(count, snap.cdn, counts, client, max(16, 4 * want), self.rng, cdn_open=cdn_open)
         if not ranked:
             return None, snap
-        detail = await self.repo.detail(task_id, meta.cdn, ranked, sample=8)
+        detail = await self.repo.detail(task_id, meta.cdn, ranked, sample=8,
+                                        peer_cap=self.limits.peer_uploads, cdn_cap=self.limits.cdn_uploads)
         sources = {
             sid: SourceState(s.sid, s.kind, s.load, s.failures, bad=sid in snap.bad)
             for sid, s in detail.sources.items()
@@ -137,23 +147,12 @@ class Dispatcher:
         return self._sn_addr[sid]
 
     async def report(self, task_id: str, cid: str, reports: list[wire.Report]) -> int:
-        meta = await self.repo.get_meta(task_id)
-        if meta is None:
-            raise errors.NotFound("unknown task")
-        for r in reports:
-            if meta.piece_count >= 0 and r.piece >= meta.piece_count:
-                raise errors.BadRequest(f"piece {r.piece} outside 0..{meta.piece_count - 1}")
-            if r.result == "failed" and r.reason is None:
-                raise errors.BadRequest("a failed report needs a reason")
+        _check_reports(reports)
         status, value = await self.repo.report(
             task_id, cid, reports, source_fail_limit=self.limits.source_fail_limit
         )
-        if status == "unknown_client":
-            raise errors.NotFound("unknown client for this task")
-        if status == "not_assigned":
-            raise errors.Conflict(f"piece {value} was not assigned to this client (or from that source)")
-        if status == "bad_piece":
-            raise errors.BadRequest(f"piece {value} is not known to the CDN")
+        if status != "ok":
+            raise _refusal(status, value)
         return int(value)
 
     async def wait_started(self, task_id: str, timeout: float) -> None:
@@ -168,3 +167,23 @@ class Dispatcher:
             if remaining <= 0:
                 return
             await self.hub.wait(task_id, gen, remaining)
+
+
+def _check_reports(reports: list[wire.Report]) -> None:
+    for r in reports:
+        if r.result == "failed" and r.reason is None:
+            raise errors.BadRequest("a failed report needs a reason")
+
+
+def _refusal(status: str, value: str) -> errors.DfError:
+    if status == "unknown_task":
+        return errors.NotFound("unknown task")
+    if status == "unknown_client":
+        return errors.NotFound("unknown client for this task")
+    if status == "not_assigned":
+        return errors.Conflict(f"piece {value} was not assigned to this client (or from that source)")
+    if status == "bad_piece":
+        return errors.BadRequest(f"piece {value} is not known to the CDN")
+    if status == "out_of_range":
+        return errors.BadRequest(f"piece {value} is outside the task")
+    return errors.StoreError(f"unexpected report status {status}")

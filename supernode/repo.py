@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,15 @@ def _s(v: Any) -> str:
 
 def _pairs(flat: list[Any]) -> dict[str, str]:
     return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class ReportRefused(Exception):
+    """A report the store refused (status, value): nothing of the batch was applied."""
+
+    def __init__(self, status: str, value: str) -> None:
+        super().__init__(status, value)
+        self.status = status
+        self.value = value
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class Snapshot:
     client_failures: int
     client: PeerInfo | None
     registered: bool
+    cdn_uploads: int = 0  # uploads the task's CDN source is doing now
 
 
 @dataclass
@@ -125,6 +136,8 @@ class Repo:
         self.store = store
         self.r = store.client
         self.ttl = ttl_ms
+        self._meta_cache: dict[tuple[str, tuple[tuple[str, str], ...]], TaskMeta] = {}
+        self._touched: dict[str, float] = {}
 
     # --- tasks ------------------------------------------------------------------------
     async def register_task(
@@ -140,8 +153,19 @@ class Repo:
         await self.touch(task_id)
         return _s(res[0]), _s(res[1])
 
-    @translate
     async def touch(self, task_id: str) -> None:
+        """Record an access for the idle-task GC. At most once a second per task: the GC
+        counts idleness in minutes, and every pull touches."""
+        now = time.monotonic()
+        if now - self._touched.get(task_id, -1.0) < 1.0:
+            return
+        if len(self._touched) > 10_000:
+            self._touched.clear()
+        self._touched[task_id] = now
+        await self._touch(task_id)
+
+    @translate
+    async def _touch(self, task_id: str) -> None:
         await self.r.zadd(keys.TASK_INDEX, {task_id: now_ms()})
 
     @translate
@@ -271,15 +295,26 @@ class Repo:
             await self.r.srem(keys.host(peer_id), *task_ids)
 
     # --- scheduling -------------------------------------------------------------------
-    async def snapshot(self, task_id: str, cid: str) -> Snapshot | None:
-        res = await self.store.run("snapshot", [keys.meta(task_id)], [cid, now_ms()])
+    async def snapshot(
+        self, task_id: str, cid: str, reports: Sequence[wire.Report] = (), *, source_fail_limit: int = 5
+    ) -> Snapshot | None:
+        """Apply `reports` (all or nothing; ReportRefused if one is not acceptable), then
+        read the pull's view of the task, in one atomic script."""
+        args: list[Any] = [cid, now_ms(), self.ttl, source_fail_limit]
+        for r in reports:
+            args += [r.piece, r.result, r.source or "", r.reason or ""]
+        res = await self.store.run("snapshot", [keys.meta(task_id)], args)
+        if reports and self.store.local_listener is not None:
+            self.store.local_listener(task_id, "p")  # embedded store: no pub/sub
+        if not isinstance(res[0], list):
+            raise ReportRefused(_s(res[0]), _s(res[1]))
         h = _pairs(res[0])
         if not h:
             return None
         fly = _pairs(res[4])
         client_raw = _s(res[8])
         return Snapshot(
-            meta=TaskMeta.from_hash(task_id, h),
+            meta=self._meta(task_id, h),
             counts_raw=bytes(res[1]) if res[1] else b"",
             have=Bitmap(bytes(res[2]) if res[2] else b""),
             cdn=Bitmap(bytes(res[3]) if res[3] else b""),
@@ -289,25 +324,43 @@ class Repo:
             client_failures=int(_s(res[7])),
             client=PeerInfo.decode(client_raw) if client_raw else None,
             registered=bool(client_raw),
+            cdn_uploads=int(res[9]),
         )
 
-    async def detail(self, task_id: str, cdn_id: str, pieces: list[int], sample: int) -> Detail:
+    def _meta(self, task_id: str, h: dict[str, str]) -> TaskMeta:
+        """TaskMeta of a meta hash, parsed once per distinct content (pulls re-read the
+        same hash hundreds of times a second)."""
+        key = (task_id, tuple(h.items()))
+        meta = self._meta_cache.get(key)
+        if meta is None:
+            if len(self._meta_cache) >= 256:
+                self._meta_cache.clear()
+            meta = self._meta_cache[key] = TaskMeta.from_hash(task_id, h)
+        return meta
+
+    async def detail(
+        self, task_id: str, cdn_id: str, pieces: list[int], sample: int, *, peer_cap: int, cdn_cap: int
+    ) -> Detail:
+        """Holders (a sample), digests, and the state of every source below its cap."""
         res = await self.store.run(
-            "detail", [keys.meta(task_id)], [now_ms(), sample, cdn_id, *pieces]
+            "detail", [keys.meta(task_id)], [now_ms(), sample, cdn_id, peer_cap, cdn_cap, *pieces]
         )
+        groups = _s(res[0]).split(";")
         d = Detail(
-            holders=[tuple(_s(h) for h in hs) for hs in res[0]],
-            digests=[_s(x) for x in res[1]],
+            holders=[tuple(g.split(",")) if g else () for g in groups] if pieces else [],
+            digests=_s(res[1]).split(",") if pieces else [],
         )
-        for sid_raw, info_raw, load, fails in res[2]:
-            sid = _s(sid_raw)
-            info = PeerInfo.decode(_s(info_raw)) if info_raw else None
+        for entry in _s(res[2]).split(";") if res[2] else ():
+            # sid | peer_id|ip|port|kind (empty if not a client) | uploads | failures
+            parts = entry.split("|")
+            sid, fails, load = parts[0], parts[-1], parts[-2]
+            info = PeerInfo.decode("|".join(parts[1:-2])) if len(parts) == 7 else None
             kind = "cdn" if sid == cdn_id else "peer"
             if info is not None:
                 d.addresses[sid] = info
             elif kind == "peer":
                 continue  # holder that left between the sample and now
-            d.sources[sid] = SourceState(sid, kind, int(load), int(_s(fails)))
+            d.sources[sid] = SourceState(sid, kind, int(load), int(fails))
         return d
 
     async def claim(
@@ -347,4 +400,4 @@ class Repo:
         return d["ip"], int(d["download_port"])
 
 
-__all__ = ["Repo", "TaskMeta", "PeerInfo", "Snapshot", "Detail", "StoreError", "now_ms"]
+__all__ = ["Repo", "TaskMeta", "PeerInfo", "Snapshot", "Detail", "ReportRefused", "StoreError", "now_ms"]

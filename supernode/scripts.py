@@ -64,6 +64,57 @@ local function delete_task()
 end
 """
 
+# Applies piece reports of client `cid`: ARGV[first..] are piece, result, source, reason
+# quadruples. Validates every report first; applies all or nothing.
+# -> "ok", done | "not_assigned", piece | "unknown_client" | "unknown_task" | "bad_piece", piece
+_APPLY_REPORTS = r"""
+local function apply_reports(cid, ttl, limit, first)
+  if redis.call('EXISTS', meta) == 0 then return 'unknown_task', '' end
+  if redis.call('HEXISTS', k('peers'), cid) == 0 then return 'unknown_client', '' end
+  local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
+  local fly = k('fly:' .. cid)
+  for i = first, #ARGV, 4 do
+    local n, res, src = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    if count >= 0 and tonumber(n) >= count then return 'out_of_range', n end
+    if res == 'have' then
+      if redis.call('HEXISTS', k('dig'), n) == 0 then return 'bad_piece', n end
+    else
+      local entry = redis.call('HGET', fly, n)
+      if not entry then return 'not_assigned', n end
+      local esrc = split2(entry)
+      if src ~= '' and src ~= esrc then return 'not_assigned', n end
+    end
+  end
+  local changed = false
+  for i = first, #ARGV, 4 do
+    local n, res = ARGV[i], ARGV[i + 1]
+    if res == 'have' then
+      add_holder(cid, tonumber(n), ttl)
+    else
+      local src = split2(redis.call('HGET', fly, n))
+      redis.call('HDEL', fly, n)
+      release_upload(src, cid .. ':' .. n)
+      if res == 'ok' then
+        add_holder(cid, tonumber(n), ttl)
+      else
+        redis.call('SADD', k('bl:' .. cid), src)
+        touch(k('bl:' .. cid), ttl)
+        if redis.call('HINCRBY', k('fails'), src, 1) >= limit then
+          redis.call('SADD', k('bad'), src)
+          touch(k('bad'), ttl)
+        end
+        redis.call('HINCRBY', k('cfails'), cid, 1)
+        touch(k('fails'), ttl); touch(k('cfails'), ttl)
+      end
+    end
+    changed = true
+  end
+  if changed then redis.call('PUBLISH', chan(), 'p') end
+  touch(meta, ttl)
+  return 'ok', redis.call('BITCOUNT', k('have:' .. cid))
+end
+"""
+
 # ARGV: url, url_key, md5, identifier, range, headers_json, now_ms, ttl_ms, fail_interval_ms
 # -> {"new"|"exists"|"conflict", status}
 REGISTER_TASK = _PRELUDE + r"""
@@ -117,10 +168,20 @@ redis.call('PUBLISH', chan(), 'p')
 return 1
 """
 
-# Read-only view for one pull. ARGV: cid, now_ms
-SNAPSHOT = _PRELUDE + r"""
+# One pull's view of the task, after applying the reports piggy-backed on it (one round
+# trip instead of two). ARGV: cid, now_ms, ttl_ms, source_fail_limit, then report
+# quadruples (none: read only). -> {"report-status", value} if a report is refused, else
+# {meta, counts, have, cdnmap, fly, blacklist, bad, cfails, peer, cdn_uploads}
+SNAPSHOT = _PRELUDE + _APPLY_REPORTS + r"""
 local cid = ARGV[1]
+if #ARGV >= 5 then
+  local st, v = apply_reports(cid, tonumber(ARGV[3]), tonumber(ARGV[4]), 5)
+  if st ~= 'ok' then return {st, v} end
+end
 local fly = redis.call('HGETALL', k('fly:' .. cid))
+local cdn = redis.call('HGET', meta, 'cdn')
+local cdn_up = 0
+if cdn and cdn ~= '' then cdn_up = redis.call('ZCOUNT', k('up:' .. cdn), '(' .. ARGV[2], '+inf') end
 return {
   redis.call('HGETALL', meta),
   redis.call('GET', k('cnt')) or '',
@@ -131,23 +192,30 @@ return {
   redis.call('SMEMBERS', k('bad')),
   redis.call('HGET', k('cfails'), cid) or '0',
   redis.call('HGET', k('peers'), cid) or '',
+  cdn_up,
 }
 """
 
-# Holders, digests and source state for candidate pieces.
-# ARGV: now_ms, sample, cdn_id ('' if none), pieces...
+# Holders, digests and source state for candidate pieces, packed into three strings
+# (a reply of hundreds of elements costs more to parse in Python than to compute).
+# Sources at their upload cap are left out of `sources` (the scheduler could not use
+# them; with 200 clients most sampled holders are busy and parsing them dominated).
+# ARGV: now_ms, sample, cdn_id ('' if none), peer_cap, cdn_cap, pieces...
+# -> {holders: "a,b;c;;..." (one group per piece), digests: "d0,d1,..." ('' if none),
+#     sources: "sid|peers-entry|uploads|failures" joined by ';'}
 DETAIL = _PRELUDE + r"""
 local now = ARGV[1]
 local sample = tonumber(ARGV[2])
+local peer_cap, cdn_cap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local holders, digs, seen, srcs = {}, {}, {}, {}
 local function see(s)
   if not seen[s] then seen[s] = true; srcs[#srcs + 1] = s end
 end
 if ARGV[3] ~= '' then see(ARGV[3]) end
-for i = 4, #ARGV do
+for i = 6, #ARGV do
   local n = ARGV[i]
   local hs = redis.call('SRANDMEMBER', k('h:' .. n), sample)
-  holders[#holders + 1] = hs
+  holders[#holders + 1] = table.concat(hs, ',')
   for _, h in ipairs(hs) do see(h) end
   digs[#digs + 1] = redis.call('HGET', k('dig'), n) or ''
 end
@@ -155,10 +223,15 @@ local info = {}
 for _, s in ipairs(srcs) do
   local up = k('up:' .. s)
   redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
-  info[#info + 1] = {s, redis.call('HGET', k('peers'), s) or '',
-    redis.call('ZCARD', up), redis.call('HGET', k('fails'), s) or '0'}
+  local load = redis.call('ZCARD', up)
+  local cap = peer_cap
+  if s == ARGV[3] then cap = cdn_cap end
+  if load < cap then
+    info[#info + 1] = s .. '|' .. (redis.call('HGET', k('peers'), s) or '') .. '|' ..
+      load .. '|' .. (redis.call('HGET', k('fails'), s) or '0')
+  end
 end
-return {holders, digs, info}
+return {table.concat(holders, ';'), table.concat(digs, ','), table.concat(info, ';')}
 """
 
 # Atomic claim. ARGV: cid, now_ms, ttl_ms, max_inflight, peer_cap, cdn_cap,
@@ -203,50 +276,10 @@ return out
 """
 
 # ARGV: cid, ttl_ms, source_fail_limit, then piece, result, source, reason quadruples.
-# Validates every report first; applies all or nothing.
-# -> {"ok", done} | {"not_assigned", piece} | {"unknown_client", ""} | {"bad_piece", piece}
-REPORT = _PRELUDE + r"""
-local cid, ttl, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('HEXISTS', k('peers'), cid) == 0 then return {'unknown_client', ''} end
-local fly = k('fly:' .. cid)
-for i = 4, #ARGV, 4 do
-  local n, res, src = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if res == 'have' then
-    if redis.call('HEXISTS', k('dig'), n) == 0 then return {'bad_piece', n} end
-  else
-    local entry = redis.call('HGET', fly, n)
-    if not entry then return {'not_assigned', n} end
-    local esrc = split2(entry)
-    if src ~= '' and src ~= esrc then return {'not_assigned', n} end
-  end
-end
-local changed = false
-for i = 4, #ARGV, 4 do
-  local n, res = ARGV[i], ARGV[i + 1]
-  if res == 'have' then
-    add_holder(cid, tonumber(n), ttl)
-  else
-    local src = split2(redis.call('HGET', fly, n))
-    redis.call('HDEL', fly, n)
-    release_upload(src, cid .. ':' .. n)
-    if res == 'ok' then
-      add_holder(cid, tonumber(n), ttl)
-    else
-      redis.call('SADD', k('bl:' .. cid), src)
-      touch(k('bl:' .. cid), ttl)
-      if redis.call('HINCRBY', k('fails'), src, 1) >= limit then
-        redis.call('SADD', k('bad'), src)
-        touch(k('bad'), ttl)
-      end
-      redis.call('HINCRBY', k('cfails'), cid, 1)
-      touch(k('fails'), ttl); touch(k('cfails'), ttl)
-    end
-  end
-  changed = true
-end
-if changed then redis.call('PUBLISH', chan(), 'p') end
-touch(meta, ttl)
-return {'ok', redis.call('BITCOUNT', k('have:' .. cid))}
+# -> {status, value} as apply_reports
+REPORT = _PRELUDE + _APPLY_REPORTS + r"""
+local st, v = apply_reports(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
+return {st, v}
 """
 
 # A client aborts: release its in-flight assignments. ARGV: cid
