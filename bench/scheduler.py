@@ -1,0 +1,397 @@
+"""Scheduler capacity: N simulated clients pulling and reporting on one task.
+
+    python -m bench.scheduler [--clients 200] [--pieces 1000] [--duration 20]
+                              [--redis-url redis://127.0.0.1:6379/9] [--out bench/results]
+                              [--procs 1] [--profile out.svg]
+
+One supernode process (real Redis) and one origin process serving a sparse file that
+cuts into exactly `--pieces` pieces (1,000 pieces need 15 MiB pieces, a 15,000 MiB
+file: the CDN fetches it once at loopback speed before the measurement starts).
+Then `--clients` simulated clients, in `--procs` separate load processes (asyncio +
+aiohttp, msgpack), each register with a fake peer address 127.0.0.x:port and loop:
+
+  pull(limit 4, wait 0, reports = the previous assignments as "ok")
+
+No bytes move: a simulated client "downloads" instantly. A pull answered "wait" is
+followed by one long-poll pull (wait 5 s) whose time is reported apart: it measures
+the event wake-ups, not the scheduler. Pull latency p50/p99 are over every wait=0
+pull (and, separately, over those that returned assignments). The supernode's RSS
+(VmRSS, VmHWM) is read from /proc before and after the load, CPU time of supernode,
+Redis (INFO cpu) and load processes over the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+LONG_POLL = 5.0
+
+
+# --- shared helpers ---------------------------------------------------------------------
+def length_for(pieces: int) -> int:
+    """A file length that piece_size_for() cuts into exactly `pieces` pieces."""
+    from common.pieces import piece_count, piece_size_for
+
+    for ps_mib in range(4, 16):
+        length = pieces * ps_mib * MIB
+        if piece_count(length, piece_size_for(length)) == pieces:
+            return length
+    raise SystemExit(f"no file length gives exactly {pieces} pieces")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# --- load generator (runs in its own process) ---------------------------------------------
+async def _client(session: Any, api: str, tid: str, cid: str, stop_at: float, stats: dict[str, Any]) -> None:
+    from common import wire
+
+    headers = {"Content-Type": wire.MSGPACK_TYPE, "Accept": wire.MSGPACK_TYPE}
+    url = f"{api}/api/v1/tasks/{tid}/pull"
+    reports: list[wire.Report] = []
+    wait = 0.0
+    while time.time() < stop_at:
+        body = wire.encode(wire.PullRequest(cid=cid, limit=4, wait=wait, reports=reports), msgpack=True)
+        t0 = time.perf_counter()
+        async with session.post(url, data=body, headers=headers) as resp:
+            data = await resp.read()
+            if resp.status != 200:
+                stats["errors"] += 1
+                stats["last_error"] = data[:200].decode(errors="replace")
+                return
+        dt = time.perf_counter() - t0
+        rep = wire.decode(data, wire.PullReply, msgpack=True)
+        n = len(rep.assignments)
+        now = time.time()
+        if now <= stop_at:
+            stats["assigned"] += n
+            sec = int(now - stats["start_at"])
+            stats["timeline"][sec] = stats["timeline"].get(sec, 0) + n
+            if wait == 0:
+                stats["lat"].append(dt)
+                if n:
+                    stats["lat_assigned"].append(dt)
+            else:
+                stats["longpoll_s"].append(dt)
+        # a simulated download succeeds at once: report it with the next pull
+        reports = [wire.Report(a.piece, "ok", a.source.cid) for a in rep.assignments]
+        if rep.state == "finished":
+            stats["finished"] += 1
+            stats["end"] = max(stats["end"], time.time())
+            return
+        if rep.state == "failed":
+            stats["errors"] += 1
+            return
+        # nothing assignable now: one long-poll, timed apart from the wait=0 pulls
+        wait = LONG_POLL if rep.state == "wait" and wait == 0 and not reports else 0.0
+
+
+async def generate(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    from common import wire
+    from common.taskid import new_id
+
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    stats: dict[str, Any] = {"assigned": 0, "lat": [], "lat_assigned": [], "longpoll_s": [],
+                             "finished": 0, "errors": 0, "end": 0.0,
+                             "timeline": {}, "start_at": args.start_at}
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        cids = []
+        for i in range(args.first, args.first + args.count):
+            peer = wire.PeerAddr(new_id(), f"127.0.{1 + i // 250}.{1 + i % 250}", 15000 + i)
+            req = wire.RegisterRequest(url=args.url, peer=peer)
+            async with session.post(f"{args.api}/api/v1/tasks", data=wire.encode(req, msgpack=True),
+                                    headers={"Content-Type": wire.MSGPACK_TYPE, "Accept": wire.MSGPACK_TYPE}) as r:
+                rep = wire.decode(await r.read(), wire.RegisterReply, msgpack=True)
+            cids.append((rep.cid, peer.peer_id, rep.task.task_id))
+        print(json.dumps({"ready": True}), flush=True)
+        await asyncio.sleep(max(0.0, args.start_at - time.time()))
+        cpu0 = time.process_time()
+        stop_at = args.start_at + args.duration
+        await asyncio.gather(*(_client(session, args.api, tid, cid, stop_at, stats) for cid, _, tid in cids))
+        stats["cpu"] = time.process_time() - cpu0
+        stats["end"] = stats["end"] if stats["finished"] == len(cids) else min(time.time(), stop_at)
+        stats["peers"] = [p for _, p, _ in cids]
+    return stats
+
+
+# --- orchestration ------------------------------------------------------------------------
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(cmd, cwd=ROOT, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT if "py-spy" in str(p.args[0]) else signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+def _redis_cpu(url: str) -> tuple[float, int]:
+    """Redis CPU seconds and script calls (EVALSHA) so far."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    info = r.info("cpu")
+    calls = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"]), int(calls)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    py = sys.executable
+    procs = Procs()
+    work = Path(tempfile.mkdtemp(prefix="bench-sched-"))
+    home = Path(args.home) if args.home else work / "home"
+    try:
+        length = length_for(args.pieces)
+        files = work / "files"
+        files.mkdir()
+        with open(files / "blob", "wb") as f:
+            f.truncate(length)  # sparse: zeros, no disk
+        port_file = work / "origin.port"
+        procs.start([py, "-m", "bench.origin", "--dir", str(files), "--port-file", str(port_file),
+                     "--port", str(args.origin_port)])
+        while not port_file.exists() or not port_file.read_text().strip():
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{int(port_file.read_text())}/files/blob"
+        api_port = free_port()
+        sn = procs.start([py, "-m", "supernode", "--port", str(api_port), "--download-port", "0",
+                          "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", str(home),
+                          "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8", "--max-bandwidth", "0",
+                          "--log-level", "warning", "--gc-initial-delay", "1h"])
+        _wait_port(api_port)
+        api = f"http://127.0.0.1:{api_port}"
+        t0 = time.time()
+        reg = _http("POST", f"{api}/api/v1/tasks", {"url": url})
+        tid = reg["task"]["task_id"]
+        while (task := _http("GET", f"{api}/api/v1/tasks/{tid}")["task"])["status"] not in ("success", "failed"):
+            time.sleep(0.5)
+        if task["status"] != "success" or task["piece_count"] != args.pieces:
+            raise SystemExit(f"CDN fetch did not succeed: {task}")
+        cdn_s = time.time() - t0
+        print(f"CDN has {args.pieces} pieces of {task['piece_size'] >> 20} MiB after {cdn_s:.1f}s", file=sys.stderr)
+
+        per = [args.clients // args.procs + (1 if i < args.clients % args.procs else 0) for i in range(args.procs)]
+        start_at = time.time() + 5 + args.clients / 100
+        gens = []
+        first = 0
+        for n in per:
+            gens.append(procs.start([py, "-m", "bench.scheduler", "--role", "gen", "--api", api, "--url", url,
+                                     "--first", str(first), "--count", str(n), "--start-at", str(start_at),
+                                     "--duration", str(args.duration)], stdout=subprocess.PIPE))
+            first += n
+        for g in gens:
+            assert g.stdout is not None
+            if json.loads(g.stdout.readline() or "{}").get("ready") is not True:
+                raise SystemExit("a load generator failed to start")
+        if time.time() > start_at:
+            raise SystemExit("registration took longer than the warm-up; raise it")
+        time.sleep(max(0.0, start_at - time.time()))
+        rss0, cpu0, rcpu0 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url)
+        spy = None
+        if args.profile:
+            spy = procs.start([str(Path(py).parent / "py-spy"), "record", "-p", str(sn.pid), "-o", args.profile, "-d",
+                               str(int(args.duration)), "-r", "200",
+                               "-f", "raw" if args.profile.endswith(".txt") else "flamegraph"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+        results = []
+        for g in gens:
+            out, _ = g.communicate()
+            results.append(json.loads(out.decode().strip().splitlines()[-1]))
+        rss1, cpu1, rcpu1 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url)
+        if spy is not None:
+            spy.wait(30)
+        for r in results:
+            for p in r["peers"]:
+                _http("POST", f"{api}/api/v1/peers/down", {"peer_id": p})
+        if not args.home:
+            _http("DELETE", f"{api}/api/v1/tasks/{tid}")
+    finally:
+        procs.stop()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+    window = max(r["end"] for r in results) - start_at
+    lat = [x for r in results for x in r["lat"]]
+    lat_a = [x for r in results for x in r["lat_assigned"]]
+    lp = [x for r in results for x in r["longpoll_s"]]
+    assigned = sum(r["assigned"] for r in results)
+    timeline: dict[int, int] = {}
+    for r in results:
+        for sec, n in r["timeline"].items():
+            timeline[int(sec)] = timeline.get(int(sec), 0) + n
+    return {
+        "clients": args.clients, "pieces": args.pieces, "piece_size_mib": task["piece_size"] >> 20,
+        "duration_s": round(window, 2), "load_procs": args.procs, "cdn_fetch_s": round(cdn_s, 1),
+        "assignments": assigned, "assignments_per_s": round(assigned / window),
+        "pulls": len(lat), "pulls_per_s": round(len(lat) / window),
+        "pull_p50_ms": round(pct(lat, 0.50) * 1000, 2), "pull_p99_ms": round(pct(lat, 0.99) * 1000, 2),
+        "pull_assigned_p50_ms": round(pct(lat_a, 0.50) * 1000, 2),
+        "pull_assigned_p99_ms": round(pct(lat_a, 0.99) * 1000, 2),
+        "longpolls": len(lp), "longpoll_p50_ms": round(pct(lp, 0.5) * 1000, 1),
+        "finished_clients": sum(r["finished"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+        "last_error": next((r.get("last_error") for r in results if r.get("last_error")), None),
+        "supernode_rss_start_mib": round(rss0["VmRSS"] / MIB, 1), "supernode_rss_end_mib": round(rss1["VmRSS"] / MIB, 1),
+        "supernode_hwm_start_mib": round(rss0["VmHWM"] / MIB, 1), "supernode_hwm_end_mib": round(rss1["VmHWM"] / MIB, 1),
+        "cpu_supernode_pct": round(100 * (cpu1 - cpu0) / window),
+        "cpu_redis_pct": round(100 * (rcpu1[0] - rcpu0[0]) / window),
+        "redis_scripts_per_s": round((rcpu1[1] - rcpu0[1]) / window),
+        "cpu_loadgen_pct": round(100 * sum(r["cpu"] for r in results) / window),
+        "assignments_per_second_timeline": [timeline.get(i, 0) for i in range(int(window + 0.999))],
+    }
+
+
+ROWS = [
+    ("assignments/s", "assignments_per_s"), ("assignments", "assignments"), ("pulls/s (wait=0)", "pulls_per_s"),
+    ("Redis script calls/s", "redis_scripts_per_s"), ("pull p50 ms (all wait=0 pulls)", "pull_p50_ms"), ("pull p99 ms (all wait=0 pulls)", "pull_p99_ms"),
+    ("pull p50 ms (with assignments)", "pull_assigned_p50_ms"),
+    ("pull p99 ms (with assignments)", "pull_assigned_p99_ms"),
+    ("long-polls (timed apart)", "longpolls"), ("clients finished", "finished_clients"), ("errors", "errors"),
+    ("supernode VmRSS start/end MiB", ("supernode_rss_start_mib", "supernode_rss_end_mib")),
+    ("supernode VmHWM start/end MiB", ("supernode_hwm_start_mib", "supernode_hwm_end_mib")),
+    ("CPU % supernode / redis / load", ("cpu_supernode_pct", "cpu_redis_pct", "cpu_loadgen_pct")),
+]
+
+
+def table(runs: list[dict[str, Any]], best: dict[str, Any]) -> str:
+    head = "| metric | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |"
+    lines = [head, "|---" * (len(runs) + 1) + "|"]
+    for label, key in ROWS:
+        keys = key if isinstance(key, tuple) else (key,)
+        cells = [" / ".join(str(r[k]) for k in keys) for r in runs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    b = best
+    lines += ["", f"Best of {len(runs)} (highest assignments/s): {b['assignments_per_s']} assignments/s, "
+              f"pull p50 {b['pull_p50_ms']} ms, p99 {b['pull_p99_ms']} ms, supernode RSS "
+              f"{b['supernode_rss_start_mib']} -> {b['supernode_rss_end_mib']} MiB "
+              f"(HWM {b['supernode_hwm_end_mib']} MiB). Target >= 5000/s and p99 < 50 ms: "
+              f"{'met' if b['assignments_per_s'] >= 5000 and b['pull_p99_ms'] < 50 else 'NOT met'}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.scheduler", description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--pieces", type=int, default=1000)
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--procs", type=int, default=1, help="load generator processes")
+    p.add_argument("--runs", type=int, default=1, help="repeat and report each run and the best")
+    p.add_argument("--profile", help="py-spy record the supernode during the (last) run into this SVG")
+    p.add_argument("--home", help="keep the supernode's cache here (with --origin-port and the same Redis db, "
+                   "later invocations skip the CDN fetch)")
+    p.add_argument("--origin-port", type=int, default=0)
+    p.add_argument("--role", default="main", help=argparse.SUPPRESS)
+    for hidden in ("--api", "--url", "--first", "--count", "--start-at"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.role == "gen":
+        args.first, args.count, args.start_at = int(args.first), int(args.count), float(args.start_at)
+        random.seed()
+        print(json.dumps(asyncio.run(generate(args))), flush=True)
+        return
+    runs = []
+    profile = args.profile
+    own_home = None
+    if args.runs > 1 and not args.home:
+        # later runs reuse the CDN copy: same home, same origin URL, task kept in Redis
+        own_home = tempfile.mkdtemp(prefix="bench-sched-home-")
+        args.home, args.origin_port = own_home, args.origin_port or free_port()
+    try:
+        for i in range(args.runs):
+            args.profile = profile if i == args.runs - 1 else None
+            runs.append(run(args))
+            print(json.dumps(runs[-1]), file=sys.stderr)
+    finally:
+        if own_home:
+            import redis
+
+            r = redis.Redis.from_url(args.redis_url)
+            for key in r.scan_iter("df:t:*"):
+                r.delete(key)
+            r.delete("df:tasks")
+            subprocess.run(["rm", "-rf", own_home], check=False)
+    best = max(runs, key=lambda r: r["assignments_per_s"])
+    text = table(runs, best)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = (f"# Scheduler capacity\n\n`python -m bench.scheduler --clients {args.clients} --pieces {args.pieces} "
+            f"--duration {args.duration:g} --runs {args.runs}` on {os.cpu_count()} cores "
+            f"({time.strftime('%Y-%m-%d %H:%M')}); supernode, Redis and load generator share them.\n\n")
+    (out / "scheduler.md").write_text(meta + text + "\n")
+    (out / "scheduler.json").write_text(json.dumps({"runs": runs, "best": best}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
