@@ -85,6 +85,11 @@ class Dispatcher:
         if want == 0 or meta.piece_size <= 0:
             return None, snap
         counts = decode_counts(snap.counts_raw, count)
+        for n in snap.cdn_sending:
+            # a piece the CDN is sending now will have a peer holder in a moment: rank it
+            # as such, so the seed sends distinct pieces instead of one piece twice
+            if n < count:
+                counts[n] += 1
         cdn_open = bool(meta.cdn) and snap.cdn_uploads < self.limits.cdn_uploads and not (
             meta.cdn in snap.bad or meta.cdn in snap.blacklist)
         ranked = rank(count, snap.cdn, counts, client, max(16, 4 * want), self.rng, cdn_open=cdn_open)

@@ -121,6 +121,7 @@ class Snapshot:
     client: PeerInfo | None
     registered: bool
     cdn_uploads: int = 0  # uploads the task's CDN source is doing now
+    cdn_sending: tuple[int, ...] = ()  # the pieces those uploads carry
 
 
 @dataclass
@@ -324,7 +325,8 @@ class Repo:
             client_failures=int(_s(res[7])),
             client=PeerInfo.decode(client_raw) if client_raw else None,
             registered=bool(client_raw),
-            cdn_uploads=int(res[9]),
+            cdn_uploads=len(res[9]),
+            cdn_sending=tuple(int(_s(m).rsplit(":", 1)[1]) for m in res[9]),
         )
 
     def _meta(self, task_id: str, h: dict[str, str]) -> TaskMeta:

@@ -171,7 +171,7 @@ return 1
 # One pull's view of the task, after applying the reports piggy-backed on it (one round
 # trip instead of two). ARGV: cid, now_ms, ttl_ms, source_fail_limit, then report
 # quadruples (none: read only). -> {"report-status", value} if a report is refused, else
-# {meta, counts, have, cdnmap, fly, blacklist, bad, cfails, peer, cdn_uploads}
+# {meta, counts, have, cdnmap, fly, blacklist, bad, cfails, peer, cdn_uploads ('cid:piece' list)}
 SNAPSHOT = _PRELUDE + _APPLY_REPORTS + r"""
 local cid = ARGV[1]
 if #ARGV >= 5 then
@@ -180,8 +180,8 @@ if #ARGV >= 5 then
 end
 local fly = redis.call('HGETALL', k('fly:' .. cid))
 local cdn = redis.call('HGET', meta, 'cdn')
-local cdn_up = 0
-if cdn and cdn ~= '' then cdn_up = redis.call('ZCOUNT', k('up:' .. cdn), '(' .. ARGV[2], '+inf') end
+local cdn_up = {}
+if cdn and cdn ~= '' then cdn_up = redis.call('ZRANGEBYSCORE', k('up:' .. cdn), '(' .. ARGV[2], '+inf') end
 return {
   redis.call('HGETALL', meta),
   redis.call('GET', k('cnt')) or '',
