@@ -24,6 +24,7 @@ from .piecewire import Head, PieceProtocol, WireError, dechunk, open_piece
 
 CHUNK = 1 << 20  # bytes handed to a worker thread at once
 STALL = 30.0  # seconds without a buffer filled: the source stalled
+CONNECT_TIMEOUT = 5.0  # an unreachable peer (SYNs dropped) fails fast as "refused"
 
 
 class PieceFailed(Exception):
@@ -81,8 +82,10 @@ async def _fetch(session: aiohttp.ClientSession | None, task_id: str, a: Assignm
     path = f"/peer/file/{task_id}"
     async with asyncio.timeout(STALL) as stall:
         try:
-            proto, transport = await open_piece(a.source.ip, a.source.port, path, a.start, a.end, CHUNK, expected)
-        except OSError as exc:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                proto, transport = await open_piece(a.source.ip, a.source.port, path, a.start, a.end,
+                                                    CHUNK, expected)
+        except (OSError, TimeoutError) as exc:
             raise _Refused() from exc
         try:
             _check_head(await proto.head, a, expected)

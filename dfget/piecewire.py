@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 HEAD_MAX = 16 << 10
 POOL_MAX = 16
+BUFFERS = 2  # per connection: one being filled while the others are hashed and written
 # Buffers are reused across pieces: a fresh bytearray costs page faults on every byte.
 _pool: list[bytearray] = []
 
@@ -77,7 +78,7 @@ class PieceProtocol(asyncio.BufferedProtocol):
         self.head_buf = bytearray(HEAD_MAX)
         self.head_len = 0
         self.head: asyncio.Future[Head] = asyncio.get_running_loop().create_future()
-        self.free = [_take(bufsize), _take(bufsize)]
+        self.free = [_take(bufsize) for _ in range(BUFFERS)]
         self.cur: bytearray | None = None
         self.pos = 0
         self.received = 0
