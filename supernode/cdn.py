@@ -34,6 +34,7 @@ from .origin import OriginClient, validators
 from .repo import Repo, TaskMeta, now_ms
 
 log = logging.getLogger("supernode.cdn")
+BATCH = 1 << 20  # bytes of a piece handed to the hashing/writing thread at once
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,14 @@ def file_digest(digests: dict[int, str], count: int) -> str:
     return h.hexdigest()
 
 
-def _write_and_hash(fd: int, offset: int, chunks: list[bytes]) -> str:
-    """One piece given as the chunks it arrived in: hashed and written without joining."""
-    h = digest.new()
+def _write_and_hash(fd: int, hasher: Any, offset: int, chunks: list[bytes]) -> None:
+    """One batch of a piece, as the chunks it arrived in: hashed and written unjoined."""
     for c in chunks:
-        h.update(c)
+        hasher.update(c)
     total = sum(len(c) for c in chunks)
     n = os.pwritev(fd, chunks, offset)
     if n < total:
         os.pwrite(fd, b"".join(chunks)[n:], offset + n)
-    return str(h.hexdigest())
 
 
 def _hash_range(fd: int, offset: int, size: int) -> str:
@@ -330,34 +329,39 @@ class Cdn:
             if entry.length >= 0:
                 os.ftruncate(fd, entry.length)
             pipe = _PiecePipe(self, meta.task_id, entry, fd, published)
-            # The piece is kept as the list of chunks aiohttp received (no joining): a
-            # bytearray grown, sliced and shifted per piece cost three copies of every
-            # byte on the event loop, which made the loop the cold path's bottleneck.
-            buf: list[bytes] = []
-            buffered = 0
+            # Chunks go on as aiohttp received them (no joining), in batches of about
+            # BATCH bytes, each hashed and written in a worker while the next arrives:
+            # a bytearray grown, sliced and shifted per piece cost three copies of every
+            # byte on the event loop, and hashing a whole piece at its end read it back
+            # from memory long after it had left the CPU caches.
+            batch: list[bytes] = []
+            batched = in_piece = 0
             piece = start
             received = start * ps
             window_start, window_bytes = time.monotonic(), 0
             async for chunk in resp.content.iter_any():
-                received += len(chunk)
+                size = len(chunk)
+                received += size
                 if entry.length >= 0 and received > entry.length:
                     raise errors.OriginLongBody("origin sent more bytes than its Content-Length")
                 if entry.length < 0 and received > self.settings.max_file_size:
                     raise errors.OriginTooLarge("chunked origin body exceeds the maximum file size")
-                while buffered + len(chunk) >= ps:
-                    cut = ps - buffered
-                    if cut:
-                        buf.append(chunk[:cut])
-                    await pipe.submit(piece, buf)
-                    chunk, buf, buffered = chunk[cut:], [], 0
-                    piece += 1
-                if chunk:
-                    buf.append(chunk)
-                    buffered += len(chunk)
-                self.bytes_fetched += len(chunk)
+                self.bytes_fetched += size
+                window_bytes += size
+                while chunk:
+                    room = ps - in_piece
+                    head, chunk = (chunk[:room], chunk[room:]) if len(chunk) > room else (chunk, b"")
+                    batch.append(head)
+                    batched += len(head)
+                    in_piece += len(head)
+                    if in_piece == ps or batched >= BATCH:
+                        await pipe.add(piece, piece * ps + in_piece - batched, batch)
+                        batch, batched = [], 0
+                    if in_piece == ps:
+                        await pipe.end_piece(piece)
+                        piece, in_piece = piece + 1, 0
                 if not self.throttle.unlimited:
-                    await self.throttle.consume(len(chunk))
-                window_bytes += len(chunk)
+                    await self.throttle.consume(size)
                 elapsed = time.monotonic() - window_start
                 if elapsed >= self.settings.rate_window:
                     if window_bytes / elapsed < self.settings.min_rate:
@@ -365,19 +369,19 @@ class Cdn:
                     window_start, window_bytes = time.monotonic(), 0
             if entry.length >= 0 and received < entry.length:
                 raise errors.OriginShortBody(f"origin sent {received} of {entry.length} bytes")
-            if buf:
-                await pipe.submit(piece, buf)
+            if in_piece:
+                if batch:
+                    await pipe.add(piece, piece * ps + in_piece - batched, batch)
+                await pipe.end_piece(piece)
                 piece += 1
-            await pipe.drain()
             pipe = None
             if entry.length < 0:
                 entry.length = received
                 await self.repo.set_meta(meta.task_id, length=received, piece_count=piece)
             os.fsync(fd)
         finally:
-            if pipe is not None and pipe.pending is not None:
-                with contextlib.suppress(Exception):
-                    await pipe.drain()  # keep the finished piece; never close the fd under a write
+            if pipe is not None:
+                await pipe.settle()  # never close the fd under a write
             os.close(fd)
         await self._finish(meta, entry, piece_count(entry.length, ps))
 
@@ -393,28 +397,41 @@ class Cdn:
 
 
 class _PiecePipe:
-    """Hash + write one piece in a thread while the loop reads the next one; publish in
-    order as each completes. At most one piece is in the thread at a time."""
+    """Hash + write a piece batch by batch in a worker thread while the loop reads on (one
+    batch in the thread at a time, so a piece's hasher sees its bytes in order); publish
+    each piece as it ends."""
 
     def __init__(self, cdn: Cdn, task_id: str, entry: CacheEntry, fd: int, published: dict[int, str]) -> None:
         self.cdn, self.task_id, self.entry, self.fd, self.published = cdn, task_id, entry, fd, published
-        self.pending: asyncio.Future[str] | None = None
-        self.pending_piece = -1
+        self.pending: asyncio.Future[None] | None = None
+        self.piece = -1
+        self.hasher: Any = None
         self.last_save = time.monotonic()
 
-    async def submit(self, piece: int, data: list[bytes]) -> None:
-        await self.drain()
-        offset = piece * self.entry.piece_size
+    async def add(self, piece: int, offset: int, chunks: list[bytes]) -> None:
+        await self._wait()
+        if piece != self.piece:
+            self.piece, self.hasher = piece, digest.new()
         loop = asyncio.get_running_loop()
-        self.pending = loop.run_in_executor(None, _write_and_hash, self.fd, offset, data)
-        self.pending_piece = piece
+        self.pending = loop.run_in_executor(None, _write_and_hash, self.fd, self.hasher, offset, chunks)
 
-    async def drain(self) -> None:
-        if self.pending is None:
-            return
-        d = await self.pending
-        n = self.pending_piece
-        self.pending = None
+    async def _wait(self) -> None:
+        if self.pending is not None:
+            p, self.pending = self.pending, None
+            await p
+
+    async def settle(self) -> None:
+        """Wait for the batch in the thread, whatever its outcome (error paths)."""
+        if self.pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.pending)
+            self.pending = None
+
+    async def end_piece(self, n: int) -> None:
+        await self._wait()
+        assert n == self.piece and self.hasher is not None
+        d = str(self.hasher.hexdigest())
+        self.piece, self.hasher = -1, None
         old = self.published.get(n)
         if old is not None and old != d:
             raise errors.OriginChanged(f"piece {n} differs from the version already distributed")
