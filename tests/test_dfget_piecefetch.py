@@ -149,3 +149,21 @@ async def test_big_piece_through_several_buffers(tmp_path: Path, chunked: bool) 
     finally:
         part.close()
         await runner.cleanup()
+
+
+async def test_unreachable_source_fails_fast_as_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfget.piecefetch as pf
+
+    async def never_connects(*args: object, **kw: object) -> None:
+        await asyncio.sleep(3600)  # a peer whose SYNs are dropped
+
+    monkeypatch.setattr(pf, "open_piece", never_connects)
+    monkeypatch.setattr(pf, "CONNECT_TIMEOUT", 0.2)
+    part = PartFile(tmp_path / "out", TID)
+    part.open(len(DATA))
+    try:
+        with pytest.raises(PieceFailed) as info:
+            await fetch_piece(None, TID, assignment(9), part, FetchLimits(minrate=1))
+        assert info.value.reason == "refused"
+    finally:
+        part.close()
