@@ -97,6 +97,8 @@ class Cdn:
             # Our own lease from before a restart (same home, same id) is ours to resume.
             if await self.repo.lease_holder(meta.task_id) != self.sn_id:
                 return
+        if meta.task_id in self.running:
+            return  # another registration in this process started it while we awaited
         task = asyncio.create_task(self._run(meta.task_id), name=f"cdn-{meta.task_id[:12]}")
         self.running[meta.task_id] = task
         task.add_done_callback(lambda _t, tid=meta.task_id: self.running.pop(tid, None))

@@ -62,6 +62,15 @@ async def test_second_registration_same_task_no_second_fetch(api: Api, origin) -
     assert origin.stats()["by_file"]["g.bin"]["requests"] == 1
 
 
+async def test_concurrent_registrations_fetch_once(api: Api, origin) -> None:
+    origin.put_random("cc.bin", 9 * MIB, seed=21)
+    regs = await asyncio.gather(*(api.register(origin.url("cc.bin")) for _ in range(8)))
+    assert len({r["task"]["task_id"] for r in regs}) == 1
+    data = await download_all(api, regs[0]["task"]["task_id"], regs[0]["cid"], 9 * MIB)
+    assert data == file_bytes(9 * MIB, seed=21)
+    assert origin.stats()["by_file"]["cc.bin"]["requests"] == 1
+
+
 async def test_filter_maps_signed_urls_to_one_task(api: Api, origin) -> None:
     origin.put_random("s.bin", 1000, seed=2)
     a = await api.register(origin.url("s.bin") + "?Signature=abc&Expires=1", filter=["Signature", "Expires"])
