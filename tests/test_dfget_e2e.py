@@ -59,7 +59,7 @@ class World:
                 if self.sn.returncode is not None:
                     break
                 await asyncio.sleep(0.05)
-        pytest.skip("the supernode did not start: " + (self.tmp / "supernode.log").read_text()[-500:])
+        pytest.fail("the supernode did not start: " + (self.tmp / "supernode.log").read_text()[-500:])
 
     def add(self, name: str, data: bytes) -> str:
         self.files["/" + name] = data
