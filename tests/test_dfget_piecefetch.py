@@ -38,7 +38,9 @@ def make_app(mode: str) -> web.Application:
         if mode == "long":
             return web.Response(status=206, body=GOOD + b"xx", headers=cr)
         if mode == "corrupt":
-            return web.Response(status=206, body=b"\x00" + GOOD[1:], headers=cr)
+            # flip every bit of the first byte: a fixed replacement byte would be a no-op
+            # whenever the random data already starts with it (1 run in 256)
+            return web.Response(status=206, body=bytes([GOOD[0] ^ 0xFF]) + GOOD[1:], headers=cr)
         if mode == "wrong_range":
             return web.Response(status=206, body=GOOD,
                                 headers={"Content-Range": f"bytes 0-99999/{len(DATA)}"})
