@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 ALGORITHM = "sha256"
 HEX_LEN = 64
+_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def new():  # type: ignore[no-untyped-def]
@@ -20,7 +22,8 @@ def of(data: bytes | bytearray | memoryview) -> str:
 
 
 def matches(expected: str | None, actual: str) -> bool:
-    """An empty or missing expected digest is never a pass."""
-    if not expected or len(expected) != HEX_LEN:
+    """An empty, missing or malformed expected digest is never a pass (not even against
+    an equally malformed `actual`: only a real lowercase hex digest can match)."""
+    if not expected or not _HEX.match(expected):
         return False
     return hmac.compare_digest(expected, actual)

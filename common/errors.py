@@ -59,9 +59,22 @@ class Forbidden(DfError):
     status = 403
 
 
+class PeerAddressDenied(Forbidden):
+    """A registration named a peer address the supernode's peer policy refuses."""
+
+    code = "peer_denied_by_policy"
+
+
 class TooManyRequests(DfError):
     code = "too_many_requests"
     status = 429
+
+
+class RequestTimeout(DfError):
+    """The request body did not arrive within the server's deadline (a slow client)."""
+
+    code = "request_timeout"
+    status = 408
 
 
 class PayloadTooLarge(DfError):
@@ -150,6 +163,14 @@ class StoreError(DfError):
 
     code = "store_unavailable"
     status = 503
+
+
+class CdnStorageError(DfError):
+    """The supernode could not write its piece cache (disk full, I/O error): the origin is
+    fine, so a dfget goes back to source (or fails with 8 under --notbs)."""
+
+    code = "cdn_storage"
+    status = 507
 
 
 class SupernodeUnavailable(DfError):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)$")
+# [0-9], not \d: \d also matches other scripts' digits, which int() then accepts
+_RANGE_RE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})\Z")
+_CONTENT_RANGE_RE = re.compile(r"^bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)\Z")
 
 
 class RangeSyntaxError(ValueError):

@@ -36,6 +36,52 @@ class TokenBucket:
         self.tokens -= n
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
+    def take(self, n: float, now: float) -> float:
+        """Take n tokens if the bucket has them and return 0; otherwise take nothing and
+        return the seconds until it will (request limiting: a refusal runs up no debt)."""
+        if self.rate <= 0:
+            return 0.0
+        if self.stamp is None:
+            self.stamp = now
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+
+class KeyedLimiter:
+    """A token bucket per key (client address, client id), `rate` requests per second
+    with bursts of `burst`. At most `max_keys` buckets are kept: the least recently used
+    is forgotten first, so a flood of made-up keys costs bounded memory (a forgotten key
+    starts again with a full bucket, which errs on the side of serving)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.max_keys = max_keys
+        self._buckets: dict[str, TokenBucket] = {}  # insertion order = recency
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate <= 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def check(self, key: str, now: float) -> float:
+        """0 when the request may go on, else the seconds after which it may."""
+        if self.rate <= 0:
+            return 0.0
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst)
+            while len(self._buckets) >= self.max_keys:
+                del self._buckets[next(iter(self._buckets))]
+        self._buckets[key] = bucket
+        return bucket.take(1, now)
+
 
 class Throttle:
     """Async shell over a bucket. Several tasks may share one (a host-wide limit)."""

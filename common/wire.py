@@ -31,6 +31,7 @@ HeaderName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!#$%&
 HeaderValue = Annotated[str, Meta(max_length=8192, pattern=r"^[^\r\n\x00]*\Z")]
 Headers = Annotated[dict[HeaderName, HeaderValue], Meta(max_length=64)]
 FilterKeys = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=32)]
+Token = Annotated[str, Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9_-]+\Z")]  # common/tokens.py
 
 Pattern = Literal["p2p", "cdn"]
 ReportResult = Literal["ok", "failed", "have"]
@@ -71,10 +72,27 @@ class TaskInfo(Struct, frozen=True):
     error: dict[str, str] | None = None
 
 
+class PieceKey(Struct, frozen=True):
+    """A supernode's Ed25519 public key for piece tokens (common/tokens.py)."""
+
+    kid: Annotated[str, Meta(pattern=r"^[0-9a-f]{16}\Z")]
+    key: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+
+
+PieceKeys = Annotated[list[PieceKey], Meta(max_length=64)]
+
+
 class RegisterReply(Struct, frozen=True):
     cid: Id32
     supernode_id: Id32
     task: TaskInfo
+    piece_auth: bool = False  # piece requests need a token; `keys` verify them
+    keys: PieceKeys = []
+
+
+class KeysReply(Struct, frozen=True):
+    piece_auth: bool
+    keys: PieceKeys
 
 
 class Report(Struct, frozen=True):
@@ -107,7 +125,7 @@ class Assignment(Struct, frozen=True):
     end: int  # inclusive
     digest: Digest
     source: Source
-    token: str | None = None
+    token: Token | None = None
 
 
 class PullReply(Struct, frozen=True):
@@ -139,6 +157,24 @@ class HeartbeatRequest(Struct, frozen=True):
     peer_id: Id32
 
 
+class PreheatRequest(Struct, frozen=True):
+    url: Url
+    headers: Headers = {}
+    md5: Md5 | None = None
+    identifier: ShortText | None = None
+    filter: FilterKeys = []
+
+
+class PreheatStatus(Struct, frozen=True):
+    id: TaskId  # the job id is the task id
+    status: str  # pending | fetching | success | failed
+    length: int  # -1 while unknown
+    piece_count: int  # -1 while unknown
+    pieces_fetched: int  # verified on the CDN so far
+    bytes_fetched: int
+    error: dict[str, str] | None = None
+
+
 T = TypeVar("T")
 
 _json_encoder = msgspec.json.Encoder()
@@ -157,7 +193,9 @@ def decode(data: bytes, typ: type[T], *, msgpack: bool = False) -> T:
         return msgspec.json.decode(data, type=typ)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        # msgspec raises UnicodeDecodeError (a ValueError) on bad UTF-8 and RecursionError
+        # while skipping a deeply nested value under an unknown key
         raise BadRequest(f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
 
 

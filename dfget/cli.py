@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 import traceback
 from pathlib import Path
 
 import click
 
-from common import __version__
+from common import __version__, logs
 from common.errors import (
     EXIT_GENERIC,
     EXIT_INTERRUPTED,
@@ -31,6 +30,7 @@ from .download import download
 from .progress import ProgressBar, Stats
 
 SUBCOMMANDS = ("server", "version")
+LEVELS = list(logs.LEVELS)
 
 
 def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
@@ -52,7 +52,8 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
 @click.option("--totallimit", default="0", help="Host-wide rate limit (uploads + downloads); 0 = none.")
 @click.option("--minrate", default="64KB", show_default=True, help="Slowest acceptable piece rate.")
 @click.option("-e", "--timeout", default=None, help="Give up after this long (e.g. 10m).")
-@click.option("-p", "--pattern", type=click.Choice(["p2p", "cdn", "source"]), default="p2p", show_default=True)
+@click.option("-p", "--pattern", type=click.Choice(["p2p", "cdn", "source"]), default="p2p", show_default=True,
+              help="p2p: peers and supernodes; cdn: supernodes only; source: the origin only.")
 @click.option("--notbs", is_flag=True, help="Never download straight from the origin.")
 @click.option("-b/-B", "--showbar/--no-showbar", default=None, help="Progress bar on stderr (default: if a tty).")
 @click.option("--verbose", is_flag=True, help="Log details to stderr.")
@@ -66,11 +67,16 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
 @click.option("--alivetime", default="5m", show_default=True, help="Peer server: exit after this long idle.")
 @click.option("--stall-timeout", default="2m", show_default=True, help="P2P without progress this long fails.")
 @click.option("--no-serve", is_flag=True, help="Do not start or use a peer server.")
+@click.option("--log-level", type=click.Choice(LEVELS), default=None,
+              help="Log level on stderr (default: info with --verbose, else error); "
+              "debug logs every piece.")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 def download_cmd(url: str, output: str | None, md5: str | None, identifier: str | None, node: str,
                  headers: tuple[str, ...], filter_: str | None, locallimit: str, totallimit: str,
                  minrate: str, timeout: str | None, pattern: str, notbs: bool, showbar: bool | None,
                  verbose: bool, home: str, ip: str | None, port: int, as_json: bool, pull_limit: int,
-                 expiretime: str, alivetime: str, stall_timeout: str, no_serve: bool) -> None:
+                 expiretime: str, alivetime: str, stall_timeout: str, no_serve: bool,
+                 log_level: str | None, log_json: bool) -> None:
     """Download URL through the supernodes (P2P), back to the origin if that fails."""
     cfg = C.DownloadConfig(
         url=_cfg(C.check_url, url), output=_cfg(C.default_output, url, output),
@@ -84,13 +90,14 @@ def download_cmd(url: str, output: str | None, md5: str | None, identifier: str 
         verbose=verbose, json=as_json, ip=ip, port=port, pull_limit=pull_limit,
         stall_timeout=_cfg(C.parse_duration, stall_timeout, "--stall-timeout"),
         alivetime=_cfg(C.parse_duration, alivetime, "--alivetime"),
-        expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), serve=not no_serve)
+        expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), serve=not no_serve,
+        log_level=log_level, log_json=log_json)
     sys.exit(run(cfg))
 
 
 def run(cfg: C.DownloadConfig) -> int:
-    logging.basicConfig(level=logging.INFO if cfg.verbose else logging.ERROR, stream=sys.stderr,
-                        format="dfget: %(name)s: %(message)s")
+    logs.setup(cfg.log_level or ("info" if cfg.verbose else "error"), as_json=cfg.log_json,
+               text_format="dfget: %(name)s: %(message)s")
     stats = Stats(url=cfg.url, output=str(cfg.output))
     code = EXIT_OK
     try:
@@ -128,17 +135,22 @@ async def _main(cfg: C.DownloadConfig, stats: Stats) -> None:
 
 
 @click.command("server", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", default="~/.dfget", show_default=True)
+@click.option("--home", default="~/.dfget", show_default=True, help="Working directory; dfget with the same --home uses this server.")
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Address to listen on and advertise.")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="0 = any free port.")
 @click.option("--totallimit", default="0", help="Upload rate shared by all uploads; 0 = none.")
-@click.option("--alivetime", default="5m", show_default=True)
-@click.option("--expiretime", default="3m", show_default=True)
-@click.option("--max-uploads", default=5, type=click.IntRange(1, 1024), show_default=True)
-@click.option("--upload-timeout", default="60s", show_default=True)
-@click.option("--scan-interval", default="15s", show_default=True)
+@click.option("--alivetime", default="5m", show_default=True, help="Exit after this long idle.")
+@click.option("--expiretime", default="3m", show_default=True, help="Stop serving a file unread this long.")
+@click.option("--max-uploads", default=5, type=click.IntRange(1, 1024), show_default=True,
+              help="Concurrent uploads; the next request gets 503.")
+@click.option("--upload-timeout", default="60s", show_default=True, help="An upload slower than this is cut off.")
+@click.option("--scan-interval", default="15s", show_default=True, help="How often files are checked for expiry and changes.")
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True,
+              help="debug logs every piece served.")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, expiretime: str,
-               max_uploads: int, upload_timeout: str, scan_interval: str) -> None:
+               max_uploads: int, upload_timeout: str, scan_interval: str, log_level: str,
+               log_json: bool) -> None:
     """Run this host's peer server (normally started by dfget itself)."""
     from .server.lifecycle import run_server
     from .server.state import ServerConfig
@@ -149,7 +161,8 @@ def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, e
         alivetime=_cfg(C.parse_duration, alivetime, "--alivetime"),
         expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), max_uploads=max_uploads,
         upload_timeout=_cfg(C.parse_duration, upload_timeout, "--upload-timeout"),
-        scan_interval=_cfg(C.parse_duration, scan_interval, "--scan-interval"))
+        scan_interval=_cfg(C.parse_duration, scan_interval, "--scan-interval"),
+        log_level=log_level, log_json=log_json)
     sys.exit(run_server(cfg))
 
 

@@ -54,6 +54,8 @@ class DownloadConfig:
     notbs: bool = False
     showbar: bool = False
     verbose: bool = False
+    log_level: str | None = None  # None: info with --verbose, else error
+    log_json: bool = False
     json: bool = False
     ip: str | None = None
     port: int = 0

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from common import digest
 from common.errors import IntegrityError, LocalDiskError
+from common.taskid import is_short_id
 
 READ_CHUNK = 1 << 20
 T = TypeVar("T")
@@ -43,6 +44,33 @@ class PartFile:
         self.output = output
         self.path = part_path(output, task_id)
         self.fd: int | None = None
+
+    @property
+    def cid_path(self) -> Path:
+        """Beside the part file: the client id it was downloaded under, so a run resuming
+        it registers as the same client (the supernode then releases what the dead run
+        still had assigned instead of holding it to its deadlines)."""
+        return self.path.with_name(self.path.name + ".cid")
+
+    def load_cid(self) -> str | None:
+        try:
+            cid = self.cid_path.read_text().strip()
+        except OSError:
+            return None
+        return cid if is_short_id(cid) else None
+
+    def save_cid(self, cid: str) -> None:
+        """Best effort: without it a resume only registers as a new client."""
+        try:
+            self.cid_path.write_text(cid + "\n")
+        except OSError:
+            pass
+
+    def _drop_cid(self) -> None:
+        try:
+            self.cid_path.unlink()
+        except OSError:
+            pass
 
     def existed(self) -> bool:
         try:
@@ -125,6 +153,7 @@ class PartFile:
         with disk_errors(f"cannot move the download to {self.output}"):
             os.replace(self.path, self.output)
             _fsync_dir(self.output.parent)
+        self._drop_cid()
         self.close()
 
     def close(self) -> None:
@@ -134,6 +163,7 @@ class PartFile:
 
     def discard(self) -> None:
         self.close()
+        self._drop_cid()
         try:
             self.path.unlink()
         except OSError:

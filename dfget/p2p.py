@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from common import wire
-from common.errors import DfError, TaskFailed, from_wire
+from common.errors import DfError, PeerAddressDenied, SupernodeUnavailable, TaskFailed, from_wire
 from common.pieces import piece_count, piece_range
 
 from .config import DownloadConfig
@@ -26,6 +26,7 @@ from .supernodes import SupernodeDown, Supernodes
 log = logging.getLogger("dfget.p2p")
 PULL_WAIT = 20.0
 MAX_FAIL_STREAK = 30
+FAILOVER_WAIT = 30.0  # seconds a failover keeps trying while every supernode is down
 
 
 class P2PGaveUp(Exception):
@@ -50,8 +51,12 @@ class P2PSession:
         self.done: set[int] = set()
         self.reports: list[wire.Report] = []
         self.flights: dict[asyncio.Task[int], Flight] = {}
+        # assignments of pieces still in flight from an earlier registration
+        self.shadows: dict[int, wire.Assignment] = {}
         self.last_progress = time.monotonic()
         self.fail_streak = 0
+        self.piece_auth = False  # what the supernode said at registration
+        self.keys: list[wire.PieceKey] = []
 
     @property
     def task_id(self) -> str:
@@ -64,7 +69,21 @@ class P2PSession:
             identifier=self.cfg.identifier, filter=list(self.cfg.filter_keys),
             pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid)
 
+    async def _register(self, *, skip_current: bool = False) -> None:
+        try:
+            reply = await self.sn.register(self._register_request(), skip_current=skip_current)
+        except PeerAddressDenied as exc:
+            if self.peer.addr is None:
+                raise
+            # Our peer server's address is not one the supernode lets others dial (e.g.
+            # loopback): download anyway, just without serving.
+            log.warning("downloading without serving: %s", exc.message)
+            self.peer = PeerLink(None, None)
+            reply = await self.sn.register(self._register_request(), skip_current=skip_current)
+        self._adopt(reply)
+
     def _adopt(self, reply: wire.RegisterReply) -> None:
+        self.piece_auth, self.keys = reply.piece_auth, list(reply.keys)
         self.cid = reply.cid
         self._update_task(reply.task)
         self.stats.supernode = self.sn.current.base_url
@@ -83,14 +102,17 @@ class P2PSession:
         return t is not None and t.length >= 0 and t.piece_count >= 0 and len(self.done) >= t.piece_count
 
     async def run(self) -> None:
-        self._adopt(await self.sn.register(self._register_request()))
-        assert self.task is not None
         resuming = self.part.existed()
+        if resuming:  # the same client as the run that wrote it, when we can
+            self.cid = await asyncio.to_thread(self.part.load_cid)
+        await self._register()
+        assert self.task is not None and self.cid is not None
         await asyncio.to_thread(self.part.open, self.task.length)
+        await asyncio.to_thread(self.part.save_cid, self.cid)
         if resuming and self.task.length > 0:
             await self._resume()
         await self.peer.register(self.task_id, self.part.path, self.task.length, self.task.piece_size,
-                                 self.sn.base_urls())
+                                 self.sn.base_urls(), self.piece_auth, self.keys)
         await self.peer.verified(self.task_id, sorted(self.done))
         try:
             await self._loop()
@@ -143,6 +165,8 @@ class P2PSession:
                 except (SupernodeDown, _Reregister) as exc:
                     pull, sender = await _cancel(pull), await _cancel(sender)
                     await self._failover(str(exc), skip_current=isinstance(exc, SupernodeDown))
+                except _ReportsRefused as exc:
+                    log.info("reports refused, pulling again without them: %s", exc)
                 if time.monotonic() - self.last_progress > self.cfg.stall_timeout:
                     raise P2PGaveUp(f"no piece verified for {self.cfg.stall_timeout:.0f} s")
         finally:
@@ -161,9 +185,13 @@ class P2PSession:
             reply = await self.sn.pull(self.task_id, wire.PullRequest(
                 cid=self.cid, limit=min(free, 16), wait=wait, reports=reports))
         except DfError as exc:
-            self.reports[:0] = reports
             if exc.code == "not_found":  # the supernode forgot this client or task
+                self.reports[:0] = reports
                 raise _Reregister(exc.message) from None
+            if reports and exc.code in _REFUSED:
+                self.reports[:0] = _without_refused(reports, exc)
+                raise _ReportsRefused(exc.message) from None
+            self.reports[:0] = reports
             raise
         except BaseException:
             self.reports[:0] = reports  # not delivered: send them again after failover
@@ -182,14 +210,26 @@ class P2PSession:
         if reply.state == "finished" and not self.complete():
             raise P2PGaveUp("the supernode says finished but pieces are missing here")
         for a in reply.assignments:
-            if a.piece in self.done or any(f.assignment.piece == a.piece for f in self.flights.values()):
+            if a.piece in self.done:
+                # the supernode lost a report of ours: tell it again (voids the assignment)
+                self.reports.append(wire.Report(piece=a.piece, result="have"))
                 continue
-            task = asyncio.create_task(fetch_piece(self.session, self.task_id, a, self.part, self.limits))
-            self.flights[task] = Flight(a, self.generation)
+            if any(f.assignment.piece == a.piece for f in self.flights.values()):
+                # Still in flight from before a failover: never two writers on one piece.
+                # Its outcome settles this assignment (see _piece_done).
+                self.shadows[a.piece] = a
+                continue
+            self._start(a)
+
+    def _start(self, a: wire.Assignment) -> None:
+        task = asyncio.create_task(fetch_piece(self.session, self.task_id, a, self.part, self.limits,
+                                               self.cid))
+        self.flights[task] = Flight(a, self.generation)
 
     async def _piece_done(self, task: asyncio.Task[int]) -> None:
         flight = self.flights.pop(task)
         a = flight.assignment
+        shadow = self.shadows.pop(a.piece, None)
         try:
             nbytes = task.result()
         except PieceFailed as exc:
@@ -201,6 +241,8 @@ class P2PSession:
                                                 reason=exc.reason))  # type: ignore[arg-type]
             if self.fail_streak > MAX_FAIL_STREAK:
                 raise P2PGaveUp(f"{self.fail_streak} pieces failed in a row") from None
+            if shadow is not None:
+                self._start(shadow)  # the piece's current assignment, now that nobody writes it
             return
         self.fail_streak = 0
         self.last_progress = time.monotonic()
@@ -224,15 +266,38 @@ class P2PSession:
             except DfError as exc:
                 # 409 (not assigned to us any more) and the like: the piece stays ours.
                 if exc.code == "not_found":
+                    self.reports[:0] = batch
                     raise _Reregister(exc.message) from None
                 log.info("report rejected: %s", exc.message)
+                if exc.code in _REFUSED:  # nothing was applied: the others go again
+                    self.reports[:0] = _without_refused(batch, exc)
 
     async def _failover(self, why: str, *, skip_current: bool) -> None:
         log.warning("supernode %s: %s; moving on", self.sn.current.base_url, why)
         self.stats.failovers += 1
         self.generation += 1
-        self._adopt(await self.sn.register(self._register_request(), skip_current=skip_current))
+        self.shadows.clear()  # assignments of the registration being left
+        await self._register_again(skip_current)
+        await self.peer.trust(self.keys)  # the new supernode's tokens must verify at our peer server
         self.reports = [wire.Report(piece=n, result="have") for n in sorted(self.done)]
+
+    async def _register_again(self, skip_current: bool) -> None:
+        """Mid-download, every supernode being down is most often one restarting (or its
+        Redis): with pieces in hand, keep trying them all with backoff for a while
+        (bounded by FAILOVER_WAIT and the stall timeout) before going back to source."""
+        deadline = time.monotonic() + min(FAILOVER_WAIT, self.cfg.stall_timeout)
+        delay = 0.2
+        while True:
+            try:
+                await self._register(skip_current=skip_current)
+                return
+            except SupernodeUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("%s; trying again in %.1f s", exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            skip_current = False
 
     async def _finish(self) -> None:
         assert self.task is not None
@@ -265,6 +330,23 @@ class P2PSession:
 
 class _Reregister(Exception):
     """The supernode forgot us (404): register again there, same cid."""
+
+
+class _ReportsRefused(Exception):
+    """A batch of piggy-backed reports was refused as a whole: pull again."""
+
+
+_REFUSED = ("conflict", "bad_request")
+
+
+def _without_refused(batch: list[wire.Report], exc: DfError) -> list[wire.Report]:
+    """The batch minus the report the supernode named (all of it if none is named: an
+    older supernode). Every refusal drops at least one report, so retries end."""
+    piece = exc.detail.get("piece")
+    if not isinstance(piece, int):
+        return []
+    rest = [r for r in batch if r.piece != piece]
+    return rest if len(rest) < len(batch) else []
 
 
 def _task_error(task: wire.TaskInfo) -> DfError:

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.wire import PeerAddr
+from common.wire import PeerAddr, PieceKey
 
 from .server.launcher import ControlClient, PeerServerError, ensure_server
 from .server.protocol import RegisterFile, ServerInfo
@@ -48,11 +48,17 @@ class PeerLink:
             await self.close()
             return False
 
-    async def register(self, task_id: str, path: Path, length: int, piece_size: int, supernodes: list[str]) -> None:
+    async def register(self, task_id: str, path: Path, length: int, piece_size: int, supernodes: list[str],
+                       piece_auth: bool = False, keys: list[PieceKey] | None = None) -> None:
         if self.client is not None:
             await self._do(self.client.register(RegisterFile(
                 task_id=task_id, path=str(path), length=length, piece_size=piece_size,
-                supernodes=supernodes, owner_pid=os.getpid())))
+                supernodes=supernodes, owner_pid=os.getpid(), piece_auth=piece_auth, keys=keys or [])))
+
+    async def trust(self, keys: list[PieceKey]) -> None:
+        """Keys of another registration (failover): tokens it issues verify here too."""
+        if self.client is not None and keys:
+            await self._do(self.client.trust(keys))
 
     async def verified(self, task_id: str, pieces: list[int], length: int | None = None) -> None:
         if self.client is not None and (pieces or length is not None):

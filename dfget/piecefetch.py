@@ -9,6 +9,8 @@ present only after `digest.matches`; until then its bytes on disk mean nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +19,13 @@ import aiohttp
 from common import digest
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.ratelimit import Throttle
+from common.tokens import CLIENT_HEADER, TOKEN_HEADER
 from common.wire import Assignment
 
 from .output import PartFile
 from .piecewire import Head, PieceProtocol, WireError, dechunk, open_piece
 
+log = logging.getLogger("dfget.piece")
 CHUNK = 1 << 20  # bytes handed to a worker thread at once
 STALL = 30.0  # seconds without a buffer filled: the source stalled
 CONNECT_TIMEOUT = 5.0  # an unreachable peer (SYNs dropped) fails fast as "refused"
@@ -55,13 +59,49 @@ def _write_and_hash(part: PartFile, hasher: Any, offset: int, data: memoryview) 
     part.write(offset, data)
 
 
+def auth_headers(a: Assignment, client: str | None) -> str:
+    """The piece token's header lines (none when the supernode gave no token). Both values
+    were validated by the wire schema (base64url and hex), so they cannot break the head."""
+    if a.token is None:
+        return ""
+    return f"{TOKEN_HEADER}: {a.token}\r\n" + (f"{CLIENT_HEADER}: {client}\r\n" if client else "")
+
+
 async def fetch_piece(session: aiohttp.ClientSession | None, task_id: str, a: Assignment,
-                      part: PartFile, limits: FetchLimits) -> int:
-    """Returns the number of bytes of the verified piece; raises PieceFailed."""
+                      part: PartFile, limits: FetchLimits, client: str | None = None) -> int:
+    """Returns the number of bytes of the verified piece; raises PieceFailed. Logs one
+    line per transfer at debug level (piece, source, bytes, ms, result). `client` is our
+    cid, sent with the piece token."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return await _fetch_piece(session, task_id, a, part, limits, client)
+    t0 = time.perf_counter()
+    try:
+        n = await _fetch_piece(session, task_id, a, part, limits, client)
+    except PieceFailed as exc:
+        _log_transfer(task_id, a, 0, t0, exc.reason)
+        raise
+    except asyncio.CancelledError:
+        _log_transfer(task_id, a, 0, t0, "cancelled")
+        raise
+    _log_transfer(task_id, a, n, t0, "ok")
+    return n
+
+
+def _log_transfer(task_id: str, a: Assignment, nbytes: int, t0: float, result: str) -> None:
+    ms = (time.perf_counter() - t0) * 1000
+    source = f"{a.source.kind} {a.source.ip}:{a.source.port}"
+    log.debug("piece %d from %s: %s, %d bytes in %.1f ms", a.piece, source, result, nbytes, ms,
+              extra={"task": task_id[:16], "piece": a.piece, "source": source,
+                     "source_id": a.source.cid, "bytes": nbytes, "ms": round(ms, 1),
+                     "result": result})
+
+
+async def _fetch_piece(session: aiohttp.ClientSession | None, task_id: str, a: Assignment,
+                       part: PartFile, limits: FetchLimits, client: str | None) -> int:
     expected = a.end - a.start + 1
     try:
         async with asyncio.timeout(limits.deadline(expected)):
-            return await _fetch(session, task_id, a, part, limits, expected)
+            return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client))
     except TimeoutError:
         raise PieceFailed("timeout", f"piece {a.piece} not received in time") from None
     except _Refused as exc:
@@ -77,14 +117,14 @@ class _Refused(Exception):
 
 
 async def _fetch(session: aiohttp.ClientSession | None, task_id: str, a: Assignment, part: PartFile,
-                 limits: FetchLimits, expected: int) -> int:
+                 limits: FetchLimits, expected: int, extra: str = "") -> int:
     """`session` is unused: pieces go over their own connection (see piecewire)."""
     path = f"/peer/file/{task_id}"
     async with asyncio.timeout(STALL) as stall:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 proto, transport = await open_piece(a.source.ip, a.source.port, path, a.start, a.end,
-                                                    CHUNK, expected)
+                                                    CHUNK, expected, extra)
         except (OSError, TimeoutError) as exc:
             raise _Refused() from exc
         try:
@@ -109,6 +149,8 @@ def _check_head(resp: Head, a: Assignment, expected: int) -> None:
         raise PieceFailed("not_found", "source does not hold the piece")
     if resp.status in (429, 503):
         raise PieceFailed("refused", f"source busy (HTTP {resp.status})")
+    if resp.status in (401, 403):
+        raise PieceFailed("refused", f"source refused the piece token (HTTP {resp.status})")
     if resp.status != 206:
         raise PieceFailed("error", f"unexpected HTTP {resp.status}")
     declared = resp.content_length
@@ -145,6 +187,8 @@ async def _stream(proto: PieceProtocol, a: Assignment, part: PartFile, limits: F
                 await asyncio.shield(work)
             except asyncio.CancelledError:
                 await asyncio.wait([work])
+                if not work.cancelled():
+                    work.exception()  # retrieved: a failed write (disk full) is not "never retrieved"
                 raise
         finally:
             proto.release(buf)

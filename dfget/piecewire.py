@@ -16,6 +16,7 @@ import collections
 from dataclasses import dataclass
 
 HEAD_MAX = 16 << 10
+_FRAMING = ("content-length", "transfer-encoding")
 POOL_MAX = 16
 BUFFERS = 2  # per connection: one being filled while the others are hashed and written
 # Buffers are reused across pieces: a fresh bytearray costs page faults on every byte.
@@ -51,24 +52,34 @@ class Head:
     @property
     def content_length(self) -> int | None:
         v = self.headers.get("content-length")
-        return int(v) if v is not None and v.isdigit() else None
+        return int(v) if v is not None else None  # checked by parse_head
 
     @property
     def chunked(self) -> bool:
         return "chunked" in self.headers.get("transfer-encoding", "").lower()
 
 
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # isdigit alone accepts '²' (latin-1)
+
+
 def parse_head(raw: bytes) -> Head:
     lines = raw.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3 or not _digits(parts[1]):
         raise WireError("error", f"malformed status line {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep:
             raise WireError("error", "malformed header line")
-        headers[name.strip().lower()] = value.strip()
+        name, value = name.strip().lower(), value.strip()
+        if name in _FRAMING and headers.get(name, value) != value:
+            raise WireError("error", f"conflicting {name} headers")  # which one frames the body?
+        headers[name] = value
+    cl = headers.get("content-length")
+    if cl is not None and not _digits(cl):
+        raise WireError("error", f"malformed Content-Length {cl[:40]!r}")
     return Head(int(parts[1]), headers)
 
 
@@ -207,12 +218,14 @@ class PieceProtocol(asyncio.BufferedProtocol):
 
 
 async def open_piece(host: str, port: int, path: str, first: int, last: int,
-                     bufsize: int, limit: int) -> tuple[PieceProtocol, asyncio.Transport]:
+                     bufsize: int, limit: int, extra: str = "") -> tuple[PieceProtocol, asyncio.Transport]:
+    """`extra`: more header lines, each ending in CRLF (checked values only: the piece
+    token and client id)."""
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_connection(lambda: PieceProtocol(bufsize, limit), host, port)
     hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     transport.write(
-        f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nRange: bytes={first}-{last}\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nRange: bytes={first}-{last}\r\n{extra}"
         "Accept-Encoding: identity\r\nConnection: close\r\nUser-Agent: dfget\r\n\r\n".encode("latin-1"))
     return proto, transport  # type: ignore[return-value]
 

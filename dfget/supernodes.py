@@ -7,6 +7,7 @@ that is not an origin failure); every other error answer is rebuilt with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TypeVar
 
@@ -22,10 +23,21 @@ T = TypeVar("T")
 API_TIMEOUT = 5.0  # v1's dfget -> supernode timeout
 REGISTER_TIMEOUT = 20.0  # the supernode waits up to 10 s for the origin's first answer
 _RETRY_CODES = {"store_unavailable", "busy", "supernode_unavailable", "internal"}
+THROTTLED_RETRIES = 5  # 429 answers waited out before the error goes up
+MAX_RETRY_AFTER = 5.0
+
+
+BUSY_BUDGET = 30.0  # how long supernodes that answer "busy" (503) are retried
+BUSY_DELAY_MAX = 4.0
 
 
 class SupernodeDown(Exception):
-    """This supernode cannot serve us now; another one may."""
+    """This supernode cannot serve us now; another one may. `busy`: it answered (503:
+    store unavailable, busy, draining), so it is alive and worth asking again soon."""
+
+    def __init__(self, message: str, *, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 class Supernodes:
@@ -46,19 +58,33 @@ class Supernodes:
         (or the next one, after a failure), wrapping around the list once."""
         count = len(self.nodes)
         first = (self.index + 1) % count if skip_current else self.index
-        errors: list[str] = []
-        for k in range(count):
-            i = (first + k) % count
-            try:
-                reply = await self._call(self.nodes[i], "POST", "/api/v1/tasks", req,
-                                         wire.RegisterReply, REGISTER_TIMEOUT)
-            except SupernodeDown as exc:
-                log.info("supernode %s: %s", self.nodes[i].base_url, exc)
-                errors.append(f"{self.nodes[i].base_url}: {exc}")
-                continue
-            self.index = i
-            return reply
-        raise SupernodeUnavailable("no supernode answered: " + "; ".join(errors))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_BUDGET
+        delay = 0.5
+        while True:
+            errors: list[str] = []
+            busy = False
+            for k in range(count):
+                i = (first + k) % count
+                try:
+                    reply = await self._call(self.nodes[i], "POST", "/api/v1/tasks", req,
+                                             wire.RegisterReply, REGISTER_TIMEOUT)
+                except SupernodeDown as exc:
+                    log.info("supernode %s: %s", self.nodes[i].base_url, exc)
+                    errors.append(f"{self.nodes[i].base_url}: {exc}")
+                    busy = busy or exc.busy
+                    continue
+                self.index = i
+                return reply
+            # Every supernode refused. One that answered 503 is alive but overloaded (a
+            # swarm starting all at once): ask again with backoff instead of sending the
+            # whole swarm to the origin, which is what the system exists to prevent.
+            if not busy or loop.time() + delay > deadline:
+                raise SupernodeUnavailable("no supernode answered: " + "; ".join(errors))
+            log.warning("supernodes busy; registering again in %.1f s", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BUSY_DELAY_MAX)
+            first = self.index
 
     async def pull(self, task_id: str, req: wire.PullRequest) -> wire.PullReply:
         return await self._call(self.current, "POST", f"/api/v1/tasks/{task_id}/pull", req,
@@ -75,13 +101,20 @@ class Supernodes:
                     typ: type[T] | None, timeout: float) -> T:
         data = wire.encode(body) if body is not None else None
         headers = {"Content-Type": wire.JSON_TYPE, "Accept": wire.JSON_TYPE}
-        try:
-            async with self.session.request(method, node.base_url + path, data=data, headers=headers,
-                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise SupernodeDown(f"{type(exc).__name__}: {exc}") from None
+        for attempt in range(THROTTLED_RETRIES + 1):
+            try:
+                async with self.session.request(method, node.base_url + path, data=data, headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+                    retry_after = resp.headers.get("Retry-After", "")
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise SupernodeDown(f"{type(exc).__name__}: {exc}") from None
+            if status != 429 or attempt == THROTTLED_RETRIES:
+                break
+            # over this client's request rate: wait as told (bounded), then ask again
+            delay = float(retry_after) if retry_after.isdigit() else 1.0
+            await asyncio.sleep(min(max(delay, 0.1), MAX_RETRY_AFTER))
         if status >= 400:
             raise _error(raw, status)
         if typ is None:
@@ -99,5 +132,5 @@ def _error(raw: bytes, status: int) -> Exception:
         body = None
     err = from_wire(body, fallback_status=status)
     if status >= 500 and (body is None or err.code in _RETRY_CODES):
-        return SupernodeDown(f"HTTP {status} {err.message}")
+        return SupernodeDown(f"HTTP {status} {err.message}", busy=status == 503 and body is not None)
     return err

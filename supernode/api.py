@@ -14,14 +14,16 @@ from aiohttp import web
 from common import __version__, errors, wire
 from common.taskid import filter_url, is_task_id, new_id, redact_url, task_id as make_task_id
 
-from . import origin
-from .repo import PeerInfo
+from . import guard, origin
+from .auth import admin_only
+from .repo import PeerInfo, TaskMeta
 from .state import STATE, SupernodeState
 
 log = logging.getLogger("supernode.api")
 MAX_BODY = 64 * 1024
-_RANGE_RE = re.compile(r"^bytes=\d{1,19}-\d{0,19}$")
+_RANGE_RE = re.compile(r"^bytes=[0-9]{1,19}-[0-9]{0,19}\Z")
 T = TypeVar("T")
+_METHODS = frozenset({"GET", "POST", "DELETE", "HEAD", "PUT", "PATCH", "OPTIONS"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,11 +43,8 @@ def reply(request: web.Request, obj: object, status: int = 200) -> web.Response:
 
 
 async def body(request: web.Request, typ: type[T]) -> T:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise errors.PayloadTooLarge(f"body over {MAX_BODY} bytes")
-    data = await request.content.read(MAX_BODY + 1)
-    if len(data) > MAX_BODY:
-        raise errors.PayloadTooLarge(f"body over {MAX_BODY} bytes")
+    """Decode the body the guard read (capped, with a deadline) before any handler ran."""
+    data = await guard.body_bytes(request, MAX_BODY, request.app[STATE].settings.body_timeout)
     return wire.decode(data, typ, msgpack=request.content_type == wire.MSGPACK_TYPE)
 
 
@@ -53,7 +52,7 @@ async def body(request: web.Request, typ: type[T]) -> T:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     st = request.app[STATE]
     t0 = time.perf_counter()
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    route = guard.route_of(request)
     status = 500
     try:
         resp = await handler(request)
@@ -61,7 +60,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return resp
     except errors.DfError as exc:
         status = exc.status
-        return reply(request, exc.to_wire(), status=exc.status)
+        resp = reply(request, exc.to_wire(), status=exc.status)
+        if "retry_after" in exc.detail:
+            resp.headers["Retry-After"] = str(exc.detail["retry_after"])
+        if isinstance(exc, errors.RequestTimeout):
+            resp.force_close()  # the rest of a slow body would be read as the next request
+        return resp
     except web.HTTPException as exc:
         status = exc.status
         if exc.status < 400:
@@ -72,7 +76,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unexpected error in %s %s", request.method, route)
         return reply(request, {"error": "internal", "message": "internal error"}, status=500)
     finally:
-        st.metrics.observe_request(route, request.method, status, time.perf_counter() - t0)
+        # any method string reaches here: keep the label set bounded
+        method = request.method if request.method in _METHODS else "OTHER"
+        st.metrics.observe_request(route, method, status, time.perf_counter() - t0)
 
 
 def _task_id(request: web.Request) -> str:
@@ -82,38 +88,70 @@ def _task_id(request: web.Request) -> str:
     return tid
 
 
+async def _known_task(st: SupernodeState, tid: str) -> TaskMeta:
+    meta = await st.repo.get_meta(tid)
+    if meta is None:
+        raise errors.NotFound("unknown task")
+    return meta
+
+
+async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md5: str | None,
+                    identifier: str | None, filter_keys: list[str], range_: str | None) -> TaskMeta:
+    """The task part of a registration (also preheat's): check the origin URL and register
+    the task (a conflict is 409). The caller starts the CDN fetch (`st.cdn.ensure`)."""
+    origin.check_url(url, st.policy)
+    await origin.check_resolvable(url, st.policy)
+    tid = make_task_id(url, filter_keys=filter_keys, md5=md5, identifier=identifier, range_header=range_)
+    state, _ = await st.repo.register_task(
+        tid, url=url, url_key=filter_url(url, filter_keys), md5=md5 or "",
+        identifier=identifier or "", range_=range_ or "", headers=headers,
+        fail_interval_ms=int(st.settings.fail_access_interval * 1000),
+    )
+    if state == "conflict":
+        raise errors.Conflict("task id already registered with another URL, md5 or identifier")
+    meta = await st.repo.get_meta(tid)
+    if meta is None:
+        raise errors.StoreError("task vanished during registration")
+    return meta
+
+
+def _check_peer(st: SupernodeState, peer: wire.PeerAddr) -> None:
+    try:
+        ipaddress.ip_address(peer.ip)
+    except ValueError:
+        raise errors.BadRequest("peer ip must be an IP address") from None
+    if st.peer_policy is not None and not st.peer_policy.permits(peer.ip):
+        raise errors.PeerAddressDenied(
+            f"peer address {peer.ip} is refused by this supernode's peer policy (loopback, link-local, "
+            "unspecified and multicast addresses need --allow-peer)", detail={"ip": peer.ip})
+
+
 async def register(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     req = await body(request, wire.RegisterRequest)
     if req.range is not None and not _RANGE_RE.match(req.range):
         raise errors.BadRequest("range must be bytes=START-[END]")
     if req.peer is not None:
-        try:
-            ipaddress.ip_address(req.peer.ip)
-        except ValueError:
-            raise errors.BadRequest("peer ip must be an IP address") from None
-    origin.check_url(req.url, st.policy)
-    await origin.check_resolvable(req.url, st.policy)
-    tid = make_task_id(req.url, filter_keys=req.filter, md5=req.md5, identifier=req.identifier,
-                       range_header=req.range)
-    state, _ = await st.repo.register_task(
-        tid, url=req.url, url_key=filter_url(req.url, req.filter), md5=req.md5 or "",
-        identifier=req.identifier or "", range_=req.range or "", headers=dict(req.headers),
-        fail_interval_ms=int(st.settings.fail_access_interval * 1000),
-    )
-    if state == "conflict":
-        raise errors.Conflict("task id already registered with another URL, md5 or identifier")
+        _check_peer(st, req.peer)
+    meta = await open_task(st, req.url, headers=dict(req.headers), md5=req.md5, identifier=req.identifier,
+                           filter_keys=list(req.filter), range_=req.range)
+    tid = meta.task_id
     cid = req.cid if req.cid else new_id()
     kind = "peer-cdn" if req.pattern == "cdn" else "peer"
     if req.peer is None:
         info = PeerInfo("", "", 0, "none")
     else:
         info = PeerInfo(req.peer.peer_id, req.peer.ip, req.peer.port, kind)
+        st.metrics.seen_peer(req.peer.peer_id)
     if req.cid:
         old = await st.repo.peer_of(tid, req.cid)
         if old is not None and old.peer_id != info.peer_id:
             cid = new_id()  # an id is never taken over by another peer
     await st.repo.add_peer(tid, cid, info)
+    if cid == req.cid:
+        # A re-registration (dfget failing over): what its old session had in flight is
+        # void, and left in Redis it would block those pieces until their deadlines.
+        await st.repo.release(tid, cid)
     meta = await st.repo.get_meta(tid)
     if meta is None:
         raise errors.StoreError("task vanished during registration")
@@ -121,7 +159,14 @@ async def register(request: web.Request) -> web.Response:
     await st.dispatcher.wait_started(tid, st.settings.register_wait)
     meta = await st.repo.get_meta(tid) or meta
     log.info("registered %s for task %s (%s) state=%s", cid[:8], tid[:12], redact_url(req.url), meta.status)
-    return reply(request, wire.RegisterReply(cid=cid, supernode_id=st.sn_id, task=meta.info()))
+    keys = await st.keyring.current() if st.settings.piece_auth and st.keyring is not None else []
+    return reply(request, wire.RegisterReply(cid=cid, supernode_id=st.sn_id, task=meta.info(),
+                                             piece_auth=st.settings.piece_auth, keys=keys))
+
+
+def _gone(request: web.Request) -> bool:
+    """The client closed its connection (a dfget killed mid long-poll)."""
+    return request.transport is None or request.transport.is_closing()
 
 
 async def pull(request: web.Request) -> web.Response:
@@ -130,7 +175,7 @@ async def pull(request: web.Request) -> web.Response:
     req = await body(request, wire.PullRequest)
     if req.wait > st.settings.pull_wait_max:
         raise errors.BadRequest(f"wait must be at most {st.settings.pull_wait_max}")
-    res = await st.dispatcher.pull(tid, req)
+    res = await st.dispatcher.pull(tid, req, alive=lambda: not _gone(request))
     st.metrics.assignments.inc(len(res.assignments))
     await st.repo.touch(tid)
     return reply(request, res)
@@ -141,8 +186,7 @@ async def report(request: web.Request) -> web.Response:
     tid = _task_id(request)
     req = await body(request, wire.ReportRequest)
     done = await st.dispatcher.report(tid, req.cid, list(req.reports)) if req.reports else 0
-    for r in req.reports:
-        st.metrics.reports.labels(r.result, r.reason or "").inc()
+    await st.metrics.observe_reports(st.repo, tid, req.cid, req.reports)
     if req.event == "aborted":
         await st.repo.release(tid, req.cid)
     await st.repo.touch(tid)
@@ -152,20 +196,17 @@ async def report(request: web.Request) -> web.Response:
 async def digests(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     tid = _task_id(request)
-    meta = await st.repo.get_meta(tid)
-    if meta is None:
-        raise errors.NotFound("unknown task")
+    meta = await _known_task(st, tid)
     known = await st.repo.digests(tid)
     count = meta.piece_count if meta.piece_count >= 0 else (max(known, default=-1) + 1)
     return reply(request, wire.DigestsReply(meta.info(), [known.get(n) for n in range(count)]))
 
 
+@admin_only  # lists client ids, which act as a client's credentials towards the API
 async def get_task(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     tid = _task_id(request)
-    meta = await st.repo.get_meta(tid)
-    if meta is None:
-        raise errors.NotFound("unknown task")
+    meta = await _known_task(st, tid)
     clients = await st.repo.all_clients(tid)
     return reply(request, {
         "task": meta.info(), "url": redact_url(meta.url),
@@ -183,11 +224,11 @@ async def list_tasks(request: web.Request) -> web.Response:
     return reply(request, {"tasks": out})
 
 
+@admin_only
 async def delete_task(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     tid = _task_id(request)
-    if await st.repo.get_meta(tid) is None:
-        raise errors.NotFound("unknown task")
+    await _known_task(st, tid)
     task = st.cdn.running.get(tid)
     if task is not None:
         task.cancel()
@@ -196,10 +237,28 @@ async def delete_task(request: web.Request) -> web.Response:
     return reply(request, {"deleted": tid})
 
 
+@admin_only
+async def task_peers(request: web.Request) -> web.Response:
+    st: SupernodeState = request.app[STATE]
+    tid = _task_id(request)
+    await _known_task(st, tid)
+    clients = await st.repo.all_clients(tid)
+    return reply(request, {"peers": [
+        {"cid": c, "peer_id": p.peer_id, "ip": p.ip, "port": p.port, "kind": p.kind}
+        for c, p in clients.items() if p.kind in ("peer", "peer-cdn")]})
+
+
+async def piece_keys(request: web.Request) -> web.Response:
+    st: SupernodeState = request.app[STATE]
+    keys = await st.keyring.current() if st.settings.piece_auth and st.keyring is not None else []
+    return reply(request, wire.KeysReply(piece_auth=st.settings.piece_auth, keys=keys))
+
+
 async def heartbeat(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     req = await body(request, wire.HeartbeatRequest)
     known = await st.repo.heartbeat(req.peer_id)
+    st.metrics.seen_peer(req.peer_id)
     return reply(request, {"ok": True, "known": known})
 
 
@@ -213,6 +272,8 @@ async def peer_down(request: web.Request) -> web.Response:
         await st.repo.remove_clients(tid, cids)
         removed += len(cids)
     await st.repo.forget_host(req.peer_id, None if req.tasks is None else tasks)
+    if req.tasks is None:
+        st.metrics.peer_gone(req.peer_id)
     log.info("peer %s down: %d clients removed from %d tasks", req.peer_id[:8], removed, len(tasks))
     return reply(request, {"removed": removed})
 
@@ -232,7 +293,7 @@ async def version(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
-    body_, ctype = st.metrics.render(st)
+    body_, ctype = await st.metrics.render(st)
     return web.Response(body=body_, headers={"Content-Type": ctype})
 
 
@@ -242,6 +303,8 @@ def routes(app: web.Application) -> None:
     r.add_get("/api/v1/tasks", list_tasks)
     r.add_get("/api/v1/tasks/{task_id}", get_task)
     r.add_delete("/api/v1/tasks/{task_id}", delete_task)
+    r.add_get("/api/v1/tasks/{task_id}/peers", task_peers)
+    r.add_get("/api/v1/keys", piece_keys)
     r.add_post("/api/v1/tasks/{task_id}/pull", pull)
     r.add_post("/api/v1/tasks/{task_id}/report", report)
     r.add_get("/api/v1/tasks/{task_id}/digests", digests)

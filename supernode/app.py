@@ -18,10 +18,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from common import errors
 from common.ratelimit import Throttle
 from common.taskid import is_short_id, new_id
+from common.tokens import Signer
 
-from . import api
+from . import api, guard, preheat, ui
+from .auth import KeyRing, PieceGate, load_or_create_key
 from .cache import PieceCache
 from .cdn import Cdn, CdnSettings
 from .config import Settings
@@ -61,41 +64,75 @@ def _load_cache(cache: PieceCache) -> None:
             cache.adopt(entry)
 
 
+async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel and wait. A task whose cancellation got swallowed inside a store call (seen
+    right after start-up: it went on to sleep and loop) is cancelled again, so shutdown
+    never hangs on a background loop."""
+    pending = set(tasks)
+    for _ in range(100):
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+        if not pending:
+            break
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: a loop that died is logged by itself
+
+
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     settings: Settings = app[SETTINGS]
     settings.home.mkdir(parents=True, exist_ok=True)
+    signer = Signer(await asyncio.to_thread(load_or_create_key, settings.home))  # before opening anything
     store = Store(connect(settings.redis_url), embedded=not settings.redis_url)
-    origin = OriginClient(settings.origin_policy(), OriginSettings(read_timeout=settings.origin_read_timeout))
+    origin = OriginClient(settings.origin_policy(), OriginSettings(read_timeout=settings.origin_read_timeout,
+                                                                 retries=settings.origin_retries))
     await origin.start()
     cache = PieceCache(settings.home)
     await asyncio.to_thread(_load_cache, cache)
     sn_id = _supernode_id(settings.home)
+    keyring = KeyRing(store.client, signer, token_ttl=settings.piece_token_ttl)
+    metrics = Metrics()
     repo = Repo(store)
     hub = EventHub(store.client, wake_batch=settings.wake_batch)
     cdn = Cdn(repo, origin, cache, sn_id, Throttle(settings.max_bandwidth),
               CdnSettings(max_file_size=settings.max_file_size, min_rate=settings.origin_min_rate,
-                          max_fetches=settings.max_fetches))
-    seed = Seed(cache, slots=settings.seed_slots, throttle=Throttle(settings.upload_limit))
-    seed_runner = web.AppRunner(seed.app(), handle_signals=False, access_log=None)
+                          max_fetches=settings.max_fetches, lease_ttl_ms=int(settings.lease_ttl * 1000)))
+    if settings.piece_auth:
+        cdn.copier.use_tokens(signer, sn_id)  # a takeover copies pieces from peer servers
+    gate = PieceGate(keyring, sn_id, lambda reason: metrics.auth_refused.labels("piece", reason).inc())
+    seed = Seed(cache, slots=settings.seed_slots, throttle=Throttle(settings.upload_limit),
+                gate=gate if settings.piece_auth else None)
+    seed_runner = web.AppRunner(seed.app(), handle_signals=False, access_log=None,
+                                **guard.runner_kwargs(settings.header_timeout))
     await seed_runner.setup()
     seed_site = web.TCPSite(seed_runner, settings.listen, settings.download_port)
     await seed_site.start()
     download_port = seed_runner.addresses[0][1]
     ip = settings.public_ip()
     limits = Limits(max_inflight=settings.down_limit, peer_uploads=settings.up_limit,
-                    cdn_uploads=settings.cdn_limit)
+                    cdn_uploads=settings.cdn_limit, cdn_copies=settings.cdn_copies)
     dispatcher = Dispatcher(repo, hub, cdn, sn_id=sn_id, address=(ip, download_port), limits=limits,
-                            min_rate=settings.origin_min_rate)
+                            min_rate=settings.origin_min_rate,
+                            signer=signer if settings.piece_auth else None, token_ttl=settings.piece_token_ttl)
     st = SupernodeState(settings=settings, sn_id=sn_id, policy=settings.origin_policy(), store=store,
                         repo=repo, hub=hub, cache=cache, cdn=cdn, seed=seed, dispatcher=dispatcher,
-                        metrics=Metrics(), download_port=download_port)
+                        metrics=metrics, download_port=download_port, keyring=keyring,
+                        peer_policy=settings.peer_policy())
     app[STATE] = st
+    dispatcher.on_schedule = st.metrics.schedule.observe
+    dispatcher.on_reports = st.metrics.observe_applied
     if store.embedded:
         store.local_listener = hub.dispatch
     background = [asyncio.create_task(hub.run_local() if store.embedded else hub.run(), name="events")]
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(hub.connected.wait(), 5.0)
     background.append(asyncio.create_task(gc_loop(st), name="gc"))
+    try:
+        await keyring.publish()  # before the first registration hands out the key list
+    except errors.StoreError as exc:
+        log.warning("cannot publish the piece-token key yet: %s", exc.message)
+    background.append(asyncio.create_task(keyring.run(), name="keys"))
     api_port = app[API_PORT] if API_PORT in app else settings.port
     background.append(asyncio.create_task(announce_loop(st, ip, api_port, download_port), name="announce"))
     try:
@@ -103,11 +140,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await seed.drain(settings.shutdown_timeout / 2)
         await cdn.close()
-        for t in background:
-            t.cancel()
-        for t in background:
-            with contextlib.suppress(BaseException):
-                await t
+        await _stop_tasks(background)
         await seed_runner.cleanup()
         await origin.close()
         await store.close()
@@ -124,11 +157,17 @@ API_PORT: web.AppKey[int] = web.AppKey("api_port", int)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[api.error_middleware], client_max_size=api.MAX_BODY)
+    app = web.Application(middlewares=[api.error_middleware, guard.guard_middleware],
+                          client_max_size=api.MAX_BODY)
     app[SETTINGS] = settings
+    app[guard.GUARD] = guard.Guard(guard.Limits(
+        max_body=api.MAX_BODY, body_timeout=settings.body_timeout, max_requests=settings.max_requests,
+        register_rate=settings.register_rate, pull_rate=settings.pull_rate))
     app.cleanup_ctx.append(_state_ctx)
     app.on_shutdown.append(_on_shutdown)
     api.routes(app)
+    ui.routes(app)
+    preheat.routes(app)
     return app
 
 
@@ -137,7 +176,8 @@ async def serve(settings: Settings) -> None:
     if settings.port:
         app[API_PORT] = settings.port
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=settings.shutdown_timeout)
+                           shutdown_timeout=settings.shutdown_timeout,
+                           **guard.runner_kwargs(settings.header_timeout))
     await runner.setup()
     site = web.TCPSite(runner, settings.listen, settings.port)
     await site.start()

@@ -120,3 +120,18 @@ class PieceCache:
             os.utime(self.data_path(task_id), (now, now))
         except OSError:
             pass
+
+
+def write_at(path: str | os.PathLike[str], offset: int, data: bytes, *, sync: bool = False) -> None:
+    """Write `data` into an existing cache file at `offset` (all of it: pwrite may be
+    short), fsync'ed when `sync`."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)

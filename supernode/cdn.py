@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -28,12 +30,14 @@ from common.ranges import RangeSyntaxError, parse_content_range
 from common.ratelimit import Throttle
 from common.taskid import redact_url
 
-from . import keys
+from . import keys, takeover
 from .cache import CacheEntry, PieceCache
 from .origin import OriginClient, validators
+from .repair import CacheRepair
 from .repo import Repo, TaskMeta, now_ms
 
 log = logging.getLogger("supernode.cdn")
+T = TypeVar("T")
 BATCH = 1 << 20  # bytes of a piece handed to the hashing/writing thread at once
 
 
@@ -44,6 +48,7 @@ class CdnSettings:
     rate_window: float = 30.0
     max_fetches: int = 16
     lease_ttl_ms: int = keys.LEASE_TTL_MS
+    store_wait: float = 15.0  # how long a fetch rides out a store outage before pausing
 
 
 def file_digest(digests: dict[int, str], count: int) -> str:
@@ -70,6 +75,10 @@ def _hash_range(fd: int, offset: int, size: int) -> str:
     return digest.of(os.pread(fd, size, offset))
 
 
+class _NoResume(Exception):
+    """The origin would not continue the same version with a Range."""
+
+
 class FetchAborted(Exception):
     """The lease was lost: another supernode owns the fetch now."""
 
@@ -86,25 +95,91 @@ class Cdn:
         self.throttle = throttle
         self.settings = settings
         self.running: dict[str, asyncio.Task[None]] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._seed_checked: dict[str, float] = {}
         self._slots = asyncio.Semaphore(settings.max_fetches)
         self.bytes_fetched = 0
+        self.repair = CacheRepair(self)
+        self.copier = takeover.PeerCopier(repo, origin.policy, settings.min_rate)
 
     async def ensure(self, meta: TaskMeta) -> None:
-        """Start the fetch here if the task needs one and nobody holds its lease."""
-        if meta.status in ("success", "failed") or meta.task_id in self.running:
+        """Start the fetch here if the task needs one and nobody holds its lease; if
+        another supernode holds it, watch the lease so the fetch is taken over the
+        moment it expires (its holder died) rather than at some later pull."""
+        tid = meta.task_id
+        if meta.status == "failed" or tid in self.running:
             return
-        if not await self.repo.take_lease(meta.task_id, self.sn_id, self.settings.lease_ttl_ms):
+        if meta.status == "success" and not await self._seed_gone(meta):
+            if meta.cdn and meta.cdn != self.sn_id and len(self._watchers) < 1000:
+                self._watch(tid, lambda: self._watch_seed(tid, meta.cdn))
+            return
+        if not await self.repo.take_lease(tid, self.sn_id, self.settings.lease_ttl_ms):
             # Our own lease from before a restart (same home, same id) is ours to resume.
-            if await self.repo.lease_holder(meta.task_id) != self.sn_id:
+            if await self.repo.lease_holder(tid) != self.sn_id:
+                self._watch(tid, lambda: self._watch_lease(tid))
                 return
-        if meta.task_id in self.running:
+        self._start(tid)
+
+    async def _seed_gone(self, meta: TaskMeta, *, fresh: bool = False) -> bool:
+        """A finished task whose CDN copy is on no live supernode: its supernode's liveness
+        record expired (it died), or it is us without the file (an emptied cache). At
+        most one Redis look-up per task a second."""
+        now = time.monotonic()
+        if not fresh and now - self._seed_checked.get(meta.task_id, -10.0) < 1.0:
+            return False
+        if len(self._seed_checked) > 10_000:
+            self._seed_checked.clear()
+        self._seed_checked[meta.task_id] = now
+        if meta.cdn == self.sn_id:
+            return meta.task_id not in self.cache.entries
+        return not meta.cdn or await self.repo.supernode_address(meta.cdn) is None
+
+    def _start(self, task_id: str) -> None:
+        if task_id in self.running:
             return  # another registration in this process started it while we awaited
-        task = asyncio.create_task(self._run(meta.task_id), name=f"cdn-{meta.task_id[:12]}")
-        self.running[meta.task_id] = task
-        task.add_done_callback(lambda _t, tid=meta.task_id: self.running.pop(tid, None))
+        task = asyncio.create_task(self._run(task_id), name=f"cdn-{task_id[:12]}")
+        self.running[task_id] = task
+        task.add_done_callback(lambda _t, tid=task_id: self.running.pop(tid, None))
+
+    def _watch(self, task_id: str, watcher: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if task_id not in self._watchers:
+            task = asyncio.create_task(watcher(), name=f"watch-{task_id[:12]}")
+            self._watchers[task_id] = task
+            task.add_done_callback(lambda _t, tid=task_id: self._watchers.pop(tid, None))
+
+    async def _watch_seed(self, task_id: str, cdn: str) -> None:
+        """One look when the seed's liveness record would expire: if it did (the seed
+        died) and the finished task still names it, seed the task here. One-shot: the
+        next idle pull arms it again."""
+        with contextlib.suppress(errors.StoreError):
+            left = await self.repo.supernode_ttl_ms(cdn)
+            await asyncio.sleep(min(max(left, 0), 300_000) / 1000 + 0.05)
+            meta = await self.repo.get_meta(task_id)
+            if (meta is not None and meta.status == "success" and meta.cdn == cdn
+                    and task_id not in self.running and await self._seed_gone(meta, fresh=True)
+                    and await self.repo.take_lease(task_id, self.sn_id, self.settings.lease_ttl_ms)):
+                self._start(task_id)
+
+    async def _watch_lease(self, task_id: str) -> None:
+        """Sleep until the holder's lease would expire, then try to take it; ends when
+        the task is finished, failed, gone or fetched here."""
+        while True:
+            try:
+                left = await self.repo.lease_ttl_ms(task_id)
+                await asyncio.sleep(max(left, 0) / 1000 + 0.05)
+                meta = await self.repo.get_meta(task_id)
+                if meta is None or meta.status in ("success", "failed") or task_id in self.running:
+                    return
+                if await self.repo.take_lease(task_id, self.sn_id, self.settings.lease_ttl_ms):
+                    log.info("task %s: the fetch's lease expired; taking it over", task_id[:12])
+                    self._start(task_id)
+                    return
+            except errors.StoreError:
+                await asyncio.sleep(1.0)  # Redis blip: try again, the task is still unfinished
 
     async def close(self) -> None:
-        tasks = list(self.running.values())
+        await self.repair.close()
+        tasks = list(self._watchers.values()) + list(self.running.values())
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -115,15 +190,24 @@ class Cdn:
         keeper = asyncio.create_task(self._keep_lease(task_id, asyncio.current_task()))
         try:
             async with self._slots:
-                meta = await self.repo.get_meta(task_id)
-                if meta is None or meta.status in ("success", "failed"):
-                    return
-                await self._fetch(meta)
+                await self._patiently(f"task {task_id[:12]}: fetch", lambda: self._fetch_current(task_id))
+        except errors.StoreError as exc:
+            # Redis being away says nothing about the origin: the task must not fail for
+            # it. The fetch stops here; the next registration or waiting pull starts it
+            # again, resuming from the cache (Range) or revalidating a complete file.
+            log.warning("task %s: fetch paused, store unavailable (%s)", task_id[:12], exc.message)
         except errors.DfError as exc:
             log.warning("task %s failed: %s (%s)", task_id[:12], exc.message, exc.code)
             await self._fail(task_id, exc)
         except asyncio.CancelledError:
             raise
+        except OSError as exc:
+            if isinstance(exc, aiohttp.ClientError):  # a connection error that slipped through
+                err: errors.DfError = errors.OriginUnavailable(f"origin transfer failed: {exc}")
+            else:  # the piece cache: disk full, I/O error, permissions
+                err = errors.CdnStorageError(f"cannot write the piece cache: {exc.strerror or exc}")
+            log.warning("task %s failed: %s (%s)", task_id[:12], err.message, err.code)
+            await self._fail(task_id, err)
         except Exception as exc:  # noqa: BLE001 - a bug must fail the task, not hang it
             log.exception("task %s: unexpected fetch failure", task_id[:12])
             await self._fail(task_id, errors.TaskFailed(f"internal error: {type(exc).__name__}"))
@@ -138,20 +222,52 @@ class Cdn:
             with contextlib.suppress(errors.DfError):
                 await self.repo.keep_lease(task_id, self.sn_id, 0)
 
+    async def _fetch_current(self, task_id: str) -> None:
+        """The fetch as the store sees the task now (tried again after a store outage,
+        it resumes from the cache: Range for a partial file, revalidation for a whole one)."""
+        meta = await self.repo.get_meta(task_id)
+        if meta is None or meta.status == "failed" or (
+                meta.status == "success" and not await self._seed_gone(meta, fresh=True)):
+            return
+        if meta.status == "success":
+            log.warning("task %s: its CDN copy is gone (supernode %s); seeding it here",
+                        task_id[:12], meta.cdn[:8])
+        await self._fetch(meta)
+
+    async def _patiently(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Retry a store write the fetch cannot go on without through a short outage
+        (a Redis restart); StoreError once `store_wait` is over."""
+        deadline = time.monotonic() + self.settings.store_wait
+        delay = 0.1
+        while True:
+            try:
+                return await fn()
+            except errors.StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("%s: %s; retrying in %.1f s", what, exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     async def _fail(self, task_id: str, exc: errors.DfError) -> None:
         with contextlib.suppress(errors.DfError):
             await self.repo.set_meta(
                 task_id, status="failed", error=exc.code, error_message=exc.message, failed_ms=now_ms()
             )
-        if isinstance(exc, (errors.OriginChanged, errors.OriginShortBody, errors.OriginLongBody)):
-            self.cache.remove(task_id)
+        if isinstance(exc, (errors.OriginChanged, errors.OriginShortBody, errors.OriginLongBody,
+                            errors.CdnStorageError)):
+            self.cache.remove(task_id)  # (a partial file on a full disk only blocks others)
 
     async def _keep_lease(self, task_id: str, owner: asyncio.Task[Any] | None) -> None:
         period = self.settings.lease_ttl_ms / 3000
         while True:
             await asyncio.sleep(period)
             try:
-                ok = await self.repo.keep_lease(task_id, self.sn_id, self.settings.lease_ttl_ms)
+                ttl = self.settings.lease_ttl_ms
+                # a renewal that came late (a stalled loop, a Redis blip longer than the
+                # TTL) may take back a lease nobody else took: no one else is fetching
+                ok = (await self.repo.keep_lease(task_id, self.sn_id, ttl)
+                      or await self.repo.take_lease(task_id, self.sn_id, ttl))
             except errors.StoreError:
                 continue  # Redis blip: keep fetching; the next renewal decides
             if not ok and owner is not None:
@@ -169,11 +285,15 @@ class Cdn:
             headers["Range"] = meta.range
             entry = None  # ranged tasks are refetched whole; their validators are per range
         start = 0
-        if entry is not None and (entry.etag or entry.last_modified):
-            if entry.complete and await self._revalidate(meta, entry, headers, published):
+        if entry is not None and (entry.etag or entry.last_modified) and entry.complete:
+            if await self._revalidate(meta, entry, headers, published):
                 return
-            if not entry.complete:
-                start = await asyncio.to_thread(self._trusted_prefix, entry)
+        if published and not meta.range:
+            partial = entry if entry is not None and not entry.complete else None
+            if await self._take_over(meta, partial, published):
+                return
+        if entry is not None and (entry.etag or entry.last_modified) and not entry.complete:
+            start = await asyncio.to_thread(self._trusted_prefix, entry)
         attempt = 0
         while True:
             resp = await self._open(meta, entry, headers, start)
@@ -259,6 +379,8 @@ class Cdn:
         await self.repo.set_meta(
             meta.task_id, status="fetching", length=entry.length, piece_size=entry.piece_size,
             piece_count=piece_count(entry.length, entry.piece_size), cdn=self.sn_id,
+            # the validators let another supernode resume this fetch with If-Range
+            etag=entry.etag, last_modified=entry.last_modified,
         )
         if entry.digests:
             await self.repo.publish_pieces(meta.task_id, self.sn_id, sorted(entry.digests.items()))
@@ -322,8 +444,10 @@ class Cdn:
             os.close(fd)
 
     async def _stream(self, meta: TaskMeta, entry: CacheEntry, resp: Any, start: int,
-                      published: dict[int, str]) -> None:
+                      published: dict[int, str], *, stop: int | None = None, finish: bool = True) -> None:
+        """Pieces from `start` on (up to `stop`, exclusive, for a ranged run) out of `resp`."""
         ps = entry.piece_size
+        end = entry.length if stop is None else min(stop * ps, entry.length)
         path = self.cache.data_path(meta.task_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         pipe: _PiecePipe | None = None
@@ -344,7 +468,7 @@ class Cdn:
             async for chunk in resp.content.iter_any():
                 size = len(chunk)
                 received += size
-                if entry.length >= 0 and received > entry.length:
+                if entry.length >= 0 and received > end:
                     raise errors.OriginLongBody("origin sent more bytes than its Content-Length")
                 if entry.length < 0 and received > self.settings.max_file_size:
                     raise errors.OriginTooLarge("chunked origin body exceeds the maximum file size")
@@ -369,13 +493,14 @@ class Cdn:
                     if window_bytes / elapsed < self.settings.min_rate:
                         raise errors.OriginUnavailable("origin is slower than the minimum rate")
                     window_start, window_bytes = time.monotonic(), 0
-            if entry.length >= 0 and received < entry.length:
-                raise errors.OriginShortBody(f"origin sent {received} of {entry.length} bytes")
+            if entry.length >= 0 and received < end:
+                raise errors.OriginShortBody(f"origin sent {received} of {end} bytes")
             if in_piece:
                 if batch:
                     await pipe.add(piece, piece * ps + in_piece - batched, batch)
                 await pipe.end_piece(piece)
                 piece += 1
+            await pipe.flush()
             pipe = None
             if entry.length < 0:
                 entry.length = received
@@ -385,15 +510,108 @@ class Cdn:
             if pipe is not None:
                 await pipe.settle()  # never close the fd under a write
             os.close(fd)
-        await self._finish(meta, entry, piece_count(entry.length, ps))
+        if finish:
+            await self._finish(meta, entry, piece_count(entry.length, ps))
+
+    # --- taking over a fetch another supernode left unfinished --------------------------
+    async def _take_over(self, meta: TaskMeta, entry: CacheEntry | None, published: dict[int, str]) -> bool:
+        """Finish a fetch whose pieces were partly published by someone else (a dead
+        supernode, or this one before a restart): pieces already here stay, pieces live
+        peers hold are copied from them (checked against the published digest), and only
+        the rest comes from the origin, as Range + If-Range runs. False when that cannot
+        be done safely (no validator, unknown length) or is not needed (everything
+        published is here): the caller then fetches as usual."""
+        tid, length, ps = meta.task_id, meta.length, meta.piece_size
+        if length <= 0 or ps <= 0:
+            return False
+        etag, lm = await self.repo.origin_validators(tid)
+        same = entry is not None and (entry.length, entry.piece_size) == (length, ps) and (
+            not (etag or lm) or (entry.etag, entry.last_modified) == (etag, lm))
+        if same and entry is not None and not (etag or lm):
+            etag, lm = entry.etag, entry.last_modified
+        if not (etag or lm):
+            return False  # a Range without If-Range could splice two versions of the file
+        if same and entry is not None and set(published) <= set(entry.digests):
+            return False  # our own partial copy has it all: a plain resume
+        path = self.cache.data_path(tid)
+        have = await asyncio.to_thread(takeover.trusted_pieces, path, entry, published) if same and entry else {}
+        if not same:
+            self.cache.remove(tid)
+            entry = self.cache.create(tid)
+            entry.length, entry.piece_size, entry.etag, entry.last_modified = length, ps, etag, lm
+        assert entry is not None
+        entry.digests, entry.complete = have, False
+        await asyncio.to_thread(takeover.allocate, path, length)
+        self.cache.adopt(entry)
+        if not await self.repo.adopt_cdn(tid, self.sn_id, sorted(have.items())):
+            return True  # finished, failed or deleted meanwhile: nothing left to fetch
+        count = piece_count(length, ps)
+        missing = [n for n in range(count) if n not in have]
+        sources = await self.copier.sources(tid, [n for n in missing if n in published])
+        direct = [n for n in missing if n not in sources]
+        log.info("task %s: taking over the fetch: %d pieces here, %d to copy from peers, %d from the origin",
+                 tid[:12], len(have), len(sources), len(direct))
+        peers0, origin0 = self.copier.bytes_copied, self.bytes_fetched
+        assert self.origin.session is not None
+        copier = asyncio.create_task(self.copier.copy(self.origin.session, tid, entry, path, sources,
+                                                      published, self.sn_id))
+        try:
+            for a, b in takeover.runs(direct):
+                await self._fetch_run(meta, entry, a, b, published)
+            left = await copier
+            for a, b in takeover.runs(left):
+                await self._fetch_run(meta, entry, a, b, published)
+        except _NoResume as exc:
+            log.warning("task %s: %s; fetching the whole file again", tid[:12], exc)
+            with contextlib.suppress(errors.StoreError):
+                await self.repo.adopt_cdn(tid, self.sn_id, [])
+            return False
+        finally:
+            copier.cancel()
+            with contextlib.suppress(BaseException):
+                await copier
+        if len(entry.digests) < count:
+            raise errors.TaskFailed("internal error: pieces missing after a takeover")
+        await self._finish(meta, entry, count)
+        log.info("task %s: takeover done: %d bytes copied from peers, %d fetched from the origin",
+                 tid[:12], self.copier.bytes_copied - peers0, self.bytes_fetched - origin0)
+        return True
+
+    async def _fetch_run(self, meta: TaskMeta, entry: CacheEntry, a: int, b: int,
+                         published: dict[int, str]) -> None:
+        """Pieces [a, b) from the origin with Range + If-Range; a broken transfer resumes
+        inside the run."""
+        ps, attempt = entry.piece_size, 0
+        while True:
+            first = next((n for n in range(a, b) if n not in entry.digests), None)
+            if first is None:
+                return
+            lo, hi = first * ps, min(b * ps, entry.length) - 1
+            h = dict(meta.headers)
+            h["Range"], h["If-Range"] = f"bytes={lo}-{hi}", entry.etag or entry.last_modified
+            resp = await self.origin.open(meta.url, h)
+            try:
+                if resp.status != 206:
+                    raise _NoResume(f"origin answered {resp.status} to a resuming Range")
+                self._check_resume(resp, entry, first)  # the body's length is checked as it streams
+                await self._stream(meta, entry, resp, first, published, stop=b, finish=False)
+                return
+            except (TimeoutError, aiohttp.ClientError, errors.OriginShortBody, errors.OriginUnavailable) as exc:
+                attempt += 1
+                if attempt > self.origin.settings.retries:
+                    raise self._translate(exc, meta) from None
+                await asyncio.sleep(self.origin.settings.backoff * attempt)
+            finally:
+                resp.release()
 
     async def _finish(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
         entry.complete = True
         self.cache.save(entry)
-        await self.repo.set_meta(
-            meta.task_id, status="success", length=entry.length, piece_count=count,
-            file_digest=file_digest(entry.digests, count), cdn=self.sn_id,
-        )
+        fields: dict[str, object] = dict(
+            status="success", length=entry.length, piece_size=entry.piece_size, piece_count=count,
+            file_digest=file_digest(entry.digests, count), cdn=self.sn_id)
+        await self._patiently(f"task {meta.task_id[:12]}: recording success", lambda: self.repo.finish_task(
+            meta.task_id, self.sn_id, fields, sorted(entry.digests.items())))
         log.info("task %s: CDN has %s (%d bytes, %d pieces)", meta.task_id[:12],
                  redact_url(meta.url), entry.length, count)
 
@@ -409,6 +627,7 @@ class _PiecePipe:
         self.piece = -1
         self.hasher: Any = None
         self.last_save = time.monotonic()
+        self.unpublished: list[tuple[int, str]] = []
 
     async def add(self, piece: int, offset: int, chunks: list[bytes]) -> None:
         await self._wait()
@@ -421,6 +640,14 @@ class _PiecePipe:
         if self.pending is not None:
             p, self.pending = self.pending, None
             await p
+
+    async def flush(self) -> None:
+        """Publish what a store outage held back (bounded wait, then StoreError)."""
+        if self.unpublished:
+            pieces = self.unpublished
+            await self.cdn._patiently(f"task {self.task_id[:12]}: publishing pieces",
+                                      lambda: self.cdn.repo.publish_pieces(self.task_id, self.cdn.sn_id, pieces))
+            self.unpublished = []
 
     async def settle(self) -> None:
         """Wait for the batch in the thread, whatever its outcome (error paths)."""
@@ -438,7 +665,16 @@ class _PiecePipe:
         if old is not None and old != d:
             raise errors.OriginChanged(f"piece {n} differs from the version already distributed")
         self.entry.digests[n] = d
-        await self.cdn.repo.publish_pieces(self.task_id, self.cdn.sn_id, [(n, d)])
+        self.unpublished.append((n, d))
+        try:
+            await self.cdn.repo.publish_pieces(self.task_id, self.cdn.sn_id, self.unpublished)
+            self.unpublished = []
+        except errors.StoreError as exc:
+            # keep fetching through a store outage; these go out with the next piece
+            log.info("task %s: cannot publish %d pieces yet: %s", self.task_id[:12],
+                     len(self.unpublished), exc.message)
         if time.monotonic() - self.last_save > 1.0:
             self.last_save = time.monotonic()
-            await asyncio.to_thread(self.cdn.cache.save, self.entry)
+            # a copy: a takeover's peer copier adds digests on the loop meanwhile
+            snap = dataclasses.replace(self.entry, digests=dict(self.entry.digests))
+            await asyncio.to_thread(self.cdn.cache.save, snap)

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from common import __version__
+from common import __version__, logs
 from common.units import parse_duration, parse_size
 
 from .config import Settings
 
 _SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size", "origin_min_rate"}
 _DURATIONS = {"fail_access_interval", "task_expire_time", "peer_gc_delay", "gc_initial_delay",
-              "gc_meta_interval", "register_wait", "origin_read_timeout", "shutdown_timeout"}
+              "gc_meta_interval", "register_wait", "origin_read_timeout", "shutdown_timeout", "lease_ttl",
+              "piece_token_ttl", "header_timeout", "body_timeout"}
+_CIDRS = {"allow_origin", "deny_origin", "allow_peer", "deny_peer"}
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -46,28 +46,55 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--upload-limit", dict(default="0", show_default=True, help="Seed upload rate cap (0 = none).")),
     ("--up-limit", dict(type=int, default=5, show_default=True, help="Concurrent uploads per peer.")),
     ("--down-limit", dict(type=int, default=4, show_default=True, help="Pieces in flight per client.")),
-    ("--cdn-limit", dict(type=int, default=8, show_default=True, help="Concurrent CDN uploads per task.")),
+    ("--cdn-limit", dict(type=int, default=16, show_default=True, help="Concurrent CDN uploads per task.")),
+    ("--cdn-copies", dict(type=int, default=1, show_default=True,
+                          help="Super-seeding: the CDN sends a piece only while fewer than this many "
+                               "peers hold or fetch it from the CDN (a client with nothing in flight "
+                               "is served regardless).")),
     ("--seed-slots", dict(type=int, default=64, show_default=True, help="Concurrent CDN uploads in all.")),
     ("--fail-access-interval", dict(default="3m", show_default=True, help="How long a failed origin stays failed.")),
     ("--task-expire-time", dict(default="3m", show_default=True, help="Idle time after which a task is dropped.")),
     ("--peer-gc-delay", dict(default="3m", show_default=True, help="Silence after which a peer is dropped.")),
-    ("--gc-initial-delay", dict(default="6s", show_default=True)),
-    ("--gc-meta-interval", dict(default="2m", show_default=True)),
+    ("--gc-initial-delay", dict(default="6s", show_default=True, help="Wait before the first garbage collection after start.")),
+    ("--gc-meta-interval", dict(default="2m", show_default=True, help="Interval between garbage collections of tasks, peers and cached files.")),
     ("--disk-gc-threshold", dict(default="5GB", show_default=True, help="Evict unused cached files below this free space.")),
     ("--max-file-size", dict(default="64GB", show_default=True, help="Largest origin file accepted (also chunked).")),
     ("--max-fetches", dict(type=int, default=16, show_default=True, help="Concurrent origin fetches.")),
+    ("--lease-ttl", dict(default="15s", show_default=True, help="CDN fetch lease: a dead supernode's fetch is taken over after it, its CDN copies re-seeded after twice it.")),
     ("--register-wait", dict(default="10s", show_default=True, help="How long a registration waits for the origin's answer.")),
-    ("--origin-read-timeout", dict(default="30s", show_default=True)),
-    ("--origin-min-rate", dict(default="64KB", show_default=True)),
-    ("--log-level", dict(default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))),
+    ("--origin-read-timeout", dict(default="30s", show_default=True, help="An origin silent this long mid-response fails the read.")),
+    ("--origin-retries", dict(type=int, default=3, show_default=True,
+                              help="Retries of a failed origin request, and of a broken origin transfer (resumed).")),
+    ("--origin-min-rate", dict(default="64KB", show_default=True, help="Slowest acceptable origin rate per fetch; also sizes piece deadlines.")),
+    ("--header-timeout", dict(default="20s", show_default=True, help="Close a connection that has not sent a whole request head in this time (slow clients).")),
+    ("--body-timeout", dict(default="10s", show_default=True, help="Answer 408 to a request whose body has not arrived in this time.")),
+    ("--max-requests", dict(type=int, default=4096, show_default=True, help="API requests in progress at once; more get 503 busy.")),
+    ("--register-rate", dict(type=float, default=100.0, show_default=True, help="Registrations per second per client address, bursts of 10x (0 = no limit); more get 429.")),
+    ("--pull-rate", dict(type=float, default=200.0, show_default=True, help="Pulls per second per client id, bursts of 2x (0 = no limit); more get 429.")),
+    ("--log-level", dict(default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]), help="Lowest level logged.")),
     ("--log-json", dict(is_flag=True, default=False, help="Log one JSON object per line.")),
-    ("--shutdown-timeout", dict(default="10s", show_default=True)),
+    ("--shutdown-timeout", dict(default="10s", show_default=True, help="On SIGTERM, how long to drain requests and uploads before exiting.")),
+    ("--allow-peer", dict(multiple=True, help="CIDR a peer may announce even if denied by default, e.g. 127.0.0.0/8 for tests (repeatable).")),
+    ("--deny-peer", dict(multiple=True, help="Extra CIDR never accepted as a peer address (repeatable).")),
+    ("--piece-auth/--no-piece-auth", dict(default=True, show_default=True, help="Require signed piece tokens on the download port and peer servers (off: trusted networks only).")),
+    ("--piece-token-ttl", dict(default="5m", show_default=True, help="Validity of a piece token.")),
+    ("--admin-token", dict(default=None, help="Bearer token admin operations need (delete, preheat, peer listings); prefer the env var or --admin-token-file. Unset: admin operations are open.")),
+    ("--admin-token-file", dict(default=None, type=click.Path(dir_okay=False), help="File holding the admin token.")),
 ]
 
 
 def build_settings(values: dict[str, Any]) -> Settings:
     kwargs: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(Settings)}
+    values = dict(values)
+    token_file = values.pop("admin_token_file", None)
+    if token_file:
+        if values.get("admin_token"):
+            raise ValueError("give --admin-token or --admin-token-file, not both")
+        try:
+            values["admin_token"] = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --admin-token-file: {exc}") from None
     for name, value in values.items():
         if name not in fields or value is None:
             continue
@@ -75,7 +102,7 @@ def build_settings(values: dict[str, Any]) -> Settings:
             value = parse_size(str(value))
         elif name in _DURATIONS:
             value = parse_duration(str(value))
-        elif name in ("allow_origin", "deny_origin"):
+        elif name in _CIDRS:
             value = tuple(value) if not isinstance(value, str) else (value,)
         elif name == "home":
             value = Path(value).expanduser()
@@ -95,15 +122,16 @@ def _command() -> click.Command:
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         from .app import run
+        from .auth import KeyFileError
 
-        logging.basicConfig(
-            level=settings.log_level.upper(), stream=sys.stderr,
-            format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-            if settings.log_json else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        run(settings)
+        logs.setup(settings.log_level, as_json=settings.log_json,
+                   text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            run(settings)
+        except KeyFileError as exc:
+            raise click.ClickException(str(exc)) from None
 
-    for flag, kw in reversed(OPTIONS):
+    for flag, kw in OPTIONS:  # appended to the built command's params, so in order
         cmd = click.option(flag, **kw)(cmd)
     return cmd
 

@@ -40,7 +40,8 @@ class Settings:
     upload_limit: int = 0  # seed upload cap, bytes/s (0 = none)
     up_limit: int = 5  # concurrent uploads per peer
     down_limit: int = 4  # pieces in flight per client
-    cdn_limit: int = 8  # concurrent CDN uploads per task per supernode
+    cdn_limit: int = 16  # concurrent CDN uploads per task per supernode
+    cdn_copies: int = 1  # super-seeding: CDN sends a piece while fewer copies exist
     seed_slots: int = 64  # concurrent uploads of the seed, all tasks
     fail_access_interval: float = 180.0
     task_expire_time: float = 180.0
@@ -50,28 +51,61 @@ class Settings:
     disk_gc_threshold: int = 5 << 30  # below this free space, evict unused cached files
     max_file_size: int = 64 << 30
     max_fetches: int = 16
+    lease_ttl: float = 15.0  # CDN fetch lease: how long a dead fetcher blocks a takeover
     register_wait: float = 10.0
     origin_read_timeout: float = 30.0
+    origin_retries: int = 3  # per origin request, and per fetch for a broken transfer
     origin_min_rate: int = 64 << 10
     pull_wait_max: float = 30.0
+    header_timeout: float = 20.0  # a connection must deliver a request head within this
+    body_timeout: float = 10.0  # a request body must arrive within this
+    max_requests: int = 4096  # requests in progress at once; more get 503 busy
+    register_rate: float = 100.0  # registrations per second per client address (0 = no limit)
+    pull_rate: float = 200.0  # pulls per second per client id (0 = no limit)
     wake_batch: int = 8
     log_level: str = "info"
     log_json: bool = False
     shutdown_timeout: float = 10.0
+    allow_peer: tuple[str, ...] = ()
+    deny_peer: tuple[str, ...] = ()
+    piece_auth: bool = True
+    piece_token_ttl: float = 300.0
+    admin_token: str = field(default="", repr=False)
 
     def validate(self) -> Settings:
         for name in ("port", "download_port"):
             v = getattr(self, name)
             if not 0 <= v <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0..65535")
-        for name in ("up_limit", "down_limit", "cdn_limit", "seed_slots", "max_fetches"):
+        for name in ("header_timeout", "body_timeout", "register_rate", "pull_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        for name in ("up_limit", "down_limit", "cdn_limit", "cdn_copies", "seed_slots", "max_fetches",
+                     "max_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.origin_retries <= 20:
+            raise ValueError("--origin-retries must be 0..20")
+        if self.redis_url:
+            from .store import check_url
+
+            check_url(self.redis_url)  # a bad URL is a usage error, not a traceback at start
+        if not 1.0 <= self.lease_ttl <= 3600.0:
+            raise ValueError("--lease-ttl must be between 1s and 1h")
         self.origin_policy()  # raises on bad CIDRs
+        self.peer_policy()
+        if not 10 <= self.piece_token_ttl <= 86400:
+            raise ValueError("--piece-token-ttl must be between 10s and 24h")
+        if self.admin_token and (len(self.admin_token) < 16 or self.admin_token != self.admin_token.strip()):
+            raise ValueError("the admin token must be at least 16 characters, without surrounding spaces")
         return self
 
     def origin_policy(self) -> AddressPolicy:
         return AddressPolicy.build(self.allow_origin, self.deny_origin)
+
+    def peer_policy(self) -> AddressPolicy:
+        """Which peer addresses a registration may announce (same defaults as origins)."""
+        return AddressPolicy.build(self.allow_peer, self.deny_peer)
 
     def public_ip(self) -> str:
         return self.advertise_ip or detect_ip()

@@ -80,8 +80,13 @@ class EventHub:
         """Listen forever; reconnect with backoff; wake everyone after a gap."""
         delay = 0.1
         while True:
-            pubsub = self.client.pubsub()
+            pubsub = None
             try:
+                if hasattr(self.client, "nodes_manager"):
+                    # Redis Cluster: its pub/sub picks a node by slot, so the slot map must
+                    # be loaded first (idempotent); any master receives every PUBLISH
+                    await self.client.initialize()
+                pubsub = self.client.pubsub()
                 await pubsub.psubscribe(keys.EVENT_PATTERN)
                 self.connected.set()
                 self.wake_all()  # events may have been missed while disconnected
@@ -104,5 +109,6 @@ class EventHub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()

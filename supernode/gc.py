@@ -55,6 +55,15 @@ async def _disk(st: SupernodeState) -> int:
     return removed
 
 
+def raise_if_cancelled() -> None:
+    """redis-py (8.x) can swallow a cancellation that lands during a command: the call
+    returns normally and the loop would go on forever, hanging shutdown. The request
+    is still counted on the task, so honour it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def gc_loop(st: SupernodeState) -> None:
     await asyncio.sleep(st.settings.gc_initial_delay)
     while True:
@@ -64,13 +73,18 @@ async def gc_loop(st: SupernodeState) -> None:
                 log.info("gc: %s", stats)
         except errors.StoreError as exc:
             log.warning("gc skipped: %s", exc.message)
+        raise_if_cancelled()
         await asyncio.sleep(st.settings.gc_meta_interval)
 
 
 async def announce_loop(st: SupernodeState, ip: str, port: int, download_port: int) -> None:
+    # The record lives two lease TTLs: a dead supernode's CDN copy is re-seeded elsewhere
+    # (cdn.py) about as soon as a fetch it left would be taken over.
+    ttl = st.settings.lease_ttl
     while True:
         try:
-            await st.repo.announce_supernode(st.sn_id, ip, port, download_port)
+            await st.repo.announce_supernode(st.sn_id, ip, port, download_port, int(ttl * 2000))
         except errors.StoreError as exc:
             log.warning("cannot announce this supernode: %s", exc.message)
-        await asyncio.sleep(10)
+        raise_if_cancelled()
+        await asyncio.sleep(ttl / 3)

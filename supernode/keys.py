@@ -26,6 +26,8 @@ Global (not tagged):
   df:host:<peer_id>   SET  task ids in which this peer server has clients (TTL)
   df:alive:<peer_id>  STRING liveness of a peer server (TTL, refreshed by heartbeats)
   df:sn:<sn_id>       HASH ip, port, download_port of a live supernode (TTL)
+  df:keys             HASH kid -> "<Ed25519 public key hex>|<expires ms>": piece-token keys
+                           of the supernodes (supernode/auth.py)
 Channels:
   df:ev:{T}   one message per change in a task: "p" (piece/slot), "s" (status)
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 PREFIX = "df"
 
 TASK_INDEX = f"{PREFIX}:tasks"
+PIECE_KEYS = f"{PREFIX}:keys"
 EVENT_PATTERN = f"{PREFIX}:ev:*"
 
 # TTLs (milliseconds). Every task key is re-armed with TASK_KEY_TTL_MS when written; the

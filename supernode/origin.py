@@ -52,7 +52,10 @@ class PolicyResolver(AbstractResolver):
 
 def check_url(url: str, policy: AddressPolicy) -> None:
     """Scheme and IP-literal checks that need no I/O (BadRequest / policy denial)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise errors.BadRequest("malformed URL") from None
     if parts.scheme not in ("http", "https"):
         raise errors.OriginPolicyDenied(f"only http and https origins are allowed, not {parts.scheme or 'none'!r}")
     try:
@@ -167,7 +170,11 @@ class OriginClient:
                 resp.release()
                 if not location:
                     raise errors.OriginStatus(f"redirect without Location from {redact_url(url)}", detail={"status": str(resp.status)})
-                url = urljoin(url, location)
+                try:
+                    url = urljoin(url, location)
+                except ValueError:
+                    raise errors.OriginStatus(f"malformed redirect from {redact_url(url)}",
+                                              detail={"status": str(resp.status)}) from None
                 continue
             if resp.status in (200, 206, 304):
                 return resp

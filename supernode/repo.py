@@ -12,7 +12,7 @@ from common import wire
 from common.errors import StoreError
 
 from . import keys
-from .scheduler import Bitmap, SourceState
+from .scheduler import Bitmap, SourceState, decode_counts
 from .store import Store, translate
 
 
@@ -122,6 +122,8 @@ class Snapshot:
     registered: bool
     cdn_uploads: int = 0  # uploads the task's CDN source is doing now
     cdn_sending: tuple[int, ...] = ()  # the pieces those uploads carry
+    cdn_sending_until: tuple[int, ...] = ()  # and their deadlines (ms), in the same order
+    clients: int = 0  # clients registered on the task (the swarm's size)
 
 
 @dataclass
@@ -130,6 +132,34 @@ class Detail:
     digests: list[str]
     sources: dict[str, SourceState] = field(default_factory=dict)
     addresses: dict[str, PeerInfo] = field(default_factory=dict)
+
+
+@dataclass
+class TaskOverview:
+    meta: TaskMeta
+    cdn_pieces: int  # pieces the CDN has verified
+    clients: int
+    held: int  # piece copies held by clients, all clients together
+
+
+@dataclass
+class ClientView:
+    cid: str
+    info: PeerInfo
+    have: bytes  # the bitmap as stored (bit n = piece n, MSB first)
+    inflight: list[tuple[int, str]]  # (piece, source id) assigned and not yet reported
+    uploads: int  # pieces of this task it is sending now
+    failures: int
+
+
+@dataclass
+class PieceMap:
+    meta: TaskMeta
+    cdn: bytes  # bitmap of the pieces the CDN has verified
+    cdn_uploads: int
+    clients_total: int
+    clients: list[ClientView]  # at most the cap asked for, sorted by address
+    sources: dict[str, PeerInfo]  # address of every client source named in `inflight`
 
 
 class Repo:
@@ -188,6 +218,20 @@ class Repo:
             args += [n, d]
         await self.store.run("publish_pieces", [keys.meta(task_id)], args)
 
+    async def unpublish_pieces(self, task_id: str, pieces: list[int]) -> None:
+        """Take pieces (all of them: []) of the CDN copy out of scheduling."""
+        await self.store.run("unpublish_pieces", [keys.meta(task_id)], [self.ttl, *pieces])
+
+    async def finish_task(self, task_id: str, cdn_id: str, fields: dict[str, object],
+                          pieces: list[tuple[int, str]]) -> bool:
+        """Meta fields and every piece digest at once (scripts.FINISH_TASK)."""
+        args: list[Any] = [self.ttl, cdn_id, len(fields)]
+        for name, value in fields.items():
+            args += [name, str(value)]
+        for n, d in pieces:
+            args += [n, d]
+        return bool(await self.store.run("finish_task", [keys.meta(task_id)], args))
+
     @translate
     async def digests(self, task_id: str) -> dict[int, str]:
         h = await self.r.hgetall(keys.digests(task_id))
@@ -227,6 +271,24 @@ class Repo:
     async def lease_holder(self, task_id: str) -> str | None:
         v = await self.r.get(keys.lease(task_id))
         return _s(v) if v else None
+
+    @translate
+    async def lease_ttl_ms(self, task_id: str) -> int:
+        """Milliseconds left on the task's lease (<= 0: nobody holds it)."""
+        return int(await self.r.pttl(keys.lease(task_id)))
+
+    async def adopt_cdn(self, task_id: str, cdn_id: str, pieces: list[tuple[int, str]]) -> bool:
+        """Name `cdn_id` the task's CDN holding exactly `pieces` (a takeover)."""
+        args: list[Any] = [self.ttl, cdn_id]
+        for n, d in pieces:
+            args += [n, d]
+        return bool(await self.store.run("adopt_cdn", [keys.meta(task_id)], args))
+
+    @translate
+    async def origin_validators(self, task_id: str) -> tuple[str, str]:
+        """ETag and Last-Modified the task's fetch started with ('' if none)."""
+        etag, lm = await self.r.hmget(keys.meta(task_id), ["etag", "last_modified"])
+        return (_s(etag) if etag else ""), (_s(lm) if lm else "")
 
     # --- peers ------------------------------------------------------------------------
     async def add_peer(self, task_id: str, cid: str, info: PeerInfo) -> bool:
@@ -325,8 +387,10 @@ class Repo:
             client_failures=int(_s(res[7])),
             client=PeerInfo.decode(client_raw) if client_raw else None,
             registered=bool(client_raw),
-            cdn_uploads=len(res[9]),
-            cdn_sending=tuple(int(_s(m).rsplit(":", 1)[1]) for m in res[9]),
+            cdn_uploads=len(res[9]) // 2,
+            cdn_sending=tuple(int(_s(m).rsplit(":", 1)[1]) for m in res[9][0::2]),
+            cdn_sending_until=tuple(int(float(_s(d))) for d in res[9][1::2]),
+            clients=int(res[10]),
         )
 
     def _meta(self, task_id: str, h: dict[str, str]) -> TaskMeta:
@@ -366,12 +430,14 @@ class Repo:
         return d
 
     async def claim(
-        self, task_id: str, cid: str, items: list[tuple[int, str, str, int]], *,
+        self, task_id: str, cid: str, items: list[tuple[int, str, str, int, int]], *,
         max_inflight: int, peer_cap: int, cdn_cap: int,
     ) -> list[int]:
+        """items: (piece, source, kind, deadline_ms, max_copies); max_copies > 0 holds a
+        CDN assignment to the super-seeding limit atomically (0: no limit)."""
         args: list[Any] = [cid, now_ms(), self.ttl, max_inflight, peer_cap, cdn_cap]
-        for n, src, kind, deadline in items:
-            args += [n, src, kind, deadline]
+        for n, src, kind, deadline, max_copies in items:
+            args += [n, src, kind, deadline, max_copies]
         res = await self.store.run("claim", [keys.meta(task_id)], args)
         return [int(_s(x)) for x in res]
 
@@ -387,11 +453,130 @@ class Repo:
     async def release(self, task_id: str, cid: str) -> int:
         return int(await self.store.run("release", [keys.meta(task_id)], [cid]))
 
+    # --- dashboard (read-only, bounded) ----------------------------------------------
+    @translate
+    async def task_overviews(self, task_ids: list[str]) -> list[TaskOverview]:
+        """Meta, CDN progress, client count and held copies of each task, one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for tid in task_ids:
+            pipe.hgetall(keys.meta(tid))
+            pipe.bitcount(keys.cdnmap(tid))
+            pipe.hlen(keys.peers(tid))
+            pipe.get(keys.counts(tid))
+        res = await pipe.execute()
+        out = []
+        for i, tid in enumerate(task_ids):
+            h, cdn, clients, cnt = res[4 * i: 4 * i + 4]
+            if not h:
+                continue  # deleted since it was listed
+            meta = TaskMeta.from_hash(tid, {_s(a): _s(b) for a, b in h.items()})
+            count = meta.piece_count if meta.piece_count >= 0 else int(cdn)
+            held = sum(decode_counts(bytes(cnt) if cnt else b"", max(count, 0)))
+            out.append(TaskOverview(meta, int(cdn), int(clients), held))
+        return out
+
+    @translate
+    async def some_clients(self, task_id: str, cap: int) -> tuple[int, dict[str, PeerInfo]]:
+        """(number of clients, at most `cap` of them): HSCAN, never the whole hash."""
+        total = int(await self.r.hlen(keys.peers(task_id)))
+        out: dict[str, PeerInfo] = {}
+        cursor = 0
+        for _ in range(64):  # bounded: HSCAN may return fewer than COUNT per call
+            cursor, batch = await self.r.hscan(keys.peers(task_id), cursor, count=max(cap, 16))
+            for cid, raw in batch.items():
+                info = PeerInfo.decode(_s(raw))
+                if info is not None and len(out) < cap:
+                    out[_s(cid)] = info
+            if int(cursor) == 0 or len(out) >= cap:
+                break
+        return total, out
+
+    @translate
+    async def piece_map(self, task_id: str, cap: int) -> PieceMap | None:
+        """Who holds which piece and who is fetching what from whom, for at most `cap`
+        clients (bitmaps as stored, not per-piece records)."""
+        meta = await self.get_meta(task_id)
+        if meta is None:
+            return None
+        total, clients = await self.some_clients(task_id, cap)
+        now = now_ms()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(keys.cdnmap(task_id))
+        if meta.cdn:
+            pipe.zcount(keys.uploads(task_id, meta.cdn), f"({now}", "+inf")
+        cids = sorted(clients, key=lambda c: (clients[c].ip, clients[c].port, c))
+        for cid in cids:
+            pipe.get(keys.have(task_id, cid))
+            pipe.hgetall(keys.inflight(task_id, cid))
+            pipe.zcount(keys.uploads(task_id, cid), f"({now}", "+inf")
+            pipe.hget(keys.client_fails(task_id), cid)
+        res = await pipe.execute()
+        cdn_raw = res[0]
+        cdn_up = int(res[1]) if meta.cdn else 0
+        rest = res[2:] if meta.cdn else res[1:]
+        views = []
+        for i, cid in enumerate(cids):
+            have, fly, up, fails = rest[4 * i: 4 * i + 4]
+            inflight = []
+            for piece, entry in fly.items():
+                src, _, deadline = _s(entry).partition("|")
+                if int(deadline or 0) > now:
+                    inflight.append((int(_s(piece)), src))
+            inflight.sort()
+            views.append(ClientView(cid, clients[cid], bytes(have) if have else b"",
+                                    inflight[:64], int(up), int(_s(fails)) if fails else 0))
+        named = {s for v in views for _, s in v.inflight}
+        unknown = sorted(named - set(clients) - {meta.cdn})[:256]
+        sources = dict(clients)
+        if unknown:  # sources outside the listed clients (truncated list)
+            for cid, raw in zip(unknown, await self.r.hmget(keys.peers(task_id), unknown)):
+                info = PeerInfo.decode(_s(raw)) if raw else None
+                if info is not None:
+                    sources[cid] = info
+        return PieceMap(meta, bytes(cdn_raw) if cdn_raw else b"", cdn_up, total, views, sources)
+
+    @translate
+    async def clients_sample(self, task_ids: list[str], cap: int) -> dict[str, dict[str, PeerInfo]]:
+        """Up to about `cap` clients of each task (first HSCAN page of each), one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for tid in task_ids:
+            pipe.hscan(keys.peers(tid), 0, count=cap)
+        out: dict[str, dict[str, PeerInfo]] = {}
+        for tid, (_cursor, batch) in zip(task_ids, await pipe.execute()):
+            got = out[tid] = {}
+            for cid, raw in list(batch.items())[:cap]:
+                info = PeerInfo.decode(_s(raw))
+                if info is not None:
+                    got[_s(cid)] = info
+        return out
+
+    @translate
+    async def task_counts(self, active_ms: int) -> tuple[int, int]:
+        """(tasks in the index, tasks accessed within the last `active_ms`)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(keys.TASK_INDEX)
+        pipe.zcount(keys.TASK_INDEX, now_ms() - active_ms, "+inf")
+        total, active = await pipe.execute()
+        return int(total), int(active)
+
+    @translate
+    async def peers_alive(self, peer_ids: list[str]) -> list[bool]:
+        pipe = self.r.pipeline(transaction=False)
+        for pid in peer_ids:
+            pipe.exists(keys.alive(pid))
+        return [bool(x) for x in await pipe.execute()]
+
     # --- supernodes -------------------------------------------------------------------
     @translate
-    async def announce_supernode(self, sn_id: str, ip: str, port: int, download_port: int) -> None:
+    async def announce_supernode(self, sn_id: str, ip: str, port: int, download_port: int,
+                                 ttl_ms: int = keys.SUPERNODE_TTL_MS) -> None:
         await self.r.hset(keys.supernode(sn_id), mapping={"ip": ip, "port": port, "download_port": download_port})
-        await self.r.pexpire(keys.supernode(sn_id), keys.SUPERNODE_TTL_MS)
+        await self.r.pexpire(keys.supernode(sn_id), ttl_ms)
+
+    @translate
+    async def supernode_ttl_ms(self, sn_id: str) -> int:
+        """Milliseconds left on a supernode's liveness record (<= 0: gone)."""
+        return int(await self.r.pttl(keys.supernode(sn_id)))
 
     @translate
     async def supernode_address(self, sn_id: str) -> tuple[str, int] | None:
@@ -402,4 +587,5 @@ class Repo:
         return d["ip"], int(d["download_port"])
 
 
-__all__ = ["Repo", "TaskMeta", "PeerInfo", "Snapshot", "Detail", "ReportRefused", "StoreError", "now_ms"]
+__all__ = ["Repo", "TaskMeta", "PeerInfo", "Snapshot", "Detail", "ReportRefused", "StoreError",
+           "now_ms", "TaskOverview", "ClientView", "PieceMap"]

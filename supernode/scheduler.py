@@ -88,6 +88,12 @@ class Limits:
     cdn_uploads: int = 4  # per supernode, per task
     source_fail_limit: int = 5
     client_fail_limit: int = 5
+    # Super-seeding: the CDN sends a piece only while fewer than cdn_copy_limit() copies
+    # of it exist in the swarm (peer holders plus the CDN's own transfers in flight). The
+    # seed's upload is the scarce resource: spent on pieces the peers cannot trade yet,
+    # it buys the most. A client with nothing in flight is fed regardless (liveness).
+    cdn_copies: int = 1
+    cdn_copies_step: int = 10  # one more allowed copy per this many clients of the task
 
 
 @dataclass(frozen=True)
@@ -114,12 +120,23 @@ class Candidate:
     piece: int
     on_cdn: bool
     holders: tuple[str, ...] = ()
+    copies: int = 0  # peer holders + CDN transfers in flight, swarm-wide
 
 
 @dataclass(frozen=True)
 class Decision:
     piece: int
     source: str
+
+
+def cdn_copy_limit(clients: int, limits: Limits) -> int:
+    """How many copies of a piece the CDN seeds into a swarm of `clients`: at least
+    `cdn_copies` (1: each piece once, N-1 of N bytes from peers), one more per
+    `cdn_copies_step` clients. Peers must otherwise upload (N - copies) / N of every
+    byte, which at N = 20 with uplinks equal to downlinks leaves them no slack; a few
+    more seeded copies keep the seed's share near 1/step while each piece starts out
+    from several holders."""
+    return max(limits.cdn_copies, clients // max(1, limits.cdn_copies_step))
 
 
 def wanted(client: ClientState, requested: int, limits: Limits) -> int:
@@ -135,11 +152,14 @@ def rank(
     rng: random.Random,
     *,
     cdn_open: bool = True,
+    exclude: Iterable[int] = (),
 ) -> list[int]:
     """The `limit` best pieces for this client, best first: by (peer holders, distance to
     the mean of its in-flight pieces, random). With `cdn_open` False (the CDN has no free
     upload slot) pieces only the CDN has are left out: ranking them first would hand
-    every client candidates nobody can serve now.
+    every client candidates nobody can serve now. `exclude` names pieces nobody can
+    serve this client now for another reason (the CDN is already sending them and no
+    peer holds them yet).
 
     Written for ~1000 pieces per pull: set and sort work runs in C, the per-piece
     Python work is bounded by `limit`."""
@@ -152,6 +172,7 @@ def rank(
         avail.update(cdn.members(piece_count))
     avail.difference_update(client.have.members(piece_count))
     avail.difference_update(client.inflight)
+    avail.difference_update(exclude)
     if not avail:
         return []
     center = sum(client.inflight) / len(client.inflight) if client.inflight else None
@@ -209,10 +230,19 @@ def assign(
     client: ClientState,
     want: int,
     limits: Limits,
+    *,
+    cdn_copies: int | None = None,
 ) -> list[Decision]:
-    """Pick a source for up to `want` of the ranked candidates (in their order)."""
+    """Pick a source for up to `want` of the ranked candidates (in their order).
+
+    A peer holder (the least loaded usable one) is preferred; the CDN serves a piece when
+    no peer can and the piece has fewer than `cdn_copies` (default `limits.cdn_copies`)
+    copies in the swarm, or
+    when this client has nothing in flight at all (so no client ever starves), or when the
+    client is served by the CDN only."""
     loads = {sid: s.load for sid, s in sources.items()}
     cdn_only = client.cdn_only or client.failures > limits.client_fail_limit
+    copy_limit = limits.cdn_copies if cdn_copies is None else cdn_copies
     out: list[Decision] = []
     for cand in candidates:
         if len(out) >= want:
@@ -227,7 +257,9 @@ def assign(
                 load = loads.get(h, 0)
                 if _usable(src, client, limits, load) and (best_load is None or load < best_load):
                     choice, best_load = h, load
-        if choice is None and cand.on_cdn and cdn_source is not None:
+        starving = not client.inflight and not out
+        if (choice is None and cand.on_cdn and cdn_source is not None
+                and (cdn_only or starving or cand.copies < copy_limit)):
             src = sources.get(cdn_source)
             if _usable(src, client, limits, loads.get(cdn_source, 0)):
                 choice = cdn_source

@@ -65,7 +65,9 @@ end
 """
 
 # Applies piece reports of client `cid`: ARGV[first..] are piece, result, source, reason
-# quadruples. Validates every report first; applies all or nothing.
+# quadruples. Validates every report first; applies all or nothing. A report on a piece
+# the client already holds and no longer has in flight is a repeat (a client re-sends the
+# reports of a request it gave up on, not knowing they were applied): it changes nothing.
 # -> "ok", done | "not_assigned", piece | "unknown_client" | "unknown_task" | "bad_piece", piece
 _APPLY_REPORTS = r"""
 local function apply_reports(cid, ttl, limit, first)
@@ -80,22 +82,40 @@ local function apply_reports(cid, ttl, limit, first)
       if redis.call('HEXISTS', k('dig'), n) == 0 then return 'bad_piece', n end
     else
       local entry = redis.call('HGET', fly, n)
-      if not entry then return 'not_assigned', n end
-      local esrc = split2(entry)
-      if src ~= '' and src ~= esrc then return 'not_assigned', n end
+      if not entry then
+        if redis.call('GETBIT', k('have:' .. cid), tonumber(n)) == 0 then return 'not_assigned', n end
+      else
+        local esrc = split2(entry)
+        if src ~= '' and src ~= esrc then return 'not_assigned', n end
+      end
     end
   end
   local changed = false
   for i = first, #ARGV, 4 do
     local n, res = ARGV[i], ARGV[i + 1]
+    local entry = res ~= 'have' and redis.call('HGET', fly, n)
     if res == 'have' then
+      -- a piece held already may also be assigned (given again after a failover):
+      -- the assignment is void, its slots free now rather than at its deadline
+      local entry = redis.call('HGET', fly, n)
+      if entry then
+        redis.call('HDEL', fly, n)
+        release_upload(split2(entry), cid .. ':' .. n)
+      end
       add_holder(cid, tonumber(n), ttl)
-    else
-      local src = split2(redis.call('HGET', fly, n))
+    elseif entry then
+      local src = split2(entry)
       redis.call('HDEL', fly, n)
       release_upload(src, cid .. ':' .. n)
       if res == 'ok' then
         add_holder(cid, tonumber(n), ttl)
+      elseif src == redis.call('HGET', meta, 'cdn') and ARGV[i + 3] ~= 'refused'
+          and ARGV[i + 3] ~= 'timeout' then
+        -- bad bytes from the CDN copy: its supernode checks and mends it (repair.py); it
+        -- stays the source of last resort, also for this client. (Unreachable, it is
+        -- avoided like any source: a dead seed is replaced under another id.)
+        redis.call('HINCRBY', k('fails'), src, 1)
+        touch(k('fails'), ttl)
       else
         redis.call('SADD', k('bl:' .. cid), src)
         touch(k('bl:' .. cid), ttl)
@@ -168,10 +188,63 @@ redis.call('PUBLISH', chan(), 'p')
 return 1
 """
 
+# Pieces of the CDN copy found bad on its disk: nobody is sent to them until they are
+# published again (their digests stay: they are what the origin sent). ARGV: ttl_ms,
+# pieces... (none: every piece)
+UNPUBLISH_PIECES = _PRELUDE + r"""
+if redis.call('EXISTS', meta) == 0 then return 0 end
+if #ARGV == 1 then
+  redis.call('DEL', k('cdnmap'))
+else
+  for i = 2, #ARGV do redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 0) end
+  touch(k('cdnmap'), tonumber(ARGV[1]))
+end
+return 1
+"""
+
+# The CDN has the whole file: every piece digest and the final meta fields in one step,
+# so a store that lost its state meanwhile (a restart without persistence) and got the
+# task registered again never ends up "success" without the digests.
+# ARGV: ttl_ms, cdn_id, n (meta field/value pairs that follow), pairs..., piece/digest pairs
+FINISH_TASK = _PRELUDE + r"""
+if redis.call('EXISTS', meta) == 0 then return 0 end
+local ttl, nf = tonumber(ARGV[1]), tonumber(ARGV[3])
+local first = 4 + 2 * nf
+for i = first, #ARGV, 2 do
+  redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
+  redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
+end
+for i = 4, first - 1, 2 do redis.call('HSET', meta, ARGV[i], ARGV[i + 1]) end
+touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+redis.call('PUBLISH', chan(), 's')
+return 1
+"""
+
+# A takeover: ARGV[2] becomes the task's CDN, holding exactly the listed pieces (the old
+# CDN's bitmap is dropped: those pieces are on a dead supernode's disk). A finished task
+# stays finished (a re-seed after its CDN died). ARGV: ttl_ms, cdn_id, then piece/digest
+# pairs. 0 if the task is gone or failed.
+ADOPT_CDN = _PRELUDE + r"""
+local st = redis.call('HGET', meta, 'status')
+if not st or st == 'failed' then return 0 end
+local ttl = tonumber(ARGV[1])
+redis.call('HSET', meta, 'cdn', ARGV[2])
+if st ~= 'success' then redis.call('HSET', meta, 'status', 'fetching') end
+redis.call('DEL', k('cdnmap'))
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
+  redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
+end
+touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+redis.call('PUBLISH', chan(), 's')
+return 1
+"""
+
 # One pull's view of the task, after applying the reports piggy-backed on it (one round
 # trip instead of two). ARGV: cid, now_ms, ttl_ms, source_fail_limit, then report
 # quadruples (none: read only). -> {"report-status", value} if a report is refused, else
-# {meta, counts, have, cdnmap, fly, blacklist, bad, cfails, peer, cdn_uploads ('cid:piece' list)}
+# {meta, counts, have, cdnmap, fly, blacklist, bad, cfails, peer,
+#  cdn_uploads ('cid:piece', deadline_ms, ... flat), clients}
 SNAPSHOT = _PRELUDE + _APPLY_REPORTS + r"""
 local cid = ARGV[1]
 if #ARGV >= 5 then
@@ -181,7 +254,9 @@ end
 local fly = redis.call('HGETALL', k('fly:' .. cid))
 local cdn = redis.call('HGET', meta, 'cdn')
 local cdn_up = {}
-if cdn and cdn ~= '' then cdn_up = redis.call('ZRANGEBYSCORE', k('up:' .. cdn), '(' .. ARGV[2], '+inf') end
+if cdn and cdn ~= '' then
+  cdn_up = redis.call('ZRANGEBYSCORE', k('up:' .. cdn), '(' .. ARGV[2], '+inf', 'WITHSCORES')
+end
 return {
   redis.call('HGETALL', meta),
   redis.call('GET', k('cnt')) or '',
@@ -193,6 +268,7 @@ return {
   redis.call('HGET', k('cfails'), cid) or '0',
   redis.call('HGET', k('peers'), cid) or '',
   cdn_up,
+  redis.call('HLEN', k('peers')),
 }
 """
 
@@ -235,7 +311,10 @@ return {table.concat(holders, ';'), table.concat(digs, ','), table.concat(info, 
 """
 
 # Atomic claim. ARGV: cid, now_ms, ttl_ms, max_inflight, peer_cap, cdn_cap,
-# then piece, source, kind, deadline_ms quadruples. Returns the claimed pieces.
+# then piece, source, kind, deadline_ms, max_copies quintuples (max_copies > 0: a CDN
+# assignment only while the piece has fewer copies, holders plus the CDN's transfers of
+# it in flight; this closes the race of two pulls super-seeding the same piece).
+# Returns the claimed pieces.
 CLAIM = _PRELUDE + r"""
 local cid, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local fly = k('fly:' .. cid)
@@ -249,9 +328,10 @@ for i = 1, #cur, 2 do
 end
 local room = tonumber(ARGV[4]) - redis.call('HLEN', fly)
 local out = {}
-for i = 7, #ARGV, 4 do
+for i = 7, #ARGV, 5 do
   if room <= 0 then break end
   local n, src, kind, dl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local max_copies = tonumber(ARGV[i + 4])
   local up = k('up:' .. src)
   local cap = tonumber(ARGV[5])
   if kind == 'cdn' then cap = tonumber(ARGV[6]) end
@@ -262,6 +342,14 @@ for i = 7, #ARGV, 4 do
   if ok then
     redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
     ok = redis.call('ZCARD', up) < cap
+  end
+  if ok and kind == 'cdn' and max_copies > 0 then
+    local copies = redis.call('BITFIELD', k('cnt'), 'GET', 'u16', '#' .. n)[1] or 0
+    local suffix = ':' .. n
+    for _, m in ipairs(redis.call('ZRANGE', up, 0, -1)) do
+      if string.sub(m, -#suffix) == suffix then copies = copies + 1 end
+    end
+    ok = copies < max_copies
   end
   if ok then
     redis.call('ZADD', up, dl, cid .. ':' .. n)
@@ -322,6 +410,9 @@ ALL = {
     "add_peer": ADD_PEER,
     "set_meta": SET_META,
     "publish_pieces": PUBLISH_PIECES,
+    "finish_task": FINISH_TASK,
+    "unpublish_pieces": UNPUBLISH_PIECES,
+    "adopt_cdn": ADOPT_CDN,
     "snapshot": SNAPSHOT,
     "detail": DETAIL,
     "claim": CLAIM,

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from common.pieces import piece_of_range
-from common.ranges import RangeSyntaxError, RangeUnsatisfiable, parse_range
+from common.ranges import ByteRange, RangeSyntaxError, RangeUnsatisfiable, parse_range
 from common.ratelimit import Throttle
 from common.taskid import is_task_id
 
 from .cache import PieceCache
+
+if TYPE_CHECKING:
+    from .auth import PieceGate
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _FileResponse(web.FileResponse):
@@ -35,9 +42,29 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
+def only_the_range(request: web.Request, rng: ByteRange) -> web.BaseRequest:
+    """The request as FileResponse may see it: the checked range only (it would answer a
+    client's Accept-Encoding with a `.gz`/`.br` file next to ours, an If-Range that does
+    not match with the whole file, conditional headers with 304/412)."""
+    return request.clone(headers={"Range": rng.header()})
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown paths and methods answer with the same JSON error body as everything else."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, "not_found" if exc.status == 404 else "bad_request", exc.reason)
+
+
 class Seed:
-    def __init__(self, cache: PieceCache, *, slots: int, throttle: Throttle, min_rate: int = 64 << 10) -> None:
+    def __init__(self, cache: PieceCache, *, slots: int, throttle: Throttle, min_rate: int = 64 << 10,
+                 gate: PieceGate | None = None) -> None:
         self.cache = cache
+        self.gate = gate  # piece tokens (None: --no-piece-auth)
         self.slots = slots
         self.active = 0
         self.throttle = throttle
@@ -48,7 +75,7 @@ class Seed:
         self._idle.set()
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[_json_errors], client_max_size=1024)
         app.router.add_get("/peer/file/{task_id}", self.serve)
         app.router.add_get("/_ping", self.ping)
         return app
@@ -61,9 +88,10 @@ class Seed:
         entry = self.cache.entries.get(tid) if is_task_id(tid) else None
         if entry is None:
             return _error(404, "not_found", "unknown task")
-        header = request.headers.get("Range")
-        if header is None:
+        ranges = request.headers.getall("Range", [])
+        if len(ranges) != 1:
             return _error(400, "bad_request", "a single Range is required")
+        header = ranges[0]
         size = entry.length if entry.length >= 0 else (max(entry.digests, default=-1) + 1) * entry.piece_size
         try:
             rng = parse_range(header, size)
@@ -74,6 +102,8 @@ class Seed:
         piece = piece_of_range(rng.start, rng.end, size, entry.piece_size)
         if piece is None:
             return _error(400, "bad_request", "range must lie inside one piece")
+        if self.gate is not None and (refused := await self.gate.check(request, tid, rng.start, rng.end)):
+            return refused
         if not entry.has(piece):
             return _error(404, "not_found", f"piece {piece} not available here")
         if self.draining or self.active >= self.slots:
@@ -85,7 +115,7 @@ class Seed:
                 await self.throttle.consume(rng.length)
             resp = _FileResponse(self.cache.data_path(tid), chunk_size=1 << 20)
             async with asyncio.timeout(rng.length / self.min_rate + 10):
-                await resp.prepare(request)
+                await resp.prepare(only_the_range(request, rng))
             self.bytes_served += rng.length
             return resp
         finally:

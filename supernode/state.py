@@ -10,6 +10,7 @@ from aiohttp import web
 from common.netpolicy import AddressPolicy
 
 if TYPE_CHECKING:
+    from .auth import KeyRing
     from .cache import PieceCache
     from .cdn import Cdn
     from .config import Settings
@@ -35,6 +36,8 @@ class SupernodeState:
     dispatcher: Dispatcher
     metrics: Metrics
     download_port: int = 0
+    keyring: KeyRing | None = None
+    peer_policy: AddressPolicy | None = None
 
 
 STATE: web.AppKey[SupernodeState] = web.AppKey("supernode_state", SupernodeState)

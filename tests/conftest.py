@@ -384,7 +384,7 @@ def supernode(
         port, dport = free_port(), free_port()
         cmd = [sys.executable, "-m", "supernode", "--listen", LOOPBACK, "--port", str(port),
                "--download-port", str(dport), "--home", str(home),
-               "--advertise-ip", LOOPBACK, "--allow-origin", "127.0.0.0/8"]
+               "--advertise-ip", LOOPBACK, "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8"]
         if redis_url:
             cmd += ["--redis-url", redis_url]
         cmd += list(extra_args)

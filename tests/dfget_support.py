@@ -116,7 +116,7 @@ class FakeSupernode:
         cid = req.cid or new_id()
         self.peers[cid] = req.peer
         task.done.setdefault(cid, set())
-        task.assigned.setdefault(cid, set())
+        task.assigned[cid] = set()  # registering again (same cid) releases its assignments
         body = wire.RegisterReply(cid=cid, supernode_id=self.sn_id, task=task.info())
         return web.Response(body=wire.encode(body), content_type="application/json")
 

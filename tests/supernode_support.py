@@ -18,7 +18,7 @@ from supernode.config import Settings
 def settings_for(home: Path, redis_url: str | None, **over: Any) -> Settings:
     base = dict(
         port=0, download_port=0, listen="127.0.0.1", advertise_ip="127.0.0.1", home=home,
-        redis_url=redis_url, allow_origin=("127.0.0.0/8",), gc_initial_delay=3600.0,
+        redis_url=redis_url, allow_origin=("127.0.0.0/8",), allow_peer=("127.0.0.0/8",), gc_initial_delay=3600.0,
         register_wait=10.0, max_bandwidth=0,
     )
     base.update(over)
@@ -52,11 +52,14 @@ class Api:
         return await self.post(f"/api/v1/tasks/{tid}/report", {"cid": cid, "reports": reports, **extra}, status)
 
 
-async def fetch_piece(a: dict[str, Any], tid: str) -> bytes:
+async def fetch_piece(a: dict[str, Any], tid: str, cid: str | None = None) -> bytes:
     src = a["source"]
     url = f"http://{src['ip']}:{src['port']}/peer/file/{tid}"
+    headers = {"Range": f"bytes={a['start']}-{a['end']}"}
+    if a.get("token"):
+        headers.update({"X-Dragonfly-Token": a["token"], "X-Dragonfly-Client": cid or ""})
     async with aiohttp.ClientSession() as s:
-        async with s.get(url, headers={"Range": f"bytes={a['start']}-{a['end']}"}) as r:
+        async with s.get(url, headers=headers) as r:
             assert r.status == 206, await r.text()
             return await r.read()
 
@@ -72,7 +75,7 @@ async def download_all(api: Api, tid: str, cid: str, length: int, limit: int = 4
             return bytes(out)
         assert res["state"] in ("continue", "wait"), res
         for a in res["assignments"]:
-            data = await fetch_piece(a, tid)
+            data = await fetch_piece(a, tid, cid)
             assert hashlib.sha256(data).hexdigest() == a["digest"]
             if len(out) <= a["end"]:
                 out.extend(b"\0" * (a["end"] + 1 - len(out)))

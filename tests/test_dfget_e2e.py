@@ -46,7 +46,7 @@ class World:
         self.sn = await asyncio.create_subprocess_exec(
             PY, "-m", "supernode", "--port", str(self.api), "--download-port", str(dl),
             "--home", str(self.tmp / "sn"), "--advertise-ip", "127.0.0.1",
-            "--allow-origin", "127.0.0.0/8", stdout=log, stderr=log)
+            "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8", stdout=log, stderr=log)
         log.close()
         async with aiohttp.ClientSession() as s:
             for _ in range(200):

@@ -59,7 +59,7 @@ async def test_serves_registered_piece_and_reports_down_on_sigterm_and_delete(tm
         base = f"http://127.0.0.1:{sn.port}"
         for tid, path in ((TID, f1), (tid2, f2)):
             await client.register(RegisterFile(task_id=tid, path=str(path), length=2500, piece_size=1000,
-                                               supernodes=[base], owner_pid=os.getpid()))
+                                               supernodes=[base], owner_pid=os.getpid(), piece_auth=False))
         url = f"http://127.0.0.1:{info.port}/peer/file/{TID}"
         async with aiohttp.ClientSession() as s:
             async with s.get(url, headers={"Range": "bytes=1000-1999"}) as r:

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from supernode.scheduler import (
-    Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, decode_counts, rank, wanted,
+    Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, cdn_copy_limit, decode_counts, rank,
+    wanted,
 )
 
 CDN = "c" * 32
@@ -106,6 +107,21 @@ LIM = Limits(max_inflight=4, peer_uploads=2, cdn_uploads=1, source_fail_limit=3,
          [Candidate(0, False, (ME,))], [src(ME)], ClientState(ME), 1, []),
         ("unknown holder ignored",
          [Candidate(0, False, (C,))], [src(A)], ClientState(ME), 1, []),
+        ("super-seeding: a piece with a copy in the swarm is not sent by the CDN again",
+         [Candidate(0, True, (A,), copies=1)], [src(A, load=2), src(CDN, "cdn")],
+         ClientState(ME, inflight=frozenset({7})), 1, []),
+        ("super-seeding: a piece the CDN is already sending is not sent twice",
+         [Candidate(0, True, (), copies=1), Candidate(1, True, (), copies=0)], [src(CDN, "cdn")],
+         ClientState(ME, inflight=frozenset({7})), 1, [Decision(1, CDN)]),
+        ("super-seeding: a client with nothing in flight is fed by the CDN all the same",
+         [Candidate(0, True, (A,), copies=1)], [src(A, load=2), src(CDN, "cdn")], ClientState(ME), 1,
+         [Decision(0, CDN)]),
+        ("super-seeding: that rescue is one piece, not a licence for the whole pull",
+         [Candidate(0, True, (A,), copies=1), Candidate(1, True, (A,), copies=1)],
+         [src(A, load=2), src(CDN, "cdn")], ClientState(ME), 2, [Decision(0, CDN)]),
+        ("super-seeding does not apply to a CDN-only client",
+         [Candidate(0, True, (A,), copies=3)], [src(A), src(CDN, "cdn")],
+         ClientState(ME, cdn_only=True, inflight=frozenset({7})), 1, [Decision(0, CDN)]),
         ("want bounds the result, order kept",
          [Candidate(5, False, (A,)), Candidate(3, False, (B,)), Candidate(1, False, (A,))], [src(A), src(B)],
          ClientState(ME), 2, [Decision(5, A), Decision(3, B)]),
@@ -114,6 +130,21 @@ LIM = Limits(max_inflight=4, peer_uploads=2, cdn_uploads=1, source_fail_limit=3,
 def test_assign(name, cands, sources, client, want, expected) -> None:
     got = assign(cands, {s.sid: s for s in sources}, CDN, client, want, LIM)
     assert got == expected, name
+
+
+def test_cdn_copies_sets_how_many_copies_the_cdn_sends() -> None:
+    cands = [Candidate(0, True, (A,), copies=1), Candidate(1, True, (A, B), copies=2)]
+    sources = {s.sid: s for s in (src(A, load=2), src(B, load=2), src(CDN, "cdn"))}
+    client = ClientState(ME, inflight=frozenset({7}))
+    two = Limits(max_inflight=4, peer_uploads=2, cdn_uploads=4, source_fail_limit=3,
+                 client_fail_limit=2, cdn_copies=2)
+    assert assign(cands, sources, CDN, client, 2, two) == [Decision(0, CDN)]
+    assert assign(cands, sources, CDN, client, 2, LIM) == []
+
+
+def test_rank_leaves_out_excluded_pieces() -> None:
+    client = ClientState(ME)
+    assert rank(4, Bitmap.of(range(4)), [0, 1, 0, 2], client, 4, rng(), exclude={0, 2}) == [1, 3]
 
 
 def test_wanted_respects_inflight_cap() -> None:
@@ -135,3 +166,19 @@ def test_rank_picks_the_rarest_level_then_nearest_among_many_ties() -> None:
     counts[999] = 0
     got = rank(1000, Bitmap.of(range(1000)), counts, client, 3, rng())
     assert got[0] == 999 and set(got[1:]) == {499, 503}
+
+
+@pytest.mark.parametrize("clients, base, step, expected", [
+    (1, 1, 10, 1), (5, 1, 10, 1), (19, 1, 10, 1), (20, 1, 10, 2), (50, 1, 10, 5), (50, 3, 10, 5),
+    (5, 3, 10, 3), (50, 1, 0, 50),
+])
+def test_cdn_copy_limit_grows_with_the_swarm(clients, base, step, expected) -> None:
+    assert cdn_copy_limit(clients, Limits(cdn_copies=base, cdn_copies_step=step)) == expected
+
+
+def test_assign_takes_the_copy_limit_of_the_swarm() -> None:
+    cands = [Candidate(0, True, (A, B), copies=2)]
+    sources = {s.sid: s for s in (src(A, load=2), src(B, load=2), src(CDN, "cdn"))}
+    client = ClientState(ME, inflight=frozenset({7}))
+    assert assign(cands, sources, CDN, client, 1, LIM, cdn_copies=3) == [Decision(0, CDN)]
+    assert assign(cands, sources, CDN, client, 1, LIM, cdn_copies=2) == []

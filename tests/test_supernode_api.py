@@ -9,6 +9,7 @@ import hashlib
 import pytest
 
 from conftest import file_bytes
+from supernode.app import STATE
 from supernode_support import Api, app_for, download_all, peer, settings_for
 
 MIB = 1 << 20
@@ -231,6 +232,29 @@ async def test_reports_only_on_assigned_pieces_and_piece_bounds(api: Api, origin
     assert bad_id.status in (400, 404)
 
 
+@pytest.mark.regression
+async def test_a_repeated_report_of_a_held_piece_changes_nothing(api: Api, origin) -> None:
+    # dfget re-sends the reports of a pull it cancelled, not knowing they were applied;
+    # refusing the repeat (409) made the whole batch fail, the last piece's report with it
+    origin.put_random("r.bin", 9 * MIB, seed=8)
+    reg = await api.register(origin.url("r.bin"))
+    tid, cid = reg["task"]["task_id"], reg["cid"]
+    got: list[dict] = []  # type: ignore[type-arg]
+    for _ in range(20):
+        got += (await api.pull(tid, cid, limit=2 - len(got)))["assignments"]
+        if len(got) == 2:
+            break
+    a, b = got
+    ok_a = {"piece": a["piece"], "result": "ok", "source": a["source"]["cid"]}
+    ok_b = {"piece": b["piece"], "result": "ok", "source": b["source"]["cid"]}
+    assert (await api.report(tid, cid, [ok_a]))["done"] == 1
+    assert (await api.report(tid, cid, [ok_a, ok_b], event="finished"))["done"] == 2
+    assert (await api.report(tid, cid, [ok_a, ok_b]))["done"] == 2
+    other = next(n for n in range(3) if n not in (a["piece"], b["piece"]))
+    c = await api.report(tid, cid, [ok_a, {"piece": other, "result": "ok"}], status=409)
+    assert c["error"] == "conflict"  # a piece neither held nor assigned is still refused
+
+
 async def test_failed_reports_blacklist_then_drop_a_source(api: Api, origin) -> None:
     origin.put_random("b.bin", 9 * MIB, seed=10)
     a = await api.register(origin.url("b.bin"))
@@ -315,3 +339,49 @@ async def test_file_digest_pins_the_piece_digests(api: Api, origin) -> None:
     for d in dig["digests"]:
         h.update(d.encode() + b"\n")
     assert dig["task"]["file_digest"] == h.hexdigest()
+
+
+async def test_super_seeding_the_cdn_sends_each_piece_once(api: Api, origin) -> None:
+    """While the CDN is sending a piece and no peer holds it, no other client gets that
+    piece from the CDN; a client with nothing in flight is still fed (another piece)."""
+    origin.put_random("s.bin", 12 * MIB, seed=5)
+    a = await api.register(origin.url("s.bin"), peer=peer(15001))
+    tid = a["task"]["task_id"]
+    b = await api.register(origin.url("s.bin"), peer=peer(15002))
+    for _ in range(100):  # until the CDN copy is complete (bounded: 10 s)
+        resp = await api.client.get(f"/api/v1/tasks/{tid}")
+        if (await resp.json())["task"]["status"] == "success":
+            break
+        await asyncio.sleep(0.1)
+    first = await api.pull(tid, a["cid"], limit=1)
+    (pa,) = first["assignments"]
+    assert pa["source"]["kind"] == "cdn"
+    got_b = []
+    for _ in range(3):
+        res = await api.pull(tid, b["cid"], limit=1, wait=0)
+        got_b += res["assignments"]
+    # b is fed the two pieces nobody is receiving yet, never a's piece a second time
+    assert sorted(x["piece"] for x in got_b) == sorted({0, 1, 2} - {pa["piece"]})
+    assert all(x["source"]["kind"] == "cdn" for x in got_b)
+
+
+@pytest.mark.regression
+async def test_two_racing_claims_cannot_both_super_seed_one_piece(aiohttp_client, tmp_path, store_url,
+                                                                  origin) -> None:
+    app = app_for(settings_for(tmp_path / "sn", store_url))
+    api = Api(await aiohttp_client(app))
+    origin.put_random("r.bin", 4 * MIB, seed=6)
+    a = await api.register(origin.url("r.bin"), peer=peer(15001))
+    b = await api.register(origin.url("r.bin"), peer=peer(15002))
+    tid = a["task"]["task_id"]
+    res = await api.pull(tid, a["cid"], limit=1)  # waits until the piece is on the CDN
+    assert res["assignments"] and res["task"]["status"] in ("fetching", "success")
+    repo = app[STATE].repo
+    meta = await repo.get_meta(tid)
+    # b decided from a snapshot taken before a's claim landed: the claim must refuse
+    got = await repo.claim(tid, b["cid"], [(0, meta.cdn, "cdn", 2**50, 1)],
+                           max_inflight=4, peer_cap=5, cdn_cap=8)
+    assert got == []
+    got = await repo.claim(tid, b["cid"], [(0, meta.cdn, "cdn", 2**50, 2)],
+                           max_inflight=4, peer_cap=5, cdn_cap=8)
+    assert got == [0]

@@ -3,7 +3,7 @@ files, mark pieces verified, report the final path, remove files, change the lim
 
 Routes: GET /info; GET /files; POST /files (RegisterFile);
 POST /files/{task_id}/verified (MarkVerified); POST /files/{task_id}/moved (MovedFile);
-DELETE /files/{task_id}; POST /limits (Limits); POST /shutdown.
+DELETE /files/{task_id}; POST /limits (Limits); POST /keys (TrustKeys); POST /shutdown.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from common.errors import BadRequest
 from common.taskid import is_task_id
 from common.wire import decode
 
-from .protocol import Limits, MarkVerified, MovedFile, RegisterFile, ServerInfo
+from .protocol import Limits, MarkVerified, MovedFile, RegisterFile, ServerInfo, TrustKeys
 from .state import ServerState
 from .table import FileEntry
 
@@ -52,7 +52,8 @@ def _json(obj: object, status: int = 200) -> web.Response:
 async def info(request: web.Request) -> web.Response:
     s = request.app[STATE]
     return _json(ServerInfo(peer_id=s.peer_id, ip=s.config.ip, port=s.port, pid=os.getpid(),
-                            version=__version__, totallimit=int(s.throttle.bucket.rate)))
+                            version=__version__, totallimit=int(s.throttle.bucket.rate),
+                            auth_refused=dict(s.auth_refused)))
 
 
 async def list_files(request: web.Request) -> web.Response:
@@ -66,9 +67,10 @@ async def register_file(request: web.Request) -> web.Response:
     s = request.app[STATE]
     body = await _body(request, RegisterFile)
     s.known_supernodes.update(body.supernodes)
+    s.keys.add(body.keys)
     s.table.register(FileEntry(task_id=body.task_id, path=Path(body.path), length=body.length,
                                piece_size=body.piece_size, supernodes=list(body.supernodes),
-                               owner_pid=body.owner_pid))
+                               owner_pid=body.owner_pid, piece_auth=body.piece_auth))
     return _json({"ok": True})
 
 
@@ -105,13 +107,31 @@ async def limits(request: web.Request) -> web.Response:
     return _json({"ok": True})
 
 
+async def trust_keys(request: web.Request) -> web.Response:
+    body = await _body(request, TrustKeys)
+    request.app[STATE].keys.add(body.keys)
+    return _json({"ok": True})
+
+
 async def shutdown(request: web.Request) -> web.Response:
     request.app[STATE].stop.set()
     return _json({"ok": True})
 
 
+@web.middleware
+async def _json_errors(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 413: "payload_too_large"}.get(exc.status, "bad_request")
+        return _json({"error": code, "message": exc.text or exc.reason}, status=exc.status)
+
+
 def build_control_app(state: ServerState, notify: Notify) -> web.Application:
-    app = web.Application(client_max_size=8 << 20)
+    app = web.Application(middlewares=[_json_errors], client_max_size=8 << 20)
     app[STATE] = state
     app[NOTIFY] = notify
     r = app.router
@@ -122,5 +142,6 @@ def build_control_app(state: ServerState, notify: Notify) -> web.Application:
     r.add_post("/files/{task_id}/moved", moved)
     r.add_delete("/files/{task_id}", remove)
     r.add_post("/limits", limits)
+    r.add_post("/keys", trust_keys)
     r.add_post("/shutdown", shutdown)
     return app

@@ -18,7 +18,15 @@ import msgspec
 
 from common import wire
 
-from .protocol import Limits, MarkVerified, MovedFile, RegisterFile, ServerInfo, socket_path
+from .protocol import (
+    Limits,
+    MarkVerified,
+    MovedFile,
+    RegisterFile,
+    ServerInfo,
+    TrustKeys,
+    socket_path,
+)
 
 log = logging.getLogger("dfget.launcher")
 T = TypeVar("T")
@@ -71,6 +79,9 @@ class ControlClient:
 
     async def set_limit(self, totallimit: int) -> None:
         await self._call("POST", "/limits", Limits(totallimit))
+
+    async def trust(self, keys: list[wire.PieceKey]) -> None:
+        await self._call("POST", "/keys", TrustKeys(keys))
 
     async def shutdown(self) -> None:
         await self._call("POST", "/shutdown")

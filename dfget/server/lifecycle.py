@@ -17,9 +17,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from common import wire
+from common import logs, wire
+from common.errors import DfError
 
-from .app import build_peer_app
+from .app import build_peer_app, runner_kwargs
 from .control import build_control_app
 from .protocol import socket_path
 from .state import ServerConfig, ServerState
@@ -91,6 +92,31 @@ class Notifier:
         await asyncio.gather(*(self._post(url, "/api/v1/peers/heartbeat",
                                           wire.HeartbeatRequest(self.state.peer_id))
                                for url in self.state.table.supernodes()))
+        await self.fetch_keys()
+
+    async def fetch_keys(self) -> bool:
+        """Re-read the piece-token keys from the supernodes of our files; True if a key
+        was new."""
+        replies = await asyncio.gather(*(self._keys(url) for url in self.state.table.supernodes()))
+        return sum(self.state.keys.add(r.keys) for r in replies if r is not None) > 0
+
+    async def refresh_keys(self) -> bool:
+        """A token named an unknown key: ask the supernodes, at most every few seconds."""
+        if not self.state.keys.may_refresh():
+            return False
+        return await self.fetch_keys()
+
+    async def _keys(self, base: str) -> wire.KeysReply | None:
+        assert self.session is not None
+        try:
+            async with self.session.get(base + "/api/v1/keys", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    return None
+            return wire.decode(raw, wire.KeysReply)
+        except (aiohttp.ClientError, OSError, TimeoutError, DfError) as exc:
+            log.info("supernode %s: cannot read keys: %s", base, exc)
+            return None
 
 
 async def _periodic(state: ServerState, notifier: Notifier) -> None:
@@ -128,8 +154,8 @@ async def serve(cfg: ServerConfig) -> None:
                 task.add_done_callback(background.discard)
 
         background: set[asyncio.Task[None]] = set()
-        peer_runner = web.AppRunner(build_peer_app(state, dropped), access_log=None,
-                                    shutdown_timeout=cfg.drain_timeout)
+        peer_runner = web.AppRunner(build_peer_app(state, dropped, notifier.refresh_keys), access_log=None,
+                                    **runner_kwargs(state))  # type: ignore[arg-type]
         control_runner = web.AppRunner(build_control_app(state, notifier.files_gone), access_log=None)
         await peer_runner.setup()
         await control_runner.setup()
@@ -160,7 +186,8 @@ async def serve(cfg: ServerConfig) -> None:
 
 
 def run_server(cfg: ServerConfig) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(cfg.log_level, as_json=cfg.log_json,
+               text_format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         with server_lock(cfg.home):
             asyncio.run(serve(cfg))

@@ -14,7 +14,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from common.wire import PieceNo, TaskId
+from common.wire import PieceKeys, PieceNo, TaskId
 
 SOCKET_NAME = "peer.sock"
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
@@ -30,6 +30,7 @@ class ServerInfo(Struct, frozen=True):
     pid: int
     version: str
     totallimit: int
+    auth_refused: dict[str, int] = {}  # piece requests refused, by reason (common/tokens.py)
 
 
 class RegisterFile(Struct, frozen=True):
@@ -39,6 +40,12 @@ class RegisterFile(Struct, frozen=True):
     piece_size: Annotated[int, Meta(ge=1)]
     supernodes: Annotated[list[BaseUrl], Meta(max_length=64)] = []
     owner_pid: int = 0  # the dfget downloading it; the file is "in progress" while it lives
+    piece_auth: bool = True  # what the supernode said at registration: requests need a token
+    keys: PieceKeys = []  # the supernodes' public keys from that registration
+
+
+class TrustKeys(Struct, frozen=True):
+    keys: PieceKeys
 
 
 class MarkVerified(Struct, frozen=True):

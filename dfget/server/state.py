@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 from common.ratelimit import Throttle
 from common.taskid import new_id
 
+from .metrics import PeerMetrics
 from .table import FileTable
+from .trust import TrustedKeys
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,10 @@ class ServerConfig:
     scan_interval: float = 15.0
     heartbeat_interval: float = 30.0
     drain_timeout: float = 10.0
+    header_timeout: float = 10.0  # a connection must deliver a request head within this
+    max_requests: int = 256  # requests in progress at once (uploads included); more get 503
+    log_level: str = "info"
+    log_json: bool = False
 
 
 @dataclass
@@ -34,6 +41,7 @@ class ServerState:
     peer_id: str = field(default_factory=new_id)
     table: FileTable = field(default_factory=FileTable)
     active_uploads: int = 0
+    active_requests: int = 0
     last_request: float = field(default_factory=time.monotonic)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -41,6 +49,9 @@ class ServerState:
     # Every supernode any file was registered with: told at shutdown even if its files
     # are already gone from the table.
     known_supernodes: set[str] = field(default_factory=set)
+    metrics: PeerMetrics = field(default_factory=PeerMetrics)
+    keys: TrustedKeys = field(default_factory=TrustedKeys)
+    auth_refused: collections.Counter[str] = field(default_factory=collections.Counter)
     throttle: Throttle = field(init=False)
 
     def __post_init__(self) -> None:

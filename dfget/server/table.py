@@ -22,6 +22,7 @@ class FileEntry:
     piece_size: int
     supernodes: list[str]
     owner_pid: int = 0
+    piece_auth: bool = False  # piece requests need a supernode's token (RegisterFile: default on)
     complete: bool = False  # moved to its final path by its dfget
     verified: set[int] = field(default_factory=set)
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) when it became complete
