@@ -1,0 +1,68 @@
+"""Scenario 6: dfget is SIGKILLed at a random point of its download (seeded: see
+--fault-seed) and run again with the same output and home: it resumes from its part
+file as the same client, keeping every piece it had verified, and finishes with the
+origin's bytes without waiting for the dead run's assignments to expire."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from . import checks
+from .harness import MIB, World, await_for
+
+pytestmark = pytest.mark.redis
+
+
+def _held(w: World, tid: str) -> int:
+    r = w.redis()
+    try:
+        cids = [c.decode() for c in r.hkeys(f"df:t:{{{tid}}}:peers")]
+        return max((r.bitcount(f"df:t:{{{tid}}}:have:{c}") for c in cids), default=0)
+    finally:
+        r.close()
+
+
+@pytest.mark.regression
+async def test_dfget_sigkilled_at_random_point_resumes(world: World, fault_rng: random.Random) -> None:
+    size = 24 * MIB  # 6 pieces, ~2 s at 12 MB/s
+    origin = world.origin()
+    data = origin.put_random("k.bin", size, seed=81)
+    world.supernode()
+    url = origin.url("k.bin")
+    home = world.host()
+    out = world.tmp / "k.bin"
+
+    d = await world.spawn(url, out, home, "-s", "12MB")
+    await await_for(lambda: checks.parts(out), 20, "the part file")
+    await asyncio.sleep(fault_rng.uniform(0.0, 1.8))
+    d.kill()
+    first = await d.wait()
+    if first.code == 0:  # it finished before the kill: nothing to resume, still correct
+        checks.ok(first, out, data)
+        return
+    assert first.code == -9, first.stderr
+    assert not out.exists(), "a killed dfget left an output file"
+    part = checks.parts(out)[0]
+    tid = part.name.rsplit(".", 2)[-2]  # .<name>.<task id prefix>.dfget-part
+    cid = part.with_name(part.name + ".cid").read_text().strip()  # who it was
+    r = world.redis()
+    try:
+        full = next(t.decode() for t in r.zrange("df:tasks", 0, -1) if t.decode().startswith(tid))
+    finally:
+        r.close()
+    verified = _held(world, full)  # pieces it had verified and reported before dying
+
+    rep = checks.ok(await world.dfget(url, out, home), out, data)
+    assert rep["pieces_resumed"] >= verified, (rep, verified)
+    assert rep["bytes_resumed"] + checks.transferred(rep) == size
+    assert origin.served("k.bin") == (size, 1)
+    # the second run was the same client (so what the dead one had assigned was released)
+    r = world.redis()
+    try:
+        assert [c.decode() for c in r.hkeys(f"df:t:{{{full}}}:peers")] == [cid]
+    finally:
+        r.close()
+    assert not list(world.tmp.glob(".k.bin*")), "resume files left after success"
