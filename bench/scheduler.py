@@ -186,6 +186,28 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
     raise SystemExit(f"nothing listening on {port}")
 
 
+def wait_port_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """The port a server wrote to `path` once it listens; fails if it exits or takes longer."""
+    deadline = time.time() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode} before listening")
+        if time.time() > deadline:
+            raise SystemExit(f"{proc.args!r} wrote no port to {path} in {timeout:.0f} s")
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def wait_task_done(api: str, tid: str, timeout: float) -> dict[str, Any]:
+    """Poll the task until the CDN fetch ends (success or failed); fails after `timeout`."""
+    deadline = time.time() + timeout
+    while (task := _http("GET", f"{api}/api/v1/tasks/{tid}")["task"])["status"] not in ("success", "failed"):
+        if time.time() > deadline:
+            raise SystemExit(f"the CDN fetch of {tid[:12]} did not finish in {timeout:.0f} s")
+        time.sleep(0.5)
+    return task  # type: ignore[no-any-return]
+
+
 def _http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     import urllib.request
 
@@ -217,23 +239,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(files / "blob", "wb") as f:
             f.truncate(length)  # sparse: zeros, no disk
         port_file = work / "origin.port"
-        procs.start([py, "-m", "bench.origin", "--dir", str(files), "--port-file", str(port_file),
-                     "--port", str(args.origin_port)])
-        while not port_file.exists() or not port_file.read_text().strip():
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{int(port_file.read_text())}/files/blob"
+        origin = procs.start([py, "-m", "bench.origin", "--dir", str(files), "--port-file", str(port_file),
+                              "--port", str(args.origin_port)])
+        url = f"http://127.0.0.1:{wait_port_file(port_file, origin)}/files/blob"
         api_port = free_port()
         sn = procs.start([py, "-m", "supernode", "--port", str(api_port), "--download-port", "0",
                           "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", str(home),
-                          "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8", "--max-bandwidth", "0",
+                          "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8",
+                          "--max-bandwidth", "0",
                           "--log-level", "warning", "--gc-initial-delay", "1h"])
         _wait_port(api_port)
         api = f"http://127.0.0.1:{api_port}"
         t0 = time.time()
         reg = _http("POST", f"{api}/api/v1/tasks", {"url": url})
         tid = reg["task"]["task_id"]
-        while (task := _http("GET", f"{api}/api/v1/tasks/{tid}")["task"])["status"] not in ("success", "failed"):
-            time.sleep(0.5)
+        task = wait_task_done(api, tid, timeout=1800.0)  # 15 GB at loopback speed: minutes
         if task["status"] != "success" or task["piece_count"] != args.pieces:
             raise SystemExit(f"CDN fetch did not succeed: {task}")
         cdn_s = time.time() - t0

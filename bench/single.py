@@ -244,7 +244,8 @@ def bench_size(size: int, runs: int, work: Path, procs: Procs, verbose: bool) ->
             api, dl = free_port(), free_port()
             sn = procs.start([PY, "-m", "supernode", "--listen", "127.0.0.1", "--port", str(api),
                               "--download-port", str(dl), "--home", str(sn_home), "--advertise-ip",
-                              "127.0.0.1", "--allow-origin", "127.0.0.0/8", "--max-bandwidth", "0",
+                              "127.0.0.1", "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8",
+                              "--max-bandwidth", "0",
                               "--log-level", "warning"], logs / f"supernode-{r}.log")
             wait_until(lambda: http_ok(f"http://127.0.0.1:{api}/_ping"), "supernode")
             url = f"{base}?run={size}-{r}-{os.getpid()}"  # a new task id: the CDN starts cold

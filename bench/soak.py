@@ -1,0 +1,496 @@
+"""Soak: real downloads and a crowd of simulated clients against one supernode, for minutes.
+
+    python -m bench.soak [--duration 300] [--downloads 200] [--hosts 20] [--clients 2000]
+                         [--think 10] [--redis-url redis://127.0.0.1:6379/12] [--out bench/results]
+
+One origin process, one supernode process on the real Redis (its df:* keys are deleted
+before and after), and two kinds of load for `--duration` seconds:
+
+- `--downloads` concurrent dfget downloads, without pause: `--hosts` hosts (each its own
+  home, its own 127.0.0.x address and its own real `dfget server` peer server process,
+  started by dfget itself) times `--downloads / --hosts` tasks (small files of 1-6 MiB),
+  each pair downloading its task again and again into a new file, with --notbs (a failed
+  P2P download is an error, not a quiet fallback) and every result checked byte for
+  byte (SHA-256) against the origin file. They run in `--dl-procs` processes through
+  `dfget.download.download()`, the function the dfget command runs after parsing its
+  flags, so every download takes dfget's real path (registration with 429 handling,
+  pulls, piece fetches over their own sockets, digest checks, the peer server control
+  socket, the atomic rename). One process per download would measure 200 interpreter
+  start-ups (~0.4 CPU-s and ~40 MiB each on a 2-core box), not the supernode.
+- `--clients` simulated clients in `--sim-procs` processes on one more task (`--sim-pieces`
+  pieces of a sparse file): each registers with a fake peer address, pulls (limit 4,
+  wait 0) every `--think` seconds (x0.5-1.5, jittered), reports every assignment as done
+  at once, heartbeats every 30 s like a peer server, and when it holds every piece says
+  so, leaves (peers/down) and comes back as a new client.
+
+Reported: errors (target 0: failed or wrong downloads, non-2xx answers other than 429,
+connection errors, tracebacks in any log), pull latency p50/p99 of the simulated clients,
+download time p50/p99, 429s waited out, and the supernode's RSS at the start (after a
+warm-up of max(10 s, 10 % of the duration)) and at the end (target: growth <= 20 %),
+sampled every 5 s. Reuses bench.scheduler's process and /proc helpers.
+
+All clients come from 127.0.0.1 here, so the supernode runs with --register-rate 1000:
+its per-address limit models many hosts, not one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.scheduler import (
+    MIB,
+    ROOT,
+    Procs,
+    _redis_cpu,
+    _wait_port,
+    free_port,
+    length_for,
+    pct,
+    proc_cpu,
+    proc_status,
+    wait_port_file,
+)
+
+HEARTBEAT = 30.0
+THINK_MIN = 0.5
+
+
+# --- simulated clients (own process) ---------------------------------------------------------
+class Sim:
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.pulls = self.assigned = self.finished = self.throttled = self.reregistered = 0
+        self.errors: dict[str, int] = {}
+        self.last_error = ""
+
+    def error(self, kind: str, detail: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.last_error = detail[:300]
+
+
+async def _call(session: Any, stats: Sim, method: str, url: str, body: object, typ: Any) -> tuple[int, Any]:
+    """(status, decoded reply or None). 429 is waited out here; other failures counted."""
+    from common import wire
+
+    headers = {"Content-Type": wire.MSGPACK_TYPE, "Accept": wire.MSGPACK_TYPE}
+    for _ in range(10):
+        try:
+            async with session.request(method, url, data=wire.encode(body, msgpack=True), headers=headers) as r:
+                raw = await r.read()
+                status, retry = r.status, r.headers.get("Retry-After", "1")
+        except Exception as exc:  # noqa: BLE001 - every failure of the supernode is counted
+            stats.error("connection", f"{method} {url}: {type(exc).__name__}: {exc}")
+            return 0, None
+        if status == 429:
+            stats.throttled += 1
+            await asyncio.sleep(float(retry) if retry.isdigit() else 1.0)
+            continue
+        if status == 200:
+            return status, wire.decode(raw, typ, msgpack=True) if typ is not None else None
+        if status != 404:
+            stats.error(f"http_{status}", f"{method} {url}: {raw[:200]!r}")
+        return status, None
+    return 429, None
+
+
+async def _sim_client(session: Any, api: str, url: str, idx: int, stop_at: float, think: float, stats: Sim) -> None:
+    from common import wire
+    from common.taskid import new_id
+
+    rnd = random.Random(idx)
+    await asyncio.sleep(rnd.uniform(0, think))
+    while time.time() < stop_at:
+        peer = wire.PeerAddr(new_id(), f"127.0.{1 + idx // 250}.{1 + idx % 250}", 20000 + idx % 40000)
+        status, reg = await _call(session, stats, "POST", f"{api}/api/v1/tasks",
+                                  wire.RegisterRequest(url=url, peer=peer), wire.RegisterReply)
+        if reg is None:
+            await asyncio.sleep(1.0)
+            continue
+        tid, cid = reg.task.task_id, reg.cid
+        reports: list[Any] = []
+        next_beat = time.time() + rnd.uniform(0, HEARTBEAT)
+        while time.time() < stop_at:
+            t0 = time.perf_counter()
+            status, rep = await _call(session, stats, "POST", f"{api}/api/v1/tasks/{tid}/pull",
+                                      wire.PullRequest(cid=cid, limit=4, wait=0, reports=reports), wire.PullReply)
+            if rep is None:
+                if status == 404:  # forgotten (GC): come back as dfget does
+                    stats.reregistered += 1
+                break
+            stats.lat.append(time.perf_counter() - t0)
+            stats.pulls += 1
+            stats.assigned += len(rep.assignments)
+            reports = [wire.Report(a.piece, "ok", a.source.cid) for a in rep.assignments]
+            if rep.state == "failed":
+                stats.error("task_failed", str(rep.task.error))
+                break
+            if rep.state == "finished":
+                stats.finished += 1
+                await _call(session, stats, "POST", f"{api}/api/v1/tasks/{tid}/report",
+                            wire.ReportRequest(cid=cid, event="finished"), None)
+                await _call(session, stats, "POST", f"{api}/api/v1/peers/down",
+                            wire.PeerDownRequest(peer.peer_id, [tid]), None)
+                break
+            if time.time() >= next_beat:
+                next_beat += HEARTBEAT
+                await _call(session, stats, "POST", f"{api}/api/v1/peers/heartbeat",
+                            wire.HeartbeatRequest(peer.peer_id), None)
+            await asyncio.sleep(think * rnd.uniform(THINK_MIN, 2 - THINK_MIN))
+
+
+async def run_sim(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    stats = Sim()
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await asyncio.gather(*(_sim_client(session, args.api, args.url, i, args.stop_at, args.think, stats)
+                               for i in range(args.first, args.first + args.count)))
+    return {"lat": stats.lat, "pulls": stats.pulls, "assigned": stats.assigned, "finished": stats.finished,
+            "throttled": stats.throttled, "reregistered": stats.reregistered, "errors": stats.errors,
+            "last_error": stats.last_error, "cpu": time.process_time()}
+
+
+# --- real downloads (own process) ------------------------------------------------------------
+async def _download_loop(api_port: int, host: int, home: Path, task: dict[str, Any], out_dir: Path,
+                         stop_at: float, res: dict[str, Any]) -> None:
+    from common.errors import DfError
+    from dfget.config import DownloadConfig, Node
+    from dfget.download import download
+    from dfget.progress import Stats
+
+    n = 0
+    while time.time() < stop_at:
+        n += 1
+        out = out_dir / f"h{host}-{task['name']}-{n}"
+        cfg = DownloadConfig(url=task["url"], output=out, home=home, nodes=(Node("127.0.0.1", api_port),),
+                             ip=f"127.0.0.{10 + host}", notbs=True, locallimit=0, stall_timeout=60.0)
+        stats = Stats(url=cfg.url, output=str(out))
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(120):
+                await download(cfg, stats)
+        except DfError as exc:
+            res["errors"][exc.code] = res["errors"].get(exc.code, 0) + 1
+            res["last_error"] = f"{task['name']} on host {host}: {exc.code}: {exc.message}"[:300]
+            continue
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure is an error of the soak
+            key = type(exc).__name__
+            res["errors"][key] = res["errors"].get(key, 0) + 1
+            res["last_error"] = f"{task['name']} on host {host}: {key}: {exc}"[:300]
+            continue
+        res["durations"].append(time.monotonic() - t0)
+        got = await asyncio.to_thread(_sha256, out)
+        if got != task["sha256"]:
+            res["errors"]["wrong_bytes"] = res["errors"].get("wrong_bytes", 0) + 1
+        else:
+            res["ok"] += 1
+            res["bytes"] += task["size"]
+            res["from_peers"] += stats.bytes_from_peers
+        with contextlib.suppress(OSError):
+            out.unlink()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def run_downloads(args: argparse.Namespace) -> dict[str, Any]:
+    from dfget.server.launcher import ControlClient, PeerServerError
+
+    tasks = json.loads(Path(args.tasks_file).read_text())
+    hosts = [int(h) for h in args.hosts_list.split(",") if h]
+    work = Path(args.work)
+    res: dict[str, Any] = {"ok": 0, "bytes": 0, "from_peers": 0, "durations": [], "errors": {}, "last_error": ""}
+    loops = []
+    for h in hosts:
+        home = work / f"host{h}"
+        out_dir = work / f"out{h}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for t in tasks[: args.per_host]:
+            loops.append(_download_loop(args.api_port, h, home, t, out_dir, args.stop_at, res))
+    try:
+        await asyncio.gather(*loops)
+    finally:
+        for h in hosts:  # the peer servers dfget started for these homes
+            client = ControlClient(work / f"host{h}")
+            with contextlib.suppress(PeerServerError):
+                await client.shutdown()
+            await client.close()
+    res["cpu"] = time.process_time()
+    res["concurrent"] = len(loops)
+    return res
+
+
+# --- orchestration -----------------------------------------------------------------------------
+def _make_tasks(files: Path, count: int, origin_port: int) -> list[dict[str, Any]]:
+    rnd = random.Random(7)
+    tasks = []
+    for i in range(count):
+        size = rnd.randint(1 * MIB, 6 * MIB)
+        data = rnd.randbytes(size)
+        (files / f"t{i}").write_bytes(data)
+        tasks.append({"name": f"t{i}", "url": f"http://127.0.0.1:{origin_port}/files/t{i}", "size": size,
+                      "sha256": hashlib.sha256(data).hexdigest()})
+    return tasks
+
+
+def _clean_redis(url: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        for key in r.scan_iter("df:*", count=1000):
+            r.delete(key)
+    finally:
+        r.close()
+
+
+def _tracebacks(paths: list[Path]) -> int:
+    n = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            n += p.read_text(errors="replace").count("Traceback")
+    return n
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    py = sys.executable
+    procs = Procs()
+    work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    logs = work / "logs"
+    logs.mkdir()
+    _clean_redis(args.redis_url)
+    try:
+        files = work / "files"
+        files.mkdir()
+        port_file = work / "origin.port"
+        with open(logs / "origin.log", "wb") as log:
+            origin = procs.start([py, "-m", "bench.origin", "--dir", str(files), "--port-file", str(port_file)],
+                                 stdout=log, stderr=subprocess.STDOUT)
+        origin_port = wait_port_file(port_file, origin)
+        with open(files / "blob", "wb") as f:
+            f.truncate(length_for(args.sim_pieces))  # sparse
+        per_host = max(1, args.downloads // args.hosts)
+        tasks = _make_tasks(files, per_host, origin_port)
+        (work / "tasks.json").write_text(json.dumps(tasks))
+        api_port = free_port()
+        sn_log = logs / "supernode.log"
+        with open(sn_log, "wb") as log:
+            sn = procs.start([py, "-m", "supernode", "--port", str(api_port), "--download-port", "0",
+                              "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", str(work / "sn"),
+                              "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8",
+                              "--max-bandwidth", "0", "--log-level", "warning", "--register-rate", "1000",
+                              *args.supernode_arg], stdout=log, stderr=subprocess.STDOUT)
+        _wait_port(api_port)
+        api = f"http://127.0.0.1:{api_port}"
+        blob = f"http://127.0.0.1:{origin_port}/files/blob"
+        _prefetch(api, blob)
+
+        start = time.time() + 3
+        stop_at = start + args.duration
+        common = ["--start-at", str(start), "--stop-at", str(stop_at)]
+        sims, dls, errlogs = [], [], []
+        for i in range(args.sim_procs):
+            first = i * args.clients // args.sim_procs
+            count = (i + 1) * args.clients // args.sim_procs - first
+            sims.append(procs.start([py, "-m", "bench.soak", "--role", "sim", "--api", api, "--url", blob,
+                                     "--first", str(first), "--count", str(count), "--think", str(args.think),
+                                     *common], stdout=_log(errlogs, logs / f"sim{i}.out"),
+                                    stderr=_log(errlogs, logs / f"sim{i}.log")))
+        for i in range(args.dl_procs):
+            hosts = [h for h in range(args.hosts) if h % args.dl_procs == i]
+            dls.append(procs.start([py, "-m", "bench.soak", "--role", "dl", "--api-port", str(api_port),
+                                    "--work", str(work), "--tasks-file", str(work / "tasks.json"),
+                                    "--hosts-list", ",".join(map(str, hosts)), "--per-host", str(per_host), *common],
+                                   stdout=_log(errlogs, logs / f"dl{i}.out"), stderr=_log(errlogs, logs / f"dl{i}.log")))
+        warmup = start + max(10.0, args.duration / 10)
+        timeline: list[tuple[float, float]] = []
+        rss0 = cpu0 = rcpu0 = None
+        while any(p.poll() is None for p in sims + dls) and sn.poll() is None:
+            now = time.time()
+            if now >= start:
+                rss = proc_status(sn.pid)["VmRSS"] / MIB
+                timeline.append((round(now - start, 1), round(rss, 1)))
+                if rss0 is None and now >= warmup:
+                    rss0, cpu0, rcpu0, t_cpu0 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url), now
+            time.sleep(5.0 if now >= start else 0.2)
+        sn_alive = sn.poll() is None
+        if not sn_alive:
+            raise SystemExit(f"the supernode died; see {sn_log} (run with --keep)")
+        rss1, cpu1, rcpu1, t_cpu1 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url), time.time()
+        if rss0 is None:  # a run shorter than the warm-up
+            rss0, cpu0, rcpu0, t_cpu0 = rss1, cpu1, rcpu1, t_cpu1
+        for f in errlogs:
+            f.flush()
+        sim_res = [_result(p, logs / f"sim{i}.out") for i, p in enumerate(sims)]
+        dl_res = [_result(p, logs / f"dl{i}.out") for i, p in enumerate(dls)]
+    finally:
+        procs.stop()
+        for f in errlogs:
+            f.close()
+        _clean_redis(args.redis_url)
+    log_paths = [sn_log, *logs.glob("dl*.log"), *logs.glob("sim*.log"), *work.glob("host*/logs/server.log")]
+    tracebacks = _tracebacks(log_paths)
+    if not args.keep:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return _summary(args, sim_res, dl_res, rss0, rss1, timeline, tracebacks, sn_alive,
+                    (cpu1 - cpu0, rcpu1[0] - rcpu0[0], t_cpu1 - t_cpu0), work)
+
+
+def _log(opened: list[Any], path: Path) -> Any:
+    f = open(path, "wb")  # noqa: SIM115 - closed by run() when the process is done
+    opened.append(f)
+    return f
+
+
+def _result(p: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    """A load process's report: the last line of its stdout, which went to a file (a pipe
+    nobody reads while the run goes on fills at 64 KiB and blocks the writer for ever:
+    a 5-minute run's report is larger than that)."""
+    code = p.wait()
+    lines = out.read_text().strip().splitlines() if out.exists() else []
+    if code != 0 or not lines:
+        return {"errors": {"load_process_failed": 1}, "last_error": f"{p.args!r} exited with {p.returncode}"}
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+def _prefetch(api: str, url: str) -> None:
+    """The simulated clients' task is fetched by the CDN before the clock starts."""
+    from bench.scheduler import _http, wait_task_done
+
+    tid = _http("POST", f"{api}/api/v1/tasks", {"url": url})["task"]["task_id"]
+    task = wait_task_done(api, tid, timeout=120.0)
+    if task["status"] != "success":
+        raise SystemExit(f"CDN fetch of the simulated task failed: {task}")
+
+
+def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dict[str, Any]],
+             rss0: dict[str, int], rss1: dict[str, int], timeline: list[tuple[float, float]],
+             tracebacks: int, sn_alive: bool, cpu: tuple[float, float, float], work: Path) -> dict[str, Any]:
+    lat = [x for r in sims for x in r.get("lat", [])]
+    durations = [x for r in dls for x in r.get("durations", [])]
+    errors: dict[str, int] = {}
+    for r in sims + dls:
+        for k, v in r.get("errors", {}).items():
+            errors[k] = errors.get(k, 0) + v
+    if tracebacks:
+        errors["tracebacks_in_logs"] = tracebacks
+    if not sn_alive:
+        errors["supernode_died"] = 1
+    start_mib, end_mib = rss0["VmRSS"] / MIB, rss1["VmRSS"] / MIB
+    return {
+        "duration_s": args.duration, "clients": args.clients, "think_s": args.think,
+        "downloads_concurrent": sum(r.get("concurrent", 0) for r in dls), "hosts": args.hosts,
+        "errors": sum(errors.values()), "errors_by_kind": errors,
+        "last_errors": [r["last_error"] for r in sims + dls if r.get("last_error")][:5],
+        "downloads_ok": sum(r.get("ok", 0) for r in dls), "download_mib": round(sum(r.get("bytes", 0) for r in dls) / MIB),
+        "from_peers_pct": round(100 * sum(r.get("from_peers", 0) for r in dls) / max(1, sum(r.get("bytes", 0) for r in dls))),
+        "download_p50_s": round(pct(durations, 0.5), 2), "download_p99_s": round(pct(durations, 0.99), 2),
+        "pulls": len(lat), "pulls_per_s": round(len(lat) / max(args.duration, 1)),
+        "pull_p50_ms": round(pct(lat, 0.5) * 1000, 1), "pull_p99_ms": round(pct(lat, 0.99) * 1000, 1),
+        "assignments": sum(r.get("assigned", 0) for r in sims),
+        "sim_finished": sum(r.get("finished", 0) for r in sims),
+        "throttled_429": sum(r.get("throttled", 0) for r in sims),
+        "reregistered": sum(r.get("reregistered", 0) for r in sims),
+        "supernode_rss_start_mib": round(start_mib, 1), "supernode_rss_end_mib": round(end_mib, 1),
+        "supernode_rss_growth_pct": round(100 * (end_mib - start_mib) / start_mib, 1),
+        "supernode_hwm_end_mib": round(rss1["VmHWM"] / MIB, 1),
+        "cpu_supernode_pct": round(100 * cpu[0] / max(cpu[2], 1e-9)), "cpu_redis_pct": round(100 * cpu[1] / max(cpu[2], 1e-9)),
+        "rss_timeline": timeline, "work_dir": str(work) if args.keep else None,
+    }
+
+
+ROWS = [
+    ("errors (target 0)", "errors"), ("errors by kind", "errors_by_kind"),
+    ("dfget downloads ok / concurrent", ("downloads_ok", "downloads_concurrent")),
+    ("downloaded MiB / from peers %", ("download_mib", "from_peers_pct")),
+    ("download time p50 / p99 s", ("download_p50_s", "download_p99_s")),
+    ("simulated clients / think s", ("clients", "think_s")), ("pulls / pulls per s", ("pulls", "pulls_per_s")),
+    ("pull latency p50 / p99 ms", ("pull_p50_ms", "pull_p99_ms")),
+    ("assignments / clients finished", ("assignments", "sim_finished")),
+    ("429 waited out / re-registrations", ("throttled_429", "reregistered")),
+    ("supernode RSS start -> end MiB", ("supernode_rss_start_mib", "supernode_rss_end_mib")),
+    ("supernode RSS growth % (target <= 20)", "supernode_rss_growth_pct"),
+    ("supernode VmHWM MiB", "supernode_hwm_end_mib"),
+    ("CPU % supernode / Redis", ("cpu_supernode_pct", "cpu_redis_pct")),
+]
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = ["| metric | value |", "|---|---|"]
+    for label, key in ROWS:
+        keys = key if isinstance(key, tuple) else (key,)
+        lines.append(f"| {label} | " + " / ".join(str(r[k]) for k in keys) + " |")
+    met = r["errors"] == 0 and r["supernode_rss_growth_pct"] <= 20
+    lines += ["", f"Targets (0 errors, RSS growth <= 20 %): {'met' if met else 'NOT met'}."]
+    if r["last_errors"]:
+        lines += ["", "Last errors: " + "; ".join(r["last_errors"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=float, default=300.0, help="seconds of load (default 5 minutes)")
+    p.add_argument("--downloads", type=int, default=200, help="concurrent dfget downloads")
+    p.add_argument("--hosts", type=int, default=20, help="dfget hosts (peer servers); downloads/hosts tasks")
+    p.add_argument("--clients", type=int, default=2000, help="simulated clients")
+    p.add_argument("--think", type=float, default=10.0, help="mean seconds between a simulated client's pulls")
+    p.add_argument("--sim-pieces", type=int, default=50, help="pieces of the simulated clients' task")
+    p.add_argument("--sim-procs", type=int, default=2)
+    p.add_argument("--dl-procs", type=int, default=2)
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12"))
+    p.add_argument("--supernode-arg", action="append", default=[], help="extra supernode option (repeatable)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, homes)")
+    p.add_argument("--role", default="main", help=argparse.SUPPRESS)
+    for hidden in ("--api", "--url", "--first", "--count", "--start-at", "--stop-at", "--api-port", "--work",
+                   "--tasks-file", "--per-host"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    p.add_argument("--hosts-list", dest="hosts_list", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.role in ("sim", "dl"):
+        args.stop_at = float(args.stop_at)
+        time.sleep(max(0.0, float(args.start_at) - time.time()))
+        if args.role == "sim":
+            args.first, args.count = int(args.first), int(args.count)
+            out = asyncio.run(run_sim(args))
+        else:
+            args.api_port, args.per_host = int(args.api_port), int(args.per_host)
+            out = asyncio.run(run_downloads(args))
+        print(json.dumps(out), flush=True)
+        return
+    if args.downloads < 1 or args.hosts < 1 or args.downloads % args.hosts:
+        raise SystemExit("--downloads must be a positive multiple of --hosts")
+    result = run(args)
+    text = table(result)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    head = (f"# Soak\n\n`python -m bench.soak --duration {args.duration:g} --downloads {args.downloads} "
+            f"--hosts {args.hosts} --clients {args.clients} --think {args.think:g}` on {os.cpu_count()} cores "
+            f"({time.strftime('%Y-%m-%d %H:%M')}); origin, supernode, Redis, {args.hosts} peer servers and the "
+            "load processes share them.\n\n")
+    (out / "soak.md").write_text(head + text + "\n")
+    (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
