@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from .auth import PieceGate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("supernode.seed")
 
 
 class _FileResponse(web.FileResponse):
@@ -84,6 +87,21 @@ class Seed:
         return web.json_response({"ok": True})
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
+        if not log.isEnabledFor(logging.DEBUG):
+            return await self._serve(request)
+        t0, status = time.perf_counter(), "aborted"
+        try:
+            resp = await self._serve(request)
+            status = str(resp.status)
+            return resp
+        finally:  # one line per piece upload, also when the reader went away
+            ms = round((time.perf_counter() - t0) * 1000, 1)
+            task, rng = request.match_info["task_id"][:16], request.headers.get("Range")
+            log.debug("upload of task %s %s to %s: %s in %.1f ms", task, rng, request.remote,
+                      status, ms, extra={"task": task, "range": rng, "peer": request.remote,
+                                         "status": status, "ms": ms})
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
         tid = request.match_info["task_id"]
         entry = self.cache.entries.get(tid) if is_task_id(tid) else None
         if entry is None:

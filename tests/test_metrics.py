@@ -66,7 +66,7 @@ def dfget(url: str, sn_url: str, out: Path, home: Path, ip: str
 def test_metrics_and_json_logs_after_real_downloads(tmp_path: Path, origin, supernode) -> None:  # type: ignore[no-untyped-def]
     origin.put_random("m.bin", SIZE, seed=9)
     want = (origin.dir / "m.bin").read_bytes()
-    sn = supernode(extra_args=["--log-json"])
+    sn = supernode(extra_args=["--log-json", "--log-level", "debug"])
     before = scrape(sn.url)
     url = origin.url("m.bin")
     homes = {h: tmp_path / h for h in ("a", "b", "c")}
@@ -127,7 +127,8 @@ def test_metrics_and_json_logs_after_real_downloads(tmp_path: Path, origin, supe
     assert value(peer_a, "dfget_peer_uploaded_bytes_total") == from_a
     served = reps["b"]["pieces_from_peers"]
     assert value(peer_a, "dfget_peer_pieces_served_total") == served
-    assert value(peer_a, "dfget_peer_requests_total", status="206") == served
+    assert value(peer_a, "dfget_peer_requests_total", endpoint="/peer/file/{task_id}",
+                 status="206") == served
     assert value(peer_a, "dfget_peer_busy_total") == 0
     assert value(peer_a, "dfget_peer_uploads_active") == 0
     assert value(peer_a, "dfget_peer_files") == 1
@@ -145,6 +146,10 @@ def test_metrics_and_json_logs_after_real_downloads(tmp_path: Path, origin, supe
     assert len(uploads) == served and {r["status"] for r in uploads} == {206}
     sn_lines = list(json_lines(sn.runner.log_path.read_text()))
     assert any(r["msg"].startswith("registered") for r in sn_lines)
+    # ...and per piece the supernode's seed sent
+    seed_ok = [r for r in sn_lines if r["logger"] == "supernode.seed" and r["status"] == "206"]
+    assert len(seed_ok) == sum(rep["pieces_from_supernode"] for rep in reps.values())
+    assert all(r["range"].startswith("bytes=") and r["ms"] >= 0 for r in seed_ok)
     assert all({"t", "level", "logger", "msg"} <= set(r) for r in sn_lines)
 
 
@@ -169,6 +174,12 @@ async def test_peer_server_counts_every_answer_by_status_and_reason(tmp_path: Pa
         state.active_uploads = 1  # every slot taken
         assert await get("bytes=0-999") == 503
         state.active_uploads = 0
+        async with c.get("/_ping") as r:
+            assert r.status == 200
+        async with c.get("/no/such/path") as r:
+            assert r.status == 404
+        async with c.get("/metrics") as r:
+            assert r.status == 200
         async with c.get("/metrics") as r:
             m: Samples = {}
             for family in text_string_to_metric_families(await r.text()):
@@ -178,8 +189,15 @@ async def test_peer_server_counts_every_answer_by_status_and_reason(tmp_path: Pa
     assert value(m, "dfget_peer_uploaded_bytes_total") == 2000
     assert value(m, "dfget_peer_upload_seconds_count") == 2
     assert value(m, "dfget_peer_busy_total") == 1
-    assert value(m, "dfget_peer_requests_total", status="206") == 2
-    assert value(m, "dfget_peer_requests_total", status="404") == 2
+    piece = "/peer/file/{task_id}"
+    assert value(m, "dfget_peer_requests_total", endpoint=piece, status="206") == 2
+    assert value(m, "dfget_peer_requests_total", endpoint=piece, status="404") == 2
+    assert value(m, "dfget_peer_requests_total", endpoint=piece, status="400") == 1
+    assert value(m, "dfget_peer_requests_total", endpoint=piece, status="416") == 1
+    assert value(m, "dfget_peer_requests_total", endpoint=piece, status="503") == 1
+    assert value(m, "dfget_peer_requests_total", endpoint="/_ping", status="200") == 1
+    assert value(m, "dfget_peer_requests_total", endpoint="unmatched", status="404") == 1
+    assert value(m, "dfget_peer_requests_total", endpoint="/metrics", status="200") == 1
     assert value(m, "dfget_peer_upload_errors_total", reason="not_found") == 2
     assert value(m, "dfget_peer_upload_errors_total", reason="bad_request") == 1
     assert value(m, "dfget_peer_upload_errors_total", reason="range_not_satisfiable") == 1

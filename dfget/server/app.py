@@ -46,17 +46,27 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """JSON error bodies for unknown paths and methods too, and a cap on requests in
     progress (404s and 400s included) so a flood cannot pile up handlers."""
     state = request.app[STATE]
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"  # bounded labels
+    status = 0  # 0: the reader went away before an answer
     if state.active_requests >= state.config.max_requests:
+        state.metrics.requests.labels(endpoint, "503").inc()
         return _error(503, "busy", "too many requests in progress")
     state.active_requests += 1
     try:
-        return await handler(request)
+        resp = await handler(request)
+        status = resp.status
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
+            status = exc.status
             raise
+        status = exc.status
         return _error(exc.status, "not_found" if exc.status == 404 else "bad_request", exc.reason)
     finally:
         state.active_requests -= 1
+        if status:
+            state.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -88,7 +98,6 @@ async def serve_piece(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         if status:
-            m.requests.labels(str(status)).inc()
             if status == 503:
                 m.busy.inc()
             elif status in _ERROR_REASONS:

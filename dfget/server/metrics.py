@@ -13,8 +13,8 @@ ERRORS = ("bad_request", "not_found", "range_not_satisfiable", "timeout", "abort
 class PeerMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("dfget_peer_requests", "Piece requests answered, by HTTP status",
-                                ["status"], registry=r)
+        self.requests = Counter("dfget_peer_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
         self.pieces = Counter("dfget_peer_pieces_served", "Pieces (ranges) sent in full",
                               registry=r)
         self.bytes = Counter("dfget_peer_uploaded_bytes", "Bytes of pieces sent in full",
