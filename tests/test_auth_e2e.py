@@ -143,3 +143,41 @@ async def test_refused_peer_address_downloads_without_serving(supernode, origin,
     assert r.report["back_to_source"] is None and r.report["bytes_from_supernode"] == 5 * MIB
     status, peers = await api("GET", f"{sn.url}/api/v1/tasks/{r.report['task_id']}/peers")
     assert status == 200 and peers["peers"] == []  # registered as a client that does not serve
+
+
+async def test_preheat_with_filter_and_identifier_is_the_task_dfget_asks_for(supernode, origin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sn = supernode()  # no admin token configured: preheat is open
+    size = 5 * MIB + 3
+    origin.put_random("signed.bin", size, seed=53)
+    body = {"url": origin.url("signed.bin", sig="one", exp="1"), "filter": ["sig", "exp"],
+            "identifier": "release-7"}
+    status, job = await api("POST", f"{sn.url}/api/v1/preheat", body)
+    assert status == 202, job
+    deadline = time.monotonic() + 30
+    while job["status"] in ("pending", "fetching") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        job = (await api("GET", f"{sn.url}/api/v1/preheat/{job['id']}"))[1]
+    assert job["status"] == "success", job
+    before = origin.stats()["by_file"]["signed.bin"]
+    assert before["bytes"] == size
+
+    # another signature, the same filter and identifier: the preheated task, no origin traffic
+    url2 = origin.url("signed.bin", sig="two", exp="2")
+    home = tmp_path / "home"
+    try:
+        r = await run_dfget(*dfget_args(sn, url2, tmp_path / "a.bin", home), "-f", "sig&exp",
+                            "-i", "release-7")
+        assert r.code == 0, r.stderr
+        assert r.report["task_id"] == job["id"]
+        assert r.report["bytes_from_origin"] == 0 and r.report["bytes_from_supernode"] == size
+        assert origin.stats()["by_file"]["signed.bin"] == before
+        # a different identifier names a different file: a new task, fetched from the origin
+        r = await run_dfget(*dfget_args(sn, url2, tmp_path / "b.bin", home), "-f", "sig&exp",
+                            "-i", "release-8")
+        assert r.code == 0, r.stderr
+        assert r.report["task_id"] != job["id"]
+        assert origin.stats()["by_file"]["signed.bin"]["bytes"] == 2 * size
+    finally:
+        await stop_server(home)
+    for name in ("a.bin", "b.bin"):
+        assert (tmp_path / name).read_bytes() == file_bytes(size, seed=53)

@@ -231,6 +231,8 @@ async def test_cluster_download_three_supernodes_one_killed_mid_download(
         assert d.code == 0, d.stderr[-3000:]
         assert d.out.read_bytes() == want
         assert d.report["back_to_source"] is None
+        # kept its pieces across the failover: every byte arrived exactly once
+        assert d.report["bytes_from_peers"] + d.report["bytes_from_supernode"] == size, d.report
         if sns[i % 3] is victim and d.report["failovers"]:
             assert d.report["supernode"] != victim.url, d.report
             moved += 1

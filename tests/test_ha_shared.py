@@ -143,6 +143,8 @@ async def test_cdn_supernode_killed_mid_fetch_taker_resumes_without_refetching(
         assert d.code == 0, d.stderr[-3000:]
         assert d.out.read_bytes() == want
         assert d.report["back_to_source"] is None and d.report["bytes_from_origin"] == 0
+        # kept its pieces across the failover: every byte arrived exactly once
+        assert d.report["bytes_from_peers"] + d.report["bytes_from_supernode"] == size, d.report
         assert d.report["supernode"] == b.url
         if i % 2 == 0:  # listed the dead supernode first: moved over, kept what it had
             assert d.report["failovers"] >= 1, d.report
@@ -215,6 +217,7 @@ async def test_cdn_supernode_killed_after_its_fetch_peers_finish_and_only_lost_p
         assert d.code == 0, d.stderr[-3000:]
         assert d.out.read_bytes() == want
         assert d.report["back_to_source"] is None and d.report["supernode"] == b.url
+        assert d.report["bytes_from_peers"] + d.report["bytes_from_supernode"] == size, d.report
     log = _log_once_it_has(b, "takeover done")
     assert "its CDN copy is gone" in log, log[-3000:]
     done = next(x for x in log.splitlines() if "takeover done" in x)
