@@ -466,6 +466,21 @@ class ScenarioResult:
     swarm: dict[str, Any] = field(default_factory=dict)
     direct: dict[str, Any] | None = None
     clients_detail: list[dict[str, Any]] = field(default_factory=list)
+    measured: str = ""  # UTC date and time the scenario ran
+    commit: str = ""  # git commit of the code measured ("+dirty" when uncommitted edits)
+
+
+def code_version() -> str:
+    """The measured code's git commit, marked +dirty when the tree has edits."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
 
 
 def summarize(results: list[ClientResult], size: int, origin_bytes: int, t_min: float,
@@ -496,7 +511,9 @@ async def run_scenario(sc: Scenario, workdir: Path, files: Path, redis_url: str 
     want = await asyncio.to_thread(make_blob, files / name, sc.size)
     t_min, binding = lower_bound(sc.size, sc.clients, sc.caps)
     res = ScenarioResult(name=sc.name, clients=sc.clients, size=sc.size, caps=asdict(sc.caps),
-                         redis="redis" if redis_url else "embedded", t_min=t_min, binding=binding)
+                         redis="redis" if redis_url else "embedded", t_min=t_min, binding=binding,
+                         measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                         commit=code_version())
     run_dir = Path(tempfile.mkdtemp(prefix=f"{sc.name}-", dir=workdir))
     cluster = Cluster(run_dir, files, sc.caps, redis_url)
     timeout = max(120.0, 20 * t_min) + 2 * sc.clients
@@ -573,8 +590,18 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {s['cpu_busy']:.0%} |")
     bad = [r["name"] for r in results if r["swarm"]["correct"] != r["clients"]]
     lines += ["", "Every output was checked against the origin file (sha256): "
-              + ("all identical." if not bad else f"MISMATCH in {', '.join(bad)}.")]
-    return "\n".join(lines) + "\n"
+              + ("all identical." if not bad else f"MISMATCH in {', '.join(bad)}."), ""]
+    lines += ["Each scenario's P2P and direct columns come from the same run:", ""]
+    for r in results:
+        where = "real Redis" if r.get("redis") == "redis" else "embedded store"
+        base = "with" if r.get("direct") else "without"
+        lines.append(f"- {r['name']}: {r.get('measured') or 'date not recorded'}, code "
+                     f"{r.get('commit') or 'not recorded'}, {where}, {base} the direct baseline")
+    lines += ["", "## Charts", "", "Bytes by source:", "", "![bytes by source](swarm_bytes.png)", ""]
+    for r in results:
+        lines += [f"{r['name']}, completion-time CDF:", "",
+                  f"![{r['name']} CDF](swarm_cdf_{r['name']}.png)", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def charts(results: list[dict[str, Any]], out: Path) -> list[Path]:
