@@ -152,7 +152,7 @@ def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, e
                max_uploads: int, upload_timeout: str, scan_interval: str, log_level: str,
                log_json: bool) -> None:
     """Run this host's peer server (normally started by dfget itself)."""
-    from .server.lifecycle import run_server
+    from .server.lifecycle import ListenError, run_server
     from .server.state import ServerConfig
 
     cfg = ServerConfig(
@@ -163,7 +163,11 @@ def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, e
         upload_timeout=_cfg(C.parse_duration, upload_timeout, "--upload-timeout"),
         scan_interval=_cfg(C.parse_duration, scan_interval, "--scan-interval"),
         log_level=log_level, log_json=log_json)
-    sys.exit(run_server(cfg))
+    try:
+        code = run_server(cfg)
+    except ListenError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -107,7 +108,13 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
                                 **guard.runner_kwargs(settings.header_timeout))
     await seed_runner.setup()
     seed_site = web.TCPSite(seed_runner, settings.listen, settings.download_port)
-    await seed_site.start()
+    try:
+        await _listen(seed_site, "--download-port", settings.listen, settings.download_port)
+    except BaseException:  # nothing after this point started yet: close what did
+        await seed_runner.cleanup()
+        await origin.close()
+        await store.close()
+        raise
     download_port = seed_runner.addresses[0][1]
     ip = settings.public_ip()
     limits = Limits(max_inflight=settings.down_limit, peer_uploads=settings.up_limit,
@@ -171,6 +178,18 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+class ListenError(Exception):
+    """A port this supernode was told to listen on cannot be had."""
+
+
+async def _listen(site: web.TCPSite, flag: str, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {host}:{port} ({flag}): {why}") from None
+
+
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
     if settings.port:
@@ -178,9 +197,13 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.shutdown_timeout,
                            **guard.runner_kwargs(settings.header_timeout))
-    await runner.setup()
-    site = web.TCPSite(runner, settings.listen, settings.port)
-    await site.start()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.listen, settings.port)
+        await _listen(site, "--port", settings.listen, settings.port)
+    except BaseException:
+        await runner.cleanup()  # the store, the seed and their tasks, already started
+        raise
     st = app[STATE]
     port = runner.addresses[0][1]
     log.info("supernode %s ready: api http://%s:%d download port %d store %s", st.sn_id[:8],

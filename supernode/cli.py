@@ -114,21 +114,21 @@ def _command() -> click.Command:
     @click.command(context_settings={"auto_envvar_prefix": "SUPERNODE", "help_option_names": ["-h", "--help"]})
     @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
                   expose_value=False, help="YAML file of option values (keys as option names).")
-    @click.version_option(__version__, prog_name="supernode")
+    @click.version_option(__version__, prog_name="supernode", allow_from_autoenv=False)
     def cmd(**values: Any) -> None:
         """Run the supernode: tracker, scheduler and CDN seed."""
         try:
             settings = build_settings(values)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
-        from .app import run
+        from .app import ListenError, run
         from .auth import KeyFileError
 
         logs.setup(settings.log_level, as_json=settings.log_json,
                    text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             run(settings)
-        except KeyFileError as exc:
+        except (KeyFileError, ListenError) as exc:
             raise click.ClickException(str(exc)) from None
 
     for flag, kw in OPTIONS:  # appended to the built command's params, so in order

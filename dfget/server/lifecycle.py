@@ -141,6 +141,10 @@ async def _periodic(state: ServerState, notifier: Notifier) -> None:
             state.stop.set()
 
 
+class ListenError(Exception):
+    """The peer port cannot be had (taken, or --ip is not an address of this host)."""
+
+
 async def serve(cfg: ServerConfig) -> None:
     state = ServerState(cfg)
     loop = asyncio.get_running_loop()
@@ -161,7 +165,11 @@ async def serve(cfg: ServerConfig) -> None:
         await control_runner.setup()
         try:
             site = web.TCPSite(peer_runner, cfg.ip, cfg.port, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(f"cannot listen on {cfg.ip}:{cfg.port} (--ip, --port): {why}") from None
             state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             sock = socket_path(cfg.home)
             with contextlib.suppress(FileNotFoundError):
