@@ -84,3 +84,13 @@ def test_env_vars_and_config_keys_reach_the_settings(tmp_path: Path, monkeypatch
     monkeypatch.delenv("SUPERNODE_CONFIG")
     ctx = supernode_cmd.make_context("supernode", [])
     assert build_settings(ctx.params).download_port == 9201  # env over default
+
+
+@pytest.mark.parametrize("value", ["1", "true", "1.2.3"])
+def test_supernode_version_in_the_environment_is_not_the_version_flag(
+        monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """Deployments set SUPERNODE_VERSION for their own purposes; it used to be read as
+    --version (print the version and exit, or a usage error for "1.2.3")."""
+    monkeypatch.setenv("SUPERNODE_VERSION", value)
+    ctx = supernode_cmd.make_context("supernode", ["--port", "9100"])
+    assert build_settings(ctx.params).port == 9100
