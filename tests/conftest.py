@@ -49,9 +49,22 @@ def in_ci() -> bool:
 # --- small helpers -------------------------------------------------------------------------
 def free_port(host: str = LOOPBACK) -> int:
     """A port that was free a moment ago. Prefer binding port 0 where the program allows."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """n distinct ports that were free a moment ago: all are held open together while
+    picked (picked one at a time, the kernel may hand out the same port twice)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 _GEN_CHUNK = 8 << 20
@@ -242,6 +255,67 @@ def _flush_redis(url: str) -> None:
         client.close()
 
 
+def _session_processes(base: str) -> list[int]:
+    """Pids of processes (not us) whose command line names this session's temp dir."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if base.encode() in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Nothing a test started outlives the run: peer servers that in-process downloads
+    started (detached, meant to outlive their dfget) and anything else still running
+    from this session's temp dirs are stopped (SIGTERM, then SIGKILL)."""
+    from dfget.server import launcher
+
+    for p in launcher._CHILDREN:
+        if p.poll() is None:
+            p.terminate()
+    for p in launcher._CHILDREN:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+    launcher._CHILDREN.clear()
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    base = str(factory.getbasetemp())
+    left = _session_processes(base)
+    if left:  # the tests' own cleanup missed these: say so, then stop them
+        sys.stderr.write(f"\nconftest: stopping {len(left)} process(es) left running from {base}\n")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _session_processes(base)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                    and _state(pid) not in ("Z", "X")]
+            time.sleep(0.05)
+        if not pids:
+            break
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # marked tests that never ask for redis_url must not pass silently on fakeredis in CI
     if item.get_closest_marker("redis") and in_ci() and not os.environ.get("REDIS_URL"):
@@ -381,19 +455,27 @@ def supernode(
         n = len(runners) + 1
         home = tmp_path / f"supernode{n}"
         home.mkdir(parents=True, exist_ok=True)
-        port, dport = free_port(), free_port()
-        cmd = [sys.executable, "-m", "supernode", "--listen", LOOPBACK, "--port", str(port),
-               "--download-port", str(dport), "--home", str(home),
-               "--advertise-ip", LOOPBACK, "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8"]
-        if redis_url:
-            cmd += ["--redis-url", redis_url]
-        cmd += list(extra_args)
-        runner = ProcessRunner(cmd, home / "supernode.log",
-                               ready_url=f"http://{LOOPBACK}:{port}/_ping",
-                               ready_timeout=ready_timeout, env=_child_env(), cwd=REPO_ROOT)
-        runners.append(runner)
-        runner.start()
-        return SupernodeProc(port=port, download_port=dport, home=home, runner=runner)
+        for attempt in range(3):
+            port, dport = free_ports(2)
+            cmd = [sys.executable, "-m", "supernode", "--listen", LOOPBACK, "--port", str(port),
+                   "--download-port", str(dport), "--home", str(home),
+                   "--advertise-ip", LOOPBACK, "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8"]
+            if redis_url:
+                cmd += ["--redis-url", redis_url]
+            cmd += list(extra_args)
+            runner = ProcessRunner(cmd, home / "supernode.log",
+                                   ready_url=f"http://{LOOPBACK}:{port}/_ping",
+                                   ready_timeout=ready_timeout, env=_child_env(), cwd=REPO_ROOT)
+            runners.append(runner)
+            try:
+                runner.start()
+            except RuntimeError:
+                # another process took a port between our pick and the supernode's bind
+                if attempt == 2 or "cannot listen on" not in runner.log_tail(5):
+                    raise
+                continue
+            return SupernodeProc(port=port, download_port=dport, home=home, runner=runner)
+        raise AssertionError("unreachable")
 
     try:
         yield factory

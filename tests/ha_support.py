@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, http_get, in_ci
+from conftest import free_port, free_ports, http_get, in_ci
 
 PY = sys.executable
 
@@ -119,17 +119,18 @@ def _in_range(slot: int, spec: str) -> bool:
 def redis_cluster(tmp: Path) -> Iterator[RedisCluster]:
     server = need_redis_server()
     tmp.mkdir(parents=True, exist_ok=True)
-    ports = [free_port() for _ in range(3)]
+    picked = free_ports(6)  # 3 client ports, 3 cluster bus ports, all distinct
+    ports, bus = picked[:3], picked[3:]
     cluster = RedisCluster(ports)
     try:
-        for p in ports:
+        for p, bp in zip(ports, bus):
             d = tmp / str(p)
             d.mkdir()
             cluster.procs.append(_server(
                 [server, "--port", str(p), "--dir", str(d), *_BASE, "--cluster-enabled", "yes",
                  "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "2000",
                  # the bus port defaults to port+10000, which overflows for high free ports
-                 "--cluster-port", str(free_port())],
+                 "--cluster-port", str(bp)],
                 d / "redis.log"))
         for p in ports:
             _wait(lambda p=p: _cli(p, "PING") == "PONG", f"cluster node {p}", procs=cluster.procs)
@@ -235,7 +236,7 @@ class RedisSentinel:
 def redis_sentinel(tmp: Path, service: str = "dfmaster") -> Iterator[RedisSentinel]:
     server = need_redis_server()
     tmp.mkdir(parents=True, exist_ok=True)
-    mport, sport = free_port(), free_port()
+    mport, sport = free_ports(2)
     s = RedisSentinel(mport, sport, service)
     try:
         s.procs.append(_server([server, "--port", str(mport), "--dir", str(tmp), *_BASE], tmp / "master.log"))

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-
+from conftest import free_ports
 from dfget_support import PY, origin_app, run_dfget, start_app, stop_server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def blob(n: int) -> bytes:
@@ -41,7 +34,7 @@ class World:
 
     async def start(self) -> None:
         self.runner, self.origin_port = await start_app(origin_app(self.files))
-        self.api, dl = free_port(), free_port()
+        self.api, dl = free_ports(2)
         log = open(self.tmp / "supernode.log", "wb")
         self.sn = await asyncio.create_subprocess_exec(
             PY, "-m", "supernode", "--port", str(self.api), "--download-port", str(dl),

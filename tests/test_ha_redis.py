@@ -203,7 +203,7 @@ async def test_cluster_download_three_supernodes_one_killed_mid_download(
         for i in range(6):
             order = sns[i % 3:] + sns[:i % 3]
             dls.append(await start_dfget(url, homes[i], tmp_path / f"o{i}",
-                                         [f"127.0.0.1:{s.port}" for s in order], "-s", "4MB"))
+                                         [f"127.0.0.1:{s.port}" for s in order], "-s", "2MB"))
 
         def registered() -> bool:
             return rc.hlen(keys.peers(tid)) >= 6 and rc.hget(keys.meta(tid), "cdn") is not None

@@ -315,7 +315,9 @@ async def test_registration_flood_cannot_start_unbounded_origin_fetches(aiohttp_
     async for w in make_world(aiohttp_client, tmp_path, max_fetches=2, register_wait=0.05):
         for i in range(8):
             (w.origin.root / f"s{i}").write_bytes(b"x" * 10)
-            resp = await w.client.post("/api/v1/tasks", json={"url": w.origin.url(f"s{i}", mode="delay=1")})
+            # each fetch holds its slot for 5 s: far longer than the registrations and the
+            # check below take, even on a loaded machine
+            resp = await w.client.post("/api/v1/tasks", json={"url": w.origin.url(f"s{i}", mode="delay=5")})
             assert resp.status == 200
         await asyncio.sleep(0.3)
         assert w.origin.stats.requests == 2  # the rest wait for a fetch slot

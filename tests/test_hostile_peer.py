@@ -173,7 +173,7 @@ async def test_slow_reader_is_cut_off_and_frees_its_slot(tmp_path: Path) -> None
     path = tmp_path / "big"
     path.touch()
     os.truncate(path, size)  # sparse
-    state = ServerState(ServerConfig(home=tmp_path, max_uploads=1, upload_timeout=0.5))
+    state = ServerState(ServerConfig(home=tmp_path, max_uploads=1, upload_timeout=2.0))
     state.table.register(FileEntry(task_id=TID, path=path, length=size, piece_size=size,
                                    supernodes=[], verified={0}))
     async with TestClient(TestServer(build_peer_app(state, lambda e: None), host="127.0.0.1")) as client:
@@ -182,13 +182,14 @@ async def test_slow_reader_is_cut_off_and_frees_its_slot(tmp_path: Path) -> None
         sock.connect(("127.0.0.1", client.port))
         sock.sendall(f"GET /peer/file/{TID} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{size - 1}\r\n\r\n".encode())
         try:
-            for _ in range(100):
+            for _ in range(500):
                 if state.active_uploads == 1:
                     break
                 await asyncio.sleep(0.01)
+            assert state.active_uploads == 1  # the never-reading client holds the one slot
             status, _, body = await raw_get(client.port, f"/peer/file/{TID}", [("Range", "bytes=0-9")])
             assert status == 503 and json.loads(body)["error"] == "busy"  # the one slot is taken
-            for _ in range(300):  # the never-reading client is cut off after upload_timeout
+            for _ in range(800):  # the never-reading client is cut off after upload_timeout
                 if state.active_uploads == 0:
                     break
                 await asyncio.sleep(0.01)

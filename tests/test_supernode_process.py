@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -60,23 +61,24 @@ def test_sigterm_exits_cleanly_even_with_a_long_poll_waiting(supernode, origin) 
     origin.put_random("a.bin", 2 * MIB, seed=1)
     reg = register(sn, origin.url("a.bin", mode="slow=65536"))
     tid, cid = reg["task"]["task_id"], reg["cid"]
-    import threading
-    result: dict = {}  # type: ignore[type-arg]
-
-    def long_poll() -> None:
-        result["r"] = post(f"{sn.url}/api/v1/tasks/{tid}/pull", {"cid": cid, "wait": 30})
-
-    t = threading.Thread(target=long_poll)
-    t.start()
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    sn.runner.signal(signal.SIGTERM)
+    # the long-poll is sent whole before the signal (a thread could still be connecting)
+    body = json.dumps({"cid": cid, "wait": 30}).encode()
+    with socket.create_connection(("127.0.0.1", sn.port), timeout=20) as conn:
+        conn.sendall(f"POST /api/v1/tasks/{tid}/pull HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        time.sleep(0.5)  # let the supernode start waiting on it
+        t0 = time.monotonic()
+        sn.runner.signal(signal.SIGTERM)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
     code = sn.runner.proc.wait(timeout=15)
-    t.join(timeout=15)
     assert code == 0, sn.runner.log_tail()
     assert time.monotonic() - t0 < 12
-    status, body = result["r"]
-    assert status == 200 and body["state"] in ("wait", "continue")
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    assert json.loads(payload)["state"] in ("wait", "continue")
     assert "Traceback" not in sn.runner.log_tail(200)
 
 

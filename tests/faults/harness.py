@@ -37,6 +37,7 @@ from conftest import (
     _child_env,
     file_bytes,
     free_port,
+    free_ports,
     http_get,
     in_ci,
 )
@@ -204,7 +205,7 @@ class Supernode:
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True)
         self.redis_url = redis_url
-        self.port, self.download_port = free_port(), free_port()
+        self.port, self.download_port = free_ports(2)
         self.extra = list(extra)
         self.log = home.parent / f"{home.name}.log"  # outside the home: it may be a tiny tmpfs
         self.runner: ProcessRunner | None = None
@@ -241,7 +242,7 @@ class Supernode:
             self.runner.stop()
             if not first:  # a restart must keep its ports
                 break
-            self.port, self.download_port = free_port(), free_port()
+            self.port, self.download_port = free_ports(2)
         raise AssertionError(f"another process answers on port {self.port} (not our supernode)")
 
     def _is_mine(self) -> bool:

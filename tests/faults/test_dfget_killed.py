@@ -36,12 +36,20 @@ async def test_dfget_sigkilled_at_random_point_resumes(world: World, fault_rng: 
     out = world.tmp / "k.bin"
 
     d = await world.spawn(url, out, home, "-s", "12MB")
-    await await_for(lambda: checks.parts(out), 20, "the part file")
+    def part_and_cid() -> bool:  # the part file and who wrote it (two separate steps)
+        parts = checks.parts(out)
+        return bool(parts) and parts[0].with_name(parts[0].name + ".cid").exists()
+
+    await await_for(part_and_cid, 20, "the part file and its .cid")
     await asyncio.sleep(fault_rng.uniform(0.0, 1.8))
     d.kill()
     first = await d.wait()
     if first.code == 0:  # it finished before the kill: nothing to resume, still correct
         checks.ok(first, out, data)
+        return
+    if out.exists():  # killed after the atomic rename, while sending its last report
+        assert out.read_bytes() == data, "a killed dfget left a wrong output file"
+        assert not checks.parts(out)
         return
     assert first.code == -9, first.stderr
     assert not out.exists(), "a killed dfget left an output file"

@@ -124,13 +124,13 @@ async def test_cdn_upload_to_a_dead_client_hides_its_piece_only_briefly(
     # the uploads' deadlines (~94 s for 4 MiB), so a rerun with nothing else to fetch hung
     import supernode.dispatch as dispatch
 
-    monkeypatch.setattr(dispatch, "PENDING_GRACE_MS", 300)
+    monkeypatch.setattr(dispatch, "PENDING_GRACE_MS", 2000)  # the next pull comes well within it
     _me, tid, dead = await _registered(api, origin, "g.bin", 8 * MIB)
     assert len((await api.pull(tid, dead, limit=4))["assignments"]) == 2  # and it dies
     other = (await api.register(origin.url("g.bin")))["cid"]
     fresh = await api.pull(tid, other, limit=4, wait=0)
     assert fresh["assignments"] == []  # young uploads: wait for their receiver to share
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(2.1)
     later = await api.pull(tid, other, limit=4, wait=0)
     assert len(later["assignments"]) >= 1, later
 
