@@ -1,0 +1,86 @@
+"""Piece digest throughput on one core: the cost every verified byte pays.
+
+    python -m bench.digest [--total 1GiB] [--runs 5]
+
+Hashes `--total` bytes as pieces of each size with the project's digest (common.digest:
+SHA-256, streamed in 1 MiB updates as dfget and the CDN do) and reports the best of
+`--runs` in GB/s and GiB/s. Writes bench/results/digest.md and digest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from common import digest
+from common.units import parse_size
+
+MIB = 1 << 20
+CHUNK = MIB  # the update size of dfget's and the CDN's hashing
+PIECE_SIZES = (MIB, 4 * MIB, 16 * MIB)
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return "SHA-NI" if "sha_ni" in flags else "no SHA-NI"
+
+
+def rate(piece: int, total: int, block: bytes) -> float:
+    """Bytes per second hashing `total` bytes as pieces of `piece` bytes."""
+    pieces = max(1, total // piece)
+    view = memoryview(block)
+    t0 = time.perf_counter()
+    for _ in range(pieces):
+        h = digest.new()
+        for off in range(0, piece, CHUNK):
+            h.update(view[off:off + CHUNK])
+        h.hexdigest()
+    return pieces * piece / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.digest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--total", type=parse_size, default=1 << 30)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    if args.total <= 0 or args.runs <= 0:
+        ap.error("--total and --runs must be positive")
+    block = os.urandom(max(PIECE_SIZES))
+    rows = []
+    for piece in PIECE_SIZES:
+        best = max(rate(piece, args.total, block) for _ in range(args.runs))
+        rows.append({"piece_size": piece, "bytes_per_s": best})
+        print(f"piece {piece // MIB:>2} MiB: {best / 1e9:.2f} GB/s ({best / (1 << 30):.2f} GiB/s)")
+    meta = {"algorithm": digest.ALGORITHM, "cpu": cpu_flags(), "python": platform.python_version(),
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "total": args.total, "runs": args.runs, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "digest.json").write_text(json.dumps(meta, indent=1) + "\n")
+    lines = ["# Piece digest throughput (`python -m bench.digest`)", "",
+             f"{digest.ALGORITHM.upper()} on one core ({meta['cpu']}, Python {meta['python']}), "
+             f"{args.total / (1 << 30):g} GiB per piece size, 1 MiB updates, best of {args.runs}; "
+             f"{meta['measured']}.", "",
+             "| piece size | GB/s | GiB/s | CPU seconds per GiB |", "|---|---|---|---|"]
+    for r in rows:
+        v = r["bytes_per_s"]
+        lines.append(f"| {r['piece_size'] // MIB} MiB | {v / 1e9:.2f} | {v / (1 << 30):.2f} "
+                     f"| {(1 << 30) / v:.2f} |")
+    (args.out / "digest.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
