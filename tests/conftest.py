@@ -255,19 +255,21 @@ def _flush_redis(url: str) -> None:
         client.close()
 
 
-def _session_processes(base: str) -> list[int]:
-    """Pids of processes (not us) whose command line names this session's temp dir."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
+def processes_under(path: Path) -> list[tuple[int, str]]:
+    """Live processes whose command line mentions `path` (zombies are not alive)."""
+    needle = os.fsencode(str(path))
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmd = (d / "cmdline").read_bytes()
+            cmd = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
         except OSError:
             continue
-        if base.encode() in cmd:
-            pids.append(int(d.name))
-    return pids
+        if needle in cmd and state != "Z":
+            out.append((int(entry.name), cmd.replace(b"\0", b" ").decode(errors="replace")[:200]))
+    return out
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -290,11 +292,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if factory is None:
         return
     base = str(factory.getbasetemp())
-    left = _session_processes(base)
+    left = processes_under(Path(base))
     if left:  # the tests' own cleanup missed these: say so, then stop them
         sys.stderr.write(f"\nconftest: stopping {len(left)} process(es) left running from {base}\n")
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _session_processes(base)
+        pids = [pid for pid, _ in processes_under(Path(base))]
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -302,18 +304,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 pass
         deadline = time.monotonic() + 5
         while pids and time.monotonic() < deadline:
-            pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()
-                    and _state(pid) not in ("Z", "X")]
+            alive = {pid for pid, _ in processes_under(Path(base))}
+            pids = [pid for pid in pids if pid in alive]
             time.sleep(0.05)
         if not pids:
             break
 
 
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

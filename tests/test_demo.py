@@ -3,38 +3,23 @@ and check what a newcomer is told, and that it leaves nothing behind."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(f"{d.name}: {cmd}")
-    return found
+from conftest import REPO_ROOT, processes_under
 
 
 def test_demo_distributes_and_cleans_up() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench.demo", "--size", "12MiB"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bench.demo", "--size", "12MiB"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=180)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "OK: every host got the file; the origin sent it once, not 4 times." in out, out
     assert "origin served 12.0 MiB = 1.00 x file" in out, out
     assert "files identical to the origin: 4/4" in out, out
-    rows = re.findall(r"^  (127\.0\.0\.\d+)\s+[\d.]+s\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    rows = re.findall(r"^  (127\.0\.0\.\d+)\s+[\d.]+s\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.MULTILINE)
     assert len(rows) == 4, out  # one row per host, each on its own loopback address
     assert len({r[0] for r in rows}) == 4, out
     for _, peers, sn, origin in rows:
@@ -43,4 +28,4 @@ def test_demo_distributes_and_cleans_up() -> None:
     scratch = re.search(r"\(scratch: (\S+)\)", out)
     assert scratch is not None, out
     assert not Path(scratch.group(1)).exists()  # the scratch directory was removed
-    assert _processes_mentioning(scratch.group(1)) == []  # and every process stopped
+    assert processes_under(Path(scratch.group(1))) == []  # and every process stopped

@@ -40,6 +40,7 @@ from conftest import (
     free_ports,
     http_get,
     in_ci,
+    processes_under,
 )
 from dfget_support import server_pid
 
@@ -483,21 +484,6 @@ async def _wait_gone(pid: int, timeout: float) -> None:
 
 
 # --- leaks and mounts --------------------------------------------------------------------
-def processes_under(path: Path) -> list[tuple[int, str]]:
-    """Live processes whose command line mentions `path` (zombies are not alive)."""
-    needle = os.fsencode(str(path))
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if needle in cmd and state != "Z":
-            out.append((int(entry.name), cmd.replace(b"\0", b" ").decode(errors="replace")[:200]))
-    return out
 
 
 def kill_all(pids: list[int]) -> None:
