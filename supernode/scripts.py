@@ -22,6 +22,14 @@ local function split2(s)
   if not i then return s, '0' end
   return string.sub(s, 1, i - 1), string.sub(s, i + 1)
 end
+local function put_cdn_pieces(first, ttl)
+  -- ARGV[first..] are piece/digest pairs the CDN verified: record them, mark them held
+  for i = first, #ARGV, 2 do
+    redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
+    redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
+  end
+  touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+end
 local function add_holder(cid, n, ttl)
   if redis.call('SETBIT', k('have:' .. cid), n, 1) == 0 then
     redis.call('SADD', k('h:' .. n), cid)
@@ -179,11 +187,7 @@ return 1
 PUBLISH_PIECES = _PRELUDE + r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 local ttl = tonumber(ARGV[1])
-for i = 3, #ARGV, 2 do
-  redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
-  redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
-end
-touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+put_cdn_pieces(3, ttl)
 redis.call('PUBLISH', chan(), 'p')
 return 1
 """
@@ -210,12 +214,8 @@ FINISH_TASK = _PRELUDE + r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 local ttl, nf = tonumber(ARGV[1]), tonumber(ARGV[3])
 local first = 4 + 2 * nf
-for i = first, #ARGV, 2 do
-  redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
-  redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
-end
 for i = 4, first - 1, 2 do redis.call('HSET', meta, ARGV[i], ARGV[i + 1]) end
-touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+put_cdn_pieces(first, ttl)
 redis.call('PUBLISH', chan(), 's')
 return 1
 """
@@ -231,11 +231,7 @@ local ttl = tonumber(ARGV[1])
 redis.call('HSET', meta, 'cdn', ARGV[2])
 if st ~= 'success' then redis.call('HSET', meta, 'status', 'fetching') end
 redis.call('DEL', k('cdnmap'))
-for i = 3, #ARGV, 2 do
-  redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
-  redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
-end
-touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+put_cdn_pieces(3, ttl)
 redis.call('PUBLISH', chan(), 's')
 return 1
 """

@@ -17,6 +17,7 @@ Fixtures:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shlex
@@ -47,6 +48,12 @@ def in_ci() -> bool:
 
 
 # --- small helpers -------------------------------------------------------------------------
+def file_url(base: str, name: str, **query: Any) -> str:
+    """URL of a file on a test origin (bench.origin), with its query (modes, times...)."""
+    qs = urlencode({k: str(v) for k, v in query.items()})
+    return f"{base}/files/{name}" + (f"?{qs}" if qs else "")
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A port that was free a moment ago. Prefer binding port 0 where the program allows."""
     return free_ports(1, host)[0]
@@ -346,8 +353,7 @@ class OriginProc:
         return f"http://{LOOPBACK}:{self.port}"
 
     def url(self, name: str, **query: Any) -> str:
-        qs = urlencode({k: str(v) for k, v in query.items()})
-        return f"{self.base}/files/{name}" + (f"?{qs}" if qs else "")
+        return file_url(self.base, name, **query)
 
     def put(self, name: str, data: bytes) -> Path:
         p = self.dir / name
@@ -489,3 +495,47 @@ def free_port_fixture() -> Callable[..., int]:
 @pytest.fixture(name="make_file")
 def make_file_fixture() -> Callable[..., Path]:
     return make_file
+
+
+class LogTrap(logging.Handler):
+    """Collects every record at ERROR or above or with a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.bad: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.bad.append(record)
+
+
+@pytest.fixture
+def log_trap() -> Iterator[LogTrap]:
+    """Every error (or traceback) logged in this process during the test."""
+    trap = LogTrap()
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(trap)
+    root.setLevel(logging.INFO)  # what the daemons log by default
+    try:
+        yield trap
+    finally:
+        root.removeHandler(trap)
+        root.setLevel(old)
+
+
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Run the test twice: on the embedded store and on the real Redis (REDIS_URL)."""
+    if request.param == "embedded":
+        return None
+    return request.getfixturevalue("redis_url")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def api(aiohttp_client, tmp_path, store_url):  # type: ignore[no-untyped-def]
+    """An in-process supernode on `store_url`, driven through its HTTP API (Api)."""
+    from supernode_support import Api, app_for, settings_for
+
+    client = await aiohttp_client(app_for(settings_for(tmp_path / "sn", store_url)))
+    return Api(client)

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import socket
 import string
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,7 @@ import aiohttp
 import aiohttp.web
 import msgpack
 import pytest
-
-from supernode import keys
-from conftest import file_bytes
+from conftest import LogTrap, file_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from supernode_support import app_for, settings_for
@@ -50,7 +47,7 @@ from yarl import URL
 from bench.origin import OriginServer
 from common.netpolicy import AddressPolicy, parse_networks
 from common.taskid import new_id
-from supernode import guard
+from supernode import guard, keys
 from supernode.config import Settings
 from supernode.state import STATE
 
@@ -123,18 +120,6 @@ class WriteCounter:
 
         monkeypatch.setattr(cls, "execute_command", execute_command)
         monkeypatch.setattr(Pipeline, "execute_command", pipe_command)
-
-
-class LogTrap(logging.Handler):
-    """Collects every record at ERROR or above or with a traceback."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.bad: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR or record.exc_info:
-            self.bad.append(record)
 
 
 @dataclass
@@ -490,20 +475,6 @@ async def check_all(fx: Fixture, reqs: list[Req], trap: LogTrap) -> None:
 
 def _diff(a: dict[bytes, Any], b: dict[bytes, Any]) -> list[str]:
     return sorted(k.decode(errors="replace") for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-@pytest.fixture
-def log_trap() -> Iterator[LogTrap]:
-    trap = LogTrap()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(trap)
-    root.setLevel(logging.INFO)  # what the daemons log by default
-    try:
-        yield trap
-    finally:
-        root.removeHandler(trap)
-        root.setLevel(old)
 
 
 def run_fuzz(tmp_path: Path, redis_url: str | None, examples: int, trap: LogTrap,

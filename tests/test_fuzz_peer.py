@@ -24,18 +24,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
+from conftest import LogTrap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
-from test_fuzz_api import BAD_IDS, HEADER_TEXT, METHODS, SMALL_BINARY, TAILS, LogTrap
+from test_fuzz_api import BAD_IDS, HEADER_TEXT, METHODS, SMALL_BINARY, TAILS
 from test_hostile_peer import expected
 from yarl import URL
 
@@ -196,22 +195,6 @@ async def check_one(w: World, req: PeerReq, trap: LogTrap) -> None:
 async def check_all(w: World, reqs: list[PeerReq], trap: LogTrap) -> None:
     for req in reqs:
         await check_one(w, req, trap)
-
-
-@pytest.fixture
-def log_trap() -> Iterator[LogTrap]:
-    import logging
-
-    trap = LogTrap()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(trap)
-    root.setLevel(logging.INFO)  # what the daemons log by default
-    try:
-        yield trap
-    finally:
-        root.removeHandler(trap)
-        root.setLevel(old)
 
 
 def test_fuzz_peer_server(tmp_path: Path, log_trap: LogTrap) -> None:

@@ -7,25 +7,12 @@ import asyncio
 import hashlib
 
 import pytest
-
 from conftest import file_bytes
-from supernode.app import STATE
 from supernode_support import Api, app_for, download_all, peer, settings_for
 
+from supernode.app import STATE
+
 MIB = 1 << 20
-
-
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "embedded":
-        return None
-    return request.getfixturevalue("redis_url")
-
-
-@pytest.fixture
-async def api(aiohttp_client, tmp_path, store_url) -> Api:  # type: ignore[no-untyped-def]
-    client = await aiohttp_client(app_for(settings_for(tmp_path / "sn", store_url)))
-    return Api(client)
 
 
 @pytest.mark.parametrize("size", [0, 1, 4 * MIB, 4 * MIB + 1, 10 * MIB + 12345])

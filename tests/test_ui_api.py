@@ -11,26 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from supernode_support import Api, download_all, fetch_piece, peer
 
 from supernode.repo import PeerInfo
 from supernode.scheduler import Bitmap
 from supernode.ui import ASSETS, STATIC, Coalescer, display_url, held_bytes, peer_rows
-from supernode_support import Api, app_for, download_all, fetch_piece, peer, settings_for
 
 MIB = 1 << 20
-
-
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "embedded":
-        return None
-    return request.getfixturevalue("redis_url")
-
-
-@pytest.fixture
-async def api(aiohttp_client, tmp_path, store_url) -> Api:  # type: ignore[no-untyped-def]
-    client = await aiohttp_client(app_for(settings_for(tmp_path / "sn", store_url)))
-    return Api(client)
 
 
 async def get(api: Api, path: str, status: int = 200) -> Any:

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import redis
@@ -36,6 +35,7 @@ from conftest import (
     ProcessRunner,
     _child_env,
     file_bytes,
+    file_url,
     free_port,
     free_ports,
     http_get,
@@ -100,8 +100,7 @@ class Origin:
         return f"http://{LOOPBACK}:{self.port}"
 
     def url(self, name: str, **query: Any) -> str:
-        qs = urlencode({k: str(v) for k, v in query.items()})
-        return f"{self.base}/files/{name}" + (f"?{qs}" if qs else "")
+        return file_url(self.base, name, **query)
 
     def put_random(self, name: str, size: int, seed: int) -> bytes:
         data = file_bytes(size, seed)
@@ -534,3 +533,13 @@ class Tmpfs:
         subprocess.run(["umount", "-l", str(self.path)], check=False)
         self.mounted = False
         raise AssertionError(f"{self.path} stayed busy; unmounted lazily")
+
+
+def most_pieces_held(w: World, tid: str) -> int:
+    """Most pieces any client of the task holds, as Redis says."""
+    r = w.redis()
+    try:
+        cids = [c.decode() for c in r.hkeys(f"df:t:{{{tid}}}:peers")]
+        return max((r.bitcount(f"df:t:{{{tid}}}:have:{c}") for c in cids), default=0)
+    finally:
+        r.close()

@@ -11,18 +11,9 @@ import random
 import pytest
 
 from . import checks
-from .harness import MIB, World, await_for
+from .harness import MIB, World, await_for, most_pieces_held
 
 pytestmark = pytest.mark.redis
-
-
-def _held(w: World, tid: str) -> int:
-    r = w.redis()
-    try:
-        cids = [c.decode() for c in r.hkeys(f"df:t:{{{tid}}}:peers")]
-        return max((r.bitcount(f"df:t:{{{tid}}}:have:{c}") for c in cids), default=0)
-    finally:
-        r.close()
 
 
 @pytest.mark.regression
@@ -61,7 +52,7 @@ async def test_dfget_sigkilled_at_random_point_resumes(world: World, fault_rng: 
         full = next(t.decode() for t in r.zrange("df:tasks", 0, -1) if t.decode().startswith(tid))
     finally:
         r.close()
-    verified = _held(world, full)  # pieces it had verified and reported before dying
+    verified = most_pieces_held(world, full)  # pieces it had verified and reported before dying
 
     rep = checks.ok(await world.dfget(url, out, home), out, data)
     assert rep["pieces_resumed"] >= verified, (rep, verified)

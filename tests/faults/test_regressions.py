@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,19 +21,6 @@ from common.errors import BadRequest, Conflict
 from dfget.p2p import _without_refused
 
 MIB = 1 << 20
-
-
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "embedded":
-        return None
-    return request.getfixturevalue("redis_url")  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-async def api(aiohttp_client, tmp_path, store_url) -> Api:  # type: ignore[no-untyped-def]
-    client = await aiohttp_client(app_for(settings_for(tmp_path / "sn", store_url)))
-    return Api(client)
 
 
 class _Origin:
@@ -203,8 +191,7 @@ async def test_cancelled_piece_whose_write_failed_leaves_no_unretrieved_error(
 
     def full_disk(*_args: object) -> None:
         writing.set()
-        import time
-        time.sleep(0.3)
+        time.sleep(0.3)  # in the worker thread, as a slow failing write would
         raise LocalDiskError("No space left on device")
 
     async def piece(request: web.Request) -> web.Response:

@@ -12,19 +12,9 @@ import random
 import pytest
 
 from . import checks
-from .harness import MIB, World, await_for
+from .harness import MIB, World, await_for, most_pieces_held
 
 pytestmark = pytest.mark.redis
-
-
-def _have_count(w: World, tid: str) -> int:
-    """Most pieces any client of the task holds, as Redis says."""
-    r = w.redis()
-    try:
-        cids = [c.decode() for c in r.hkeys(f"df:t:{{{tid}}}:peers")]
-        return max((r.bitcount(f"df:t:{{{tid}}}:have:{c}") for c in cids), default=0)
-    finally:
-        r.close()
 
 
 def _in_flight(w: World, tid: str) -> int:
@@ -59,7 +49,7 @@ async def test_supernode_restart_mid_download(world: World, fault_rng: random.Ra
     # the CDN has the whole file first: this scenario is about the download (a supernode
     # killed mid-fetch, before its first cache sidecar, fetches again from the start)
     await await_for(lambda: sn.task(tids[0])["task"]["status"] == "success", 20, "the CDN copy")
-    await await_for(lambda: _in_flight(world, tids[0]) >= 4 and _have_count(world, tids[0]) == 0,
+    await await_for(lambda: _in_flight(world, tids[0]) >= 4 and most_pieces_held(world, tids[0]) == 0,
                     20, "the first four pieces in flight (two not assigned yet)")
     await asyncio.sleep(fault_rng.uniform(0.0, 0.5))
     if how == "sigkill":
