@@ -31,6 +31,7 @@ from .cdn import Cdn, CdnSettings
 from .config import Settings
 from .dispatch import Dispatcher
 from .events import EventHub
+from .views import Views
 from .gc import announce_loop, gc_loop
 from .metrics import Metrics
 from .origin import OriginClient, OriginSettings
@@ -119,7 +120,10 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     ip = settings.public_ip()
     limits = Limits(max_inflight=settings.down_limit, peer_uploads=settings.up_limit,
                     cdn_uploads=settings.cdn_limit, cdn_copies=settings.cdn_copies)
-    dispatcher = Dispatcher(repo, hub, cdn, sn_id=sn_id, address=(ip, download_port), limits=limits,
+    views = Views(repo, hub)
+    hub.on_event = store.on_event = views.on_event
+    hub.on_gap = views.invalidate_all
+    dispatcher = Dispatcher(repo, hub, cdn, views=views, sn_id=sn_id, address=(ip, download_port), limits=limits,
                             min_rate=settings.origin_min_rate,
                             signer=signer if settings.piece_auth else None, token_ttl=settings.piece_token_ttl)
     st = SupernodeState(settings=settings, sn_id=sn_id, policy=settings.origin_policy(), store=store,
@@ -129,8 +133,6 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = st
     dispatcher.on_schedule = st.metrics.schedule.observe
     dispatcher.on_reports = st.metrics.observe_applied
-    if store.embedded:
-        store.local_listener = hub.dispatch
     background = [asyncio.create_task(hub.run_local() if store.embedded else hub.run(), name="events")]
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(hub.connected.wait(), 5.0)

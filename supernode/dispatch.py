@@ -1,9 +1,11 @@
-"""The thin async shell around the scheduler: read Redis, decide, claim atomically,
-and long-poll on task events when nothing can be assigned."""
+"""The thin async shell around the scheduler: decide from this process's view of the
+task (supernode/view.py), claim in one atomic script, and long-poll on task events when
+nothing can be assigned."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -14,20 +16,23 @@ from common.tokens import Signer
 
 from .cdn import Cdn
 from .events import EventHub
-from .repo import PeerInfo, ReportRefused, Repo, Snapshot, TaskMeta, now_ms
-from .scheduler import (
-    Candidate, ClientState, Limits, SourceState, assign, cdn_copy_limit, decode_counts, rank, wanted,
-)
+from .repo import PeerInfo, ReportRefused, Repo, TaskMeta, now_ms
+from .scheduler import Candidate, ClientState, Limits, SourceState, assign, cdn_copy_limit, rank, wanted
+from .view import ClientRec, Flags, TaskView
+from .views import Views
 
 SOURCE_KINDS = ("peer", "peer-cdn")
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
+HOLDER_SAMPLE = 8  # holders looked at per candidate piece
+WIDE_WINDOW = 64  # candidates ranked when the narrow window (4 per wanted piece) is not enough
 
 
 class Dispatcher:
     def __init__(self, repo: Repo, hub: EventHub, cdn: Cdn, *, sn_id: str, address: tuple[str, int],
                  limits: Limits, min_rate: int = 64 << 10, rng: random.Random | None = None,
-                 signer: Signer | None = None, token_ttl: float = 300.0) -> None:
+                 signer: Signer | None = None, token_ttl: float = 300.0, views: Views | None = None) -> None:
         self.repo = repo
+        self.views = views or Views(repo, hub)
         self.signer = signer  # piece tokens (None: --no-piece-auth)
         self.token_ttl = token_ttl
         self.hub = hub
@@ -45,21 +50,25 @@ class Dispatcher:
         self.on_schedule: Callable[[float], None] | None = None
         self.on_reports: Callable[[TaskMeta, str, list[wire.Report]], None] | None = None
 
-    async def pull(self, task_id: str, req: wire.PullRequest,
-                   alive: Callable[[], bool] = lambda: True) -> wire.PullReply:
+    async def pull(self, task_id: str, req: wire.PullRequest, alive: Callable[[], bool] = lambda: True,
+                   idle: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
+                   ) -> wire.PullReply:
         """`alive` says whether the client still waits for the answer: a long-poll of a
         client that died must not claim pieces (they would stay assigned to its cid,
-        which the same client resuming re-uses, until their deadlines)."""
+        which the same client resuming re-uses, until their deadlines). `idle` marks the
+        time spent waiting for events (the guard does not count it as work)."""
         _check_reports(req.reports)
         await self.cdn.repair.check_reports(task_id, req.reports)  # before they are applied
-        reports = req.reports  # applied atomically with the first snapshot
+        reports = list(req.reports)  # applied atomically with the first claim
         deadline = time.monotonic() + req.wait
         while True:
             gen = self.hub.generation(task_id)
             t0 = time.perf_counter()
-            reply, snap = await self._try(task_id, req, reports)
+            reply, view, done = await self._try(task_id, req, reports)
+            meta = view.meta
+            assert meta is not None
             if reports and self.on_reports is not None:
-                self.on_reports(snap.meta, req.cid, reports)
+                self.on_reports(meta, req.cid, reports)
             reports = []
             if self.on_schedule is not None:
                 self.on_schedule(time.perf_counter() - t0)
@@ -67,47 +76,99 @@ class Dispatcher:
                 return reply
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.draining:
-                return wire.PullReply("wait", snap.meta.info(), done=snap.have.count())
-            if snap.meta.status != "failed":
-                await self.cdn.ensure(snap.meta)  # take over an orphaned fetch or a dead seed
+                return wire.PullReply("wait", meta.info(), done=done)
+            if meta.status != "failed":
+                await self.cdn.ensure(meta)  # take over an orphaned fetch or a dead seed
             # no event marks a pending CDN upload going stale: look again by then
-            await self.hub.wait(task_id, gen, min(remaining, self._next_stale(snap)))
+            async with idle() if idle is not None else contextlib.nullcontext():
+                await self.hub.wait(task_id, gen, min(remaining, self._next_stale(view, meta)))
             if not alive():
-                return wire.PullReply("wait", snap.meta.info(), done=snap.have.count())
+                return wire.PullReply("wait", meta.info(), done=done)
+
+    async def _client(self, task_id: str, cid: str) -> tuple[TaskView, ClientRec]:
+        view = await self.views.get(task_id)
+        if view is None:
+            raise errors.NotFound("unknown task")
+        rec = view.clients.get(cid)
+        if rec is None:
+            # registered through another supernode a moment ago (its event on the way)?
+            # One cheap look before the costly reload: a made-up id costs one HGET.
+            if await self.repo.peer_of(task_id, cid) is None:
+                raise errors.NotFound("unknown client for this task")
+            view = await self.views.reload(task_id)
+            rec = view.clients.get(cid) if view is not None else None
+            if view is None or rec is None:
+                raise errors.NotFound("unknown client for this task")
+        return view, rec
 
     async def _try(
         self, task_id: str, req: wire.PullRequest, reports: list[wire.Report]
-    ) -> tuple[wire.PullReply | None, Snapshot]:
-        try:
-            snap = await self.repo.snapshot(task_id, req.cid, reports,
-                                            source_fail_limit=self.limits.source_fail_limit)
-        except ReportRefused as exc:
-            raise _refusal(exc.status, exc.value) from None
-        if snap is None:
-            raise errors.NotFound("unknown task")
-        if not snap.registered:
-            raise errors.NotFound("unknown client for this task")
-        meta = snap.meta
-        info = meta.info()
-        done = snap.have.count()
-        if meta.status == "failed":
-            return wire.PullReply("failed", info, done=done), snap
-        count = meta.piece_count
-        if meta.status == "success" and done >= count:
-            return wire.PullReply("finished", info, done=done), snap
-        if count < 0:
-            count = len(snap.cdn._data) * 8  # length unknown yet: what the CDN has so far
-        client = ClientState(
-            cid=req.cid, have=snap.have, inflight=snap.inflight, blacklist=snap.blacklist,
-            failures=snap.client_failures, cdn_only=snap.client is not None and snap.client.kind == "peer-cdn",
-        )
-        want = wanted(client, req.limit, self.limits)
-        if want == 0 or meta.piece_size <= 0:
-            return None, snap
-        counts = decode_counts(snap.counts_raw, count)
-        pending_only = set()
+    ) -> tuple[wire.PullReply | None, TaskView, int]:
+        view, rec = await self._client(task_id, req.cid)
+        meta = view.meta
+        assert meta is not None
         now = now_ms()
-        for n, until in zip(snap.cdn_sending, snap.cdn_sending_until):
+        client = _after_reports(rec, reports, meta.cdn, now, self.limits)
+        done = client.have.count()
+        count = view.piece_count()
+        state = None
+        if meta.status == "failed":
+            state = "failed"
+        elif meta.status == "success" and done >= count:
+            state = "finished"
+        decisions: list[tuple[int, str, str]] = []
+        items: list[tuple[int, str, str, int, int]] = []
+        if state is None:
+            decisions, items = await self._decide(view, meta, client, count, req.limit, now)
+        claimed: set[int] = set()
+        if reports or items:
+            try:
+                claimed = set(await self.repo.pull(
+                    task_id, req.cid, reports, items, max_inflight=self.limits.max_inflight,
+                    peer_cap=self.limits.peer_uploads, cdn_cap=self.limits.cdn_uploads,
+                    source_fail_limit=self.limits.source_fail_limit))
+            except ReportRefused as exc:
+                raise _refusal(exc.status, exc.value) from None
+        info = meta.info()
+        if state is not None:
+            return wire.PullReply(state, info, done=done), view, done
+        out = []
+        expires = int(time.time() + self.token_ttl)
+        for piece, sid, kind in decisions:
+            if piece not in claimed:
+                continue
+            peer = view.clients.get(sid)
+            addr = peer.info if peer is not None else None
+            if kind != "cdn" and addr is None:
+                continue  # left between the claim and now: its assignment expires unused
+            src = await self._source(sid, kind, addr)
+            start, end = self._range(meta.length, meta.piece_size, piece)
+            token = None
+            if self.signer is not None:
+                # bound to the server that will check it: a peer server knows its peer id, a
+                # seed its supernode id
+                at = addr.peer_id if src.kind == "peer" and addr is not None else sid
+                token = self.signer.issue(task_id=task_id, piece=piece, start=start, end=end,
+                                          client=req.cid, source=at, expires=expires)
+            out.append(wire.Assignment(piece, start, end, view.digests.get(piece, ""), src, token))
+        if not out:
+            return None, view, done
+        self.assigned += len(out)
+        return wire.PullReply("continue", info, out, done=done), view, done
+
+    async def _decide(
+        self, view: TaskView, meta: TaskMeta, client: ClientState, count: int, limit: int, now: int,
+    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, int, int]]]:
+        """The scheduler's choice for this client, from the view: (piece, source, kind)
+        decisions and the claim items that go with them."""
+        want = wanted(client, limit, self.limits)
+        if want == 0 or meta.piece_size <= 0:
+            return [], []
+        counts = view.counts[:count]
+        counts.extend([0] * (count - len(counts)))
+        pending_only = set()
+        sending = view.sending(meta.cdn, now) if meta.cdn else []
+        for n, until in sending:
             # a piece the CDN is sending now will have a peer holder in a moment: count it
             # as a copy, so the seed sends distinct pieces instead of one piece twice
             if n < count:
@@ -117,78 +178,60 @@ class Dispatcher:
                 if counts[n] == 0 and until - now > self._allowance_ms(meta, n) - PENDING_GRACE_MS:
                     pending_only.add(n)
                 counts[n] += 1
-        cdn_open = bool(meta.cdn) and snap.cdn_uploads < self.limits.cdn_uploads and not (
-            meta.cdn in snap.bad or meta.cdn in snap.blacklist) and await self._reachable(meta.cdn)
-        ranked = rank(count, snap.cdn, counts, client, max(64, 8 * want), self.rng, cdn_open=cdn_open,
-                      exclude=pending_only)
-        if not ranked:
-            return None, snap
-        detail = await self.repo.detail(task_id, meta.cdn, ranked, sample=8,
-                                        peer_cap=self.limits.peer_uploads, cdn_cap=self.limits.cdn_uploads)
-        sources = {
-            sid: SourceState(s.sid, s.kind, s.load, s.failures, bad=sid in snap.bad)
-            for sid, s in detail.sources.items()
-            if s.kind == "cdn" or (detail.addresses.get(sid) and detail.addresses[sid].kind in SOURCE_KINDS)
-        }
-        cands = [Candidate(n, n in snap.cdn, detail.holders[i], counts[n]) for i, n in enumerate(ranked)]
-        copy_limit = cdn_copy_limit(snap.clients, self.limits)
-        decisions = assign(cands, sources, meta.cdn if cdn_open else None, client, want, self.limits,
-                           cdn_copies=copy_limit)
-        if not decisions:
-            return None, snap
-        now = now_ms()
+        cdn_open = bool(meta.cdn) and len(sending) < self.limits.cdn_uploads and not (
+            meta.cdn in view.bad or meta.cdn in client.blacklist) and await self._reachable(meta.cdn)
+        sources: dict[str, SourceState] = {}
+        if meta.cdn:
+            sources[meta.cdn] = SourceState(meta.cdn, "cdn", len(sending), view.fails.get(meta.cdn, 0),
+                                            bad=meta.cdn in view.bad)
+        copy_limit = cdn_copy_limit(len(view.clients), self.limits)
+        chosen = []
+        for window in (4 * want, WIDE_WINDOW):
+            ranked = rank(count, view.cdn, counts, client, max(window, want), self.rng, cdn_open=cdn_open,
+                          exclude=pending_only)
+            cands = []
+            for n in ranked:
+                holders = view.holders_of(n, HOLDER_SAMPLE, self.rng.sample)
+                for h in holders:
+                    if h not in sources:
+                        peer = view.clients[h]
+                        if peer.info is not None and peer.info.kind in SOURCE_KINDS:
+                            sources[h] = SourceState(h, "peer", view.load_of(h, now), view.fails.get(h, 0),
+                                                     bad=h in view.bad)
+                cands.append(Candidate(n, n in view.cdn, holders, counts[n]))
+            chosen = assign(cands, sources, meta.cdn if cdn_open else None, client, want, self.limits,
+                            cdn_copies=copy_limit)
+            if len(chosen) >= want or len(ranked) < window:
+                break
+        decisions, items = [], []
         length = meta.length if meta.length >= 0 else count * meta.piece_size
-        items = []
         cdn_only = client.cdn_only or client.failures > self.limits.client_fail_limit
-        for i, d in enumerate(decisions):
+        for i, d in enumerate(chosen):
             start, end = piece_range(d.piece, max(length, (d.piece + 1) * meta.piece_size), meta.piece_size)
             deadline = now + int(((end - start + 1) / self.min_rate + 30) * 1000)
             # The claim re-checks super-seeding atomically (two pulls deciding from the
-            # same snapshot must not both seed one piece). The starving client's one
-            # rescue piece (see scheduler.assign) may exceed the limit, but only by the
-            # copy it adds to what this snapshot saw; CDN-only clients are not limited.
+            # same view must not both seed one piece). The starving client's one rescue
+            # piece (see scheduler.assign) may exceed the limit, but only by the copy it
+            # adds to what this view saw; CDN-only clients are not limited.
             max_copies = copy_limit
             if i == 0 and not client.inflight:
                 max_copies = max(max_copies, counts[d.piece] + 1)
-            items.append((d.piece, d.source, sources[d.source].kind, deadline,
-                          0 if cdn_only else max_copies))
-        claimed = set(await self.repo.claim(
-            task_id, req.cid, items, max_inflight=self.limits.max_inflight,
-            peer_cap=self.limits.peer_uploads, cdn_cap=self.limits.cdn_uploads,
-        ))
-        out = []
-        digests = dict(zip(ranked, detail.digests))
-        expires = int(time.time() + self.token_ttl)
-        for d in decisions:
-            if d.piece not in claimed:
-                continue
-            addr = detail.addresses.get(d.source)
-            src = await self._source(d.source, sources[d.source].kind, addr)
-            start, end = self._range(meta.length, meta.piece_size, d.piece)
-            token = None
-            if self.signer is not None:
-                # bound to the server that will check it: a peer server knows its peer id, a
-                # seed its supernode id
-                at = addr.peer_id if src.kind == "peer" and addr is not None else d.source
-                token = self.signer.issue(task_id=task_id, piece=d.piece, start=start, end=end,
-                                          client=req.cid, source=at, expires=expires)
-            out.append(wire.Assignment(d.piece, start, end, digests[d.piece], src, token))
-        if not out:
-            return None, snap
-        self.assigned += len(out)
-        return wire.PullReply("continue", info, out, done=done), snap
+            kind = sources[d.source].kind
+            decisions.append((d.piece, d.source, kind))
+            items.append((d.piece, d.source, kind, deadline, 0 if cdn_only else max_copies))
+        return decisions, items
 
-    def _next_stale(self, snap: Snapshot) -> float:
+    def _next_stale(self, view: TaskView, meta: TaskMeta) -> float:
         """Seconds until the next CDN upload of this task passes PENDING_GRACE (inf: none)."""
-        now, meta = now_ms(), snap.meta
-        if meta.piece_size <= 0:
+        now = now_ms()
+        if meta.piece_size <= 0 or not meta.cdn:
             return float("inf")
         left = [until - self._allowance_ms(meta, n) + PENDING_GRACE_MS - now
-                for n, until in zip(snap.cdn_sending, snap.cdn_sending_until)]
+                for n, until in view.sending(meta.cdn, now)]
         return max(0.05, min((ms for ms in left if ms > 0), default=float("inf")) / 1000)
 
     def _allowance_ms(self, meta: TaskMeta, n: int) -> int:
-        """An assignment's deadline is its start plus this (as claimed in _try)."""
+        """An assignment's deadline is its start plus this (as claimed in _decide)."""
         start, end = self._range(meta.length, meta.piece_size, n)
         return int(((end - start + 1) / self.min_rate + 30) * 1000)
 
@@ -273,3 +316,26 @@ def _refusal(status: str, value: str) -> errors.DfError:
     if status == "out_of_range":
         return errors.BadRequest(f"piece {value} is outside the task", detail=piece)
     return errors.StoreError(f"unexpected report status {status}")
+
+
+def _after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: int, limits: Limits) -> ClientState:
+    """The client as it will be once the store has applied `reports` (scripts.py,
+    apply_reports), for deciding in the same round trip: pieces reported held, their
+    assignments over, failed sources avoided. The claim re-checks all of it."""
+    inflight = {n for n, (_, dl) in rec.fly.items() if dl >= now}
+    have, bl, fails = rec.have, rec.bl, rec.fails
+    if reports:
+        have, bl = Flags(bytearray(rec.have.data)), set(rec.bl)
+        for r in reports:
+            entry = rec.fly.get(r.piece)
+            inflight.discard(r.piece)
+            if r.result in ("have", "ok"):
+                if r.result == "have" or entry is not None:
+                    have.add(r.piece)
+            elif entry is not None and not (entry[0] == cdn and r.reason not in ("refused", "timeout")):
+                bl.add(entry[0])
+                fails += 1
+    return ClientState(
+        cid=rec.cid, have=have, inflight=frozenset(inflight), blacklist=frozenset(bl), failures=fails,
+        cdn_only=rec.info is not None and rec.info.kind == "peer-cdn",
+    )

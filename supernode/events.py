@@ -1,10 +1,11 @@
 """Long-poll wake-ups through Redis pub/sub: no busy polling, cluster-wide.
 
 Every state change of a task is published on `df:ev:{T}` (by the Lua scripts, whichever
-supernode ran them). One pub/sub connection per supernode dispatches them to the pulls
-waiting on that task. A piece/slot event ("p") wakes the `wake_batch` longest-waiting
-pulls (about the capacity one event creates, so 200 waiting clients do not all
-re-schedule for one freed slot); a status event ("s") wakes all of them.
+supernode ran them) as its change log (supernode/view.py). One pub/sub connection per
+supernode hands each message to `on_event` (the views, which replay it), and the views
+call `wake` with what the change made: n new pieces or free slots wake the n (at least
+`wake_batch`) longest-waiting pulls, so 200 waiting clients do not all re-schedule for
+one freed slot; a status change wakes all of them.
 A generation counter per task closes the race between reading state and starting to
 wait: a pull remembers the generation before it reads, and returns at once if an event
 arrived in between.
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from . import keys
@@ -27,6 +29,8 @@ class EventHub:
     def __init__(self, client: Any, *, wake_batch: int = 8) -> None:
         self.client = client
         self.wake_batch = wake_batch
+        self.on_event: Callable[[str, str], None] | None = None  # (task id, message)
+        self.on_gap: Callable[[], None] | None = None  # messages may have been lost
         self._gen: dict[str, int] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self.connected = asyncio.Event()
@@ -52,12 +56,14 @@ class EventHub:
             if not q:
                 self._waiters.pop(task_id, None)
 
-    def dispatch(self, task_id: str, kind: str) -> None:
+    def wake(self, task_id: str, new: int) -> None:
+        """Something changed in the task: `new` pieces or slots appeared (-1: its status
+        changed). Waiters re-read, so waking one too many costs one look."""
         self._gen[task_id] = self._gen.get(task_id, 0) + 1
         q = self._waiters.get(task_id)
-        if not q:
+        if not q or new == 0:
             return
-        n = len(q) if kind != "p" else min(self.wake_batch, len(q))
+        n = len(q) if new < 0 else min(max(self.wake_batch, new), len(q))
         for _ in range(n):
             fut = q.popleft()
             if not fut.done():
@@ -65,7 +71,7 @@ class EventHub:
 
     def wake_all(self) -> None:
         for task_id in list(self._waiters):
-            self.dispatch(task_id, "s")
+            self.wake(task_id, -1)
 
     def forget(self, task_id: str) -> None:
         if task_id not in self._waiters:
@@ -89,7 +95,9 @@ class EventHub:
                 pubsub = self.client.pubsub()
                 await pubsub.psubscribe(keys.EVENT_PATTERN)
                 self.connected.set()
-                self.wake_all()  # events may have been missed while disconnected
+                if self.on_gap is not None:
+                    self.on_gap()  # events may have been missed while disconnected
+                self.wake_all()
                 delay = 0.1
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
@@ -98,9 +106,9 @@ class EventHub:
                     channel = msg["channel"]
                     channel = channel.decode() if isinstance(channel, bytes) else channel
                     task_id = keys.task_of_event_channel(channel)
-                    if task_id:
+                    if task_id and self.on_event is not None:
                         data = msg["data"]
-                        self.dispatch(task_id, data.decode() if isinstance(data, bytes) else str(data))
+                        self.on_event(task_id, data.decode() if isinstance(data, bytes) else str(data))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any transport failure: reconnect

@@ -109,24 +109,6 @@ class PeerInfo:
 
 
 @dataclass
-class Snapshot:
-    meta: TaskMeta
-    counts_raw: bytes
-    have: Bitmap
-    cdn: Bitmap
-    inflight: frozenset[int]
-    blacklist: frozenset[str]
-    bad: frozenset[str]
-    client_failures: int
-    client: PeerInfo | None
-    registered: bool
-    cdn_uploads: int = 0  # uploads the task's CDN source is doing now
-    cdn_sending: tuple[int, ...] = ()  # the pieces those uploads carry
-    cdn_sending_until: tuple[int, ...] = ()  # and their deadlines (ms), in the same order
-    clients: int = 0  # clients registered on the task (the swarm's size)
-
-
-@dataclass
 class Detail:
     holders: list[tuple[str, ...]]
     digests: list[str]
@@ -358,40 +340,50 @@ class Repo:
             await self.r.srem(keys.host(peer_id), *task_ids)
 
     # --- scheduling -------------------------------------------------------------------
-    async def snapshot(
-        self, task_id: str, cid: str, reports: Sequence[wire.Report] = (), *, source_fail_limit: int = 5
-    ) -> Snapshot | None:
-        """Apply `reports` (all or nothing; ReportRefused if one is not acceptable), then
-        read the pull's view of the task, in one atomic script."""
-        args: list[Any] = [cid, now_ms(), self.ttl, source_fail_limit]
-        for r in reports:
-            args += [r.piece, r.result, r.source or "", r.reason or ""]
-        res = await self.store.run("snapshot", [keys.meta(task_id)], args)
-        if reports and self.store.local_listener is not None:
-            self.store.local_listener(task_id, "p")  # embedded store: no pub/sub
-        if not isinstance(res[0], list):
-            raise ReportRefused(_s(res[0]), _s(res[1]))
-        h = _pairs(res[0])
+    async def load_view(self, task_id: str) -> dict[str, Any] | None:
+        """The whole scheduling state of the task at one instant (scripts.LOAD_VIEW), as
+        the arguments of view.TaskView.load."""
+        res = await self.store.run("load_view", [keys.meta(task_id)], [])
+        h = _pairs(res[1])
         if not h:
             return None
-        fly = _pairs(res[4])
-        client_raw = _s(res[8])
-        return Snapshot(
-            meta=self._meta(task_id, h),
-            counts_raw=bytes(res[1]) if res[1] else b"",
-            have=Bitmap(bytes(res[2]) if res[2] else b""),
-            cdn=Bitmap(bytes(res[3]) if res[3] else b""),
-            inflight=frozenset(int(p) for p in fly),
-            blacklist=frozenset(_s(x) for x in res[5]),
-            bad=frozenset(_s(x) for x in res[6]),
-            client_failures=int(_s(res[7])),
-            client=PeerInfo.decode(client_raw) if client_raw else None,
-            registered=bool(client_raw),
-            cdn_uploads=len(res[9]) // 2,
-            cdn_sending=tuple(int(_s(m).rsplit(":", 1)[1]) for m in res[9][0::2]),
-            cdn_sending_until=tuple(int(float(_s(d))) for d in res[9][1::2]),
-            clients=int(res[10]),
-        )
+        peers = res[4]
+        cfails = _pairs(res[8])
+        per = res[5]
+        clients = []
+        for i in range(0, len(peers), 2):
+            cid = _s(peers[i])
+            have, fly_raw, bl = per[3 * (i // 2): 3 * (i // 2) + 3]
+            fly = {}
+            for p, entry in _pairs(fly_raw).items():
+                src, _, dl = entry.partition("|")
+                fly[int(p)] = (src, int(dl or 0))
+            clients.append((cid, PeerInfo.decode(_s(peers[i + 1])), bytes(have) if have else b"", fly,
+                            {_s(x) for x in bl}, int(cfails.get(cid, "0"))))
+        return {
+            "task_id": task_id, "seq": int(_s(res[0])), "meta": TaskMeta.from_hash(task_id, h),
+            "cdn": bytes(res[2]) if res[2] else b"", "digests": {int(a): b for a, b in _pairs(res[3]).items()},
+            "clients": clients, "fails": {a: int(b) for a, b in _pairs(res[6]).items()},
+            "bad": {_s(x) for x in res[7]},
+        }
+
+    async def pull(
+        self, task_id: str, cid: str, reports: Sequence[wire.Report], items: list[tuple[int, str, str, int, int]],
+        *, max_inflight: int, peer_cap: int, cdn_cap: int, source_fail_limit: int,
+    ) -> list[int]:
+        """Apply `reports` (all or nothing: ReportRefused if one is not acceptable), then
+        claim `items` (piece, source, kind, deadline_ms, max_copies), each only where every
+        invariant still holds (scripts.PULL). The claimed pieces."""
+        args: list[Any] = [cid, now_ms(), self.ttl, max_inflight, peer_cap, cdn_cap, source_fail_limit,
+                           len(reports)]
+        for r in reports:
+            args += [r.piece, r.result, r.source or "", r.reason or ""]
+        for n, src, kind, deadline, max_copies in items:
+            args += [n, src, kind, deadline, max_copies]
+        res = await self.store.run("pull", [keys.meta(task_id)], args)
+        if _s(res[0]) != "ok":
+            raise ReportRefused(_s(res[1]), _s(res[2]))
+        return [int(_s(x)) for x in res[1:]]
 
     def _meta(self, task_id: str, h: dict[str, str]) -> TaskMeta:
         """TaskMeta of a meta hash, parsed once per distinct content (pulls re-read the
@@ -433,13 +425,10 @@ class Repo:
         self, task_id: str, cid: str, items: list[tuple[int, str, str, int, int]], *,
         max_inflight: int, peer_cap: int, cdn_cap: int,
     ) -> list[int]:
-        """items: (piece, source, kind, deadline_ms, max_copies); max_copies > 0 holds a
-        CDN assignment to the super-seeding limit atomically (0: no limit)."""
-        args: list[Any] = [cid, now_ms(), self.ttl, max_inflight, peer_cap, cdn_cap]
-        for n, src, kind, deadline, max_copies in items:
-            args += [n, src, kind, deadline, max_copies]
-        res = await self.store.run("claim", [keys.meta(task_id)], args)
-        return [int(_s(x)) for x in res]
+        """`pull` without reports: items (piece, source, kind, deadline_ms, max_copies);
+        max_copies > 0 holds a CDN assignment to the super-seeding limit atomically."""
+        return await self.pull(task_id, cid, (), items, max_inflight=max_inflight, peer_cap=peer_cap,
+                               cdn_cap=cdn_cap, source_fail_limit=1 << 30)
 
     async def report(
         self, task_id: str, cid: str, reports: list[wire.Report], *, source_fail_limit: int
@@ -587,5 +576,5 @@ class Repo:
         return d["ip"], int(d["download_port"])
 
 
-__all__ = ["Repo", "TaskMeta", "PeerInfo", "Snapshot", "Detail", "ReportRefused", "StoreError",
+__all__ = ["Repo", "TaskMeta", "PeerInfo", "Detail", "ReportRefused", "StoreError",
            "now_ms", "TaskOverview", "ClientView", "PieceMap"]

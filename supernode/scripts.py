@@ -7,6 +7,8 @@ portable subset of Lua is used (no bit ops, no unpack) so fakeredis runs them to
 
 from __future__ import annotations
 
+from . import keys
+
 # Shared prelude: key helpers and the routines several scripts need.
 _PRELUDE = r"""
 local meta = KEYS[1]
@@ -14,8 +16,29 @@ local base = string.sub(meta, 1, #meta - 4)
 local function k(s) return base .. s end
 local function chan() return 'df:ev:' .. string.sub(base, 6, #base - 1) end
 local function touch(key, ttl) redis.call('PEXPIRE', key, ttl) end
+-- Every change is also logged as an op ('H cid n', ...: supernode/view.py) and, at the
+-- end of the script, published with the task's next sequence number and returned to
+-- the caller, so that every supernode's in-process view of the task replays exactly the
+-- changes Redis made, in order (a gap in the numbers means a lost message: reload).
+local ops = {}
+local function emit(s) ops[#ops + 1] = s end
+local function flush()
+  if #ops == 0 then return '' end
+  local seq = redis.call('INCR', k('seq'))
+  redis.call('PEXPIRE', k('seq'), SEQ_TTL)
+  local ev = seq .. '\n' .. table.concat(ops, '\n')
+  redis.call('PUBLISH', chan(), ev)
+  return ev
+end
 local function release_upload(src, member)
   if src and src ~= '' then redis.call('ZREM', k('up:' .. src), member) end
+end
+local function release_fly(cid, n, entry)
+  -- assignment n of cid (its fly entry `entry`) is over: free its upload slot
+  redis.call('HDEL', k('fly:' .. cid), n)
+  local src = string.match(entry, '^[^|]*')
+  release_upload(src, cid .. ':' .. n)
+  emit('R ' .. cid .. ' ' .. n)
 end
 local function split2(s)
   local i = string.find(s, '|', 1, true)
@@ -27,6 +50,7 @@ local function put_cdn_pieces(first, ttl)
   for i = first, #ARGV, 2 do
     redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
     redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
+    emit('G ' .. ARGV[i] .. ' ' .. ARGV[i + 1])
   end
   touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
 end
@@ -36,6 +60,7 @@ local function add_holder(cid, n, ttl)
     touch(k('h:' .. n), ttl)
     redis.call('BITFIELD', k('cnt'), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. n, 1)
     touch(k('cnt'), ttl)
+    emit('H ' .. cid .. ' ' .. n)
   end
   touch(k('have:' .. cid), ttl)
 end
@@ -56,6 +81,7 @@ local function remove_client(cid)
   end
   redis.call('DEL', hv, k('fly:' .. cid), k('bl:' .. cid), k('up:' .. cid))
   redis.call('HDEL', k('peers'), cid)
+  emit('D ' .. cid)
 end
 local function delete_task()
   local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
@@ -69,8 +95,9 @@ local function delete_task()
   if cdn then redis.call('DEL', k('up:' .. cdn)) end
   redis.call('DEL', meta, k('cdnmap'), k('dig'), k('cnt'), k('peers'), k('fails'),
              k('cfails'), k('bad'))
+  emit('Z')
 end
-"""
+""".replace("SEQ_TTL", str(keys.TASK_KEY_TTL_MS))
 
 # Applies piece reports of client `cid`: ARGV[first..] are piece, result, source, reason
 # quadruples. Validates every report first; applies all or nothing. A report on a piece
@@ -78,12 +105,12 @@ end
 # reports of a request it gave up on, not knowing they were applied): it changes nothing.
 # -> "ok", done | "not_assigned", piece | "unknown_client" | "unknown_task" | "bad_piece", piece
 _APPLY_REPORTS = r"""
-local function apply_reports(cid, ttl, limit, first)
+local function apply_reports(cid, ttl, limit, first, last)
   if redis.call('EXISTS', meta) == 0 then return 'unknown_task', '' end
   if redis.call('HEXISTS', k('peers'), cid) == 0 then return 'unknown_client', '' end
   local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
   local fly = k('fly:' .. cid)
-  for i = first, #ARGV, 4 do
+  for i = first, last, 4 do
     local n, res, src = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if count >= 0 and tonumber(n) >= count then return 'out_of_range', n end
     if res == 'have' then
@@ -98,23 +125,17 @@ local function apply_reports(cid, ttl, limit, first)
       end
     end
   end
-  local changed = false
-  for i = first, #ARGV, 4 do
+  for i = first, last, 4 do
     local n, res = ARGV[i], ARGV[i + 1]
-    local entry = res ~= 'have' and redis.call('HGET', fly, n)
+    local entry = redis.call('HGET', fly, n)
     if res == 'have' then
       -- a piece held already may also be assigned (given again after a failover):
       -- the assignment is void, its slots free now rather than at its deadline
-      local entry = redis.call('HGET', fly, n)
-      if entry then
-        redis.call('HDEL', fly, n)
-        release_upload(split2(entry), cid .. ':' .. n)
-      end
+      if entry then release_fly(cid, n, entry) end
       add_holder(cid, tonumber(n), ttl)
     elseif entry then
       local src = split2(entry)
-      redis.call('HDEL', fly, n)
-      release_upload(src, cid .. ':' .. n)
+      release_fly(cid, n, entry)
       if res == 'ok' then
         add_holder(cid, tonumber(n), ttl)
       elseif src == redis.call('HGET', meta, 'cdn') and ARGV[i + 3] ~= 'refused'
@@ -124,28 +145,37 @@ local function apply_reports(cid, ttl, limit, first)
         -- avoided like any source: a dead seed is replaced under another id.)
         redis.call('HINCRBY', k('fails'), src, 1)
         touch(k('fails'), ttl)
+        emit('F ' .. src)
       else
-        redis.call('SADD', k('bl:' .. cid), src)
+        if redis.call('SADD', k('bl:' .. cid), src) == 1 then emit('B ' .. cid .. ' ' .. src) end
         touch(k('bl:' .. cid), ttl)
+        emit('F ' .. src)
         if redis.call('HINCRBY', k('fails'), src, 1) >= limit then
-          redis.call('SADD', k('bad'), src)
+          if redis.call('SADD', k('bad'), src) == 1 then emit('X ' .. src) end
           touch(k('bad'), ttl)
         end
         redis.call('HINCRBY', k('cfails'), cid, 1)
+        emit('C ' .. cid)
         touch(k('fails'), ttl); touch(k('cfails'), ttl)
       end
     end
-    changed = true
   end
-  if changed then redis.call('PUBLISH', chan(), 'p') end
   touch(meta, ttl)
   return 'ok', redis.call('BITCOUNT', k('have:' .. cid))
 end
 """
 
+
+def _eventful(body: str) -> str:
+    """A script whose changes are logged: it returns {event, result}, where event is the
+    published "seq\\nop\\n..." text ('' when it changed nothing); Store.run hands the
+    event to the views and returns the result."""
+    return _PRELUDE + "local function body()\n" + body + "\nend\nlocal r = body()\nreturn {flush(), r}\n"
+
+
 # ARGV: url, url_key, md5, identifier, range, headers_json, now_ms, ttl_ms, fail_interval_ms
 # -> {"new"|"exists"|"conflict", status}
-REGISTER_TASK = _PRELUDE + r"""
+REGISTER_TASK = _eventful(r"""
 local now = tonumber(ARGV[7])
 if redis.call('EXISTS', meta) == 1 then
   local f = redis.call('HMGET', meta, 'url_key', 'md5', 'identifier', 'range', 'status', 'failed_ms')
@@ -163,68 +193,73 @@ redis.call('HSET', meta, 'url', ARGV[1], 'url_key', ARGV[2], 'md5', ARGV[3],
   'identifier', ARGV[4], 'range', ARGV[5], 'headers', ARGV[6], 'status', 'pending',
   'length', '-1', 'piece_size', '0', 'piece_count', '-1', 'created_ms', ARGV[7])
 touch(meta, tonumber(ARGV[8]))
+emit('M')
 return {'new', 'pending'}
-"""
+""")
 
 # ARGV: cid, info ("peer_id|ip|port|kind"), ttl_ms  -> 1
-ADD_PEER = _PRELUDE + r"""
+ADD_PEER = _eventful(r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 redis.call('HSET', k('peers'), ARGV[1], ARGV[2])
 touch(k('peers'), tonumber(ARGV[3]))
+emit('P ' .. ARGV[1] .. ' ' .. ARGV[2])
 return 1
-"""
+""")
 
-# ARGV: ttl_ms, then field/value pairs to set on meta. Publishes a status event.
-SET_META = _PRELUDE + r"""
+# ARGV: ttl_ms, then field/value pairs to set on meta.
+SET_META = _eventful(r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HSET', meta, ARGV[i], ARGV[i + 1]) end
 touch(meta, tonumber(ARGV[1]))
-redis.call('PUBLISH', chan(), 's')
+emit('M')
 return 1
-"""
+""")
 
 # ARGV: ttl_ms, cdn_id, then piece/digest pairs. The CDN has verified these pieces.
-PUBLISH_PIECES = _PRELUDE + r"""
+PUBLISH_PIECES = _eventful(r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 local ttl = tonumber(ARGV[1])
 put_cdn_pieces(3, ttl)
-redis.call('PUBLISH', chan(), 'p')
 return 1
-"""
+""")
 
 # Pieces of the CDN copy found bad on its disk: nobody is sent to them until they are
 # published again (their digests stay: they are what the origin sent). ARGV: ttl_ms,
 # pieces... (none: every piece)
-UNPUBLISH_PIECES = _PRELUDE + r"""
+UNPUBLISH_PIECES = _eventful(r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 if #ARGV == 1 then
   redis.call('DEL', k('cdnmap'))
+  emit('U')
 else
-  for i = 2, #ARGV do redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 0) end
+  for i = 2, #ARGV do
+    redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 0)
+    emit('U ' .. ARGV[i])
+  end
   touch(k('cdnmap'), tonumber(ARGV[1]))
 end
 return 1
-"""
+""")
 
 # The CDN has the whole file: every piece digest and the final meta fields in one step,
 # so a store that lost its state meanwhile (a restart without persistence) and got the
 # task registered again never ends up "success" without the digests.
 # ARGV: ttl_ms, cdn_id, n (meta field/value pairs that follow), pairs..., piece/digest pairs
-FINISH_TASK = _PRELUDE + r"""
+FINISH_TASK = _eventful(r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 local ttl, nf = tonumber(ARGV[1]), tonumber(ARGV[3])
 local first = 4 + 2 * nf
 for i = 4, first - 1, 2 do redis.call('HSET', meta, ARGV[i], ARGV[i + 1]) end
+emit('M')
 put_cdn_pieces(first, ttl)
-redis.call('PUBLISH', chan(), 's')
 return 1
-"""
+""")
 
 # A takeover: ARGV[2] becomes the task's CDN, holding exactly the listed pieces (the old
 # CDN's bitmap is dropped: those pieces are on a dead supernode's disk). A finished task
 # stays finished (a re-seed after its CDN died). ARGV: ttl_ms, cdn_id, then piece/digest
 # pairs. 0 if the task is gone or failed.
-ADOPT_CDN = _PRELUDE + r"""
+ADOPT_CDN = _eventful(r"""
 local st = redis.call('HGET', meta, 'status')
 if not st or st == 'failed' then return 0 end
 local ttl = tonumber(ARGV[1])
@@ -232,46 +267,39 @@ redis.call('HSET', meta, 'cdn', ARGV[2])
 if st ~= 'success' then redis.call('HSET', meta, 'status', 'fetching') end
 redis.call('DEL', k('cdnmap'))
 put_cdn_pieces(3, ttl)
-redis.call('PUBLISH', chan(), 's')
+ops = {'A'}  -- views reload the whole task
 return 1
-"""
+""")
 
-# One pull's view of the task, after applying the reports piggy-backed on it (one round
-# trip instead of two). ARGV: cid, now_ms, ttl_ms, source_fail_limit, then report
-# quadruples (none: read only). -> {"report-status", value} if a report is refused, else
-# {meta, counts, have, cdnmap, fly, blacklist, bad, cfails, peer,
-#  cdn_uploads ('cid:piece', deadline_ms, ... flat), clients}
-SNAPSHOT = _PRELUDE + _APPLY_REPORTS + r"""
-local cid = ARGV[1]
-if #ARGV >= 5 then
-  local st, v = apply_reports(cid, tonumber(ARGV[3]), tonumber(ARGV[4]), 5)
-  if st ~= 'ok' then return {st, v} end
-end
-local fly = redis.call('HGETALL', k('fly:' .. cid))
-local cdn = redis.call('HGET', meta, 'cdn')
-local cdn_up = {}
-if cdn and cdn ~= '' then
-  cdn_up = redis.call('ZRANGEBYSCORE', k('up:' .. cdn), '(' .. ARGV[2], '+inf', 'WITHSCORES')
+# Everything a supernode's view of the task holds, read at one instant (read-only).
+# -> {seq, meta, cdnmap, digests, peers, clients, fails, bad, cfails} where clients is
+# flat: have bitmap, fly hash, blacklist, for each entry of peers in order.
+LOAD_VIEW = _PRELUDE + r"""
+local peers = redis.call('HGETALL', k('peers'))
+local clients = {}
+for i = 1, #peers, 2 do
+  local cid = peers[i]
+  clients[#clients + 1] = redis.call('GET', k('have:' .. cid)) or ''
+  clients[#clients + 1] = redis.call('HGETALL', k('fly:' .. cid))
+  clients[#clients + 1] = redis.call('SMEMBERS', k('bl:' .. cid))
 end
 return {
+  redis.call('GET', k('seq')) or '0',
   redis.call('HGETALL', meta),
-  redis.call('GET', k('cnt')) or '',
-  redis.call('GET', k('have:' .. cid)) or '',
   redis.call('GET', k('cdnmap')) or '',
-  fly,
-  redis.call('SMEMBERS', k('bl:' .. cid)),
+  redis.call('HGETALL', k('dig')),
+  peers,
+  clients,
+  redis.call('HGETALL', k('fails')),
   redis.call('SMEMBERS', k('bad')),
-  redis.call('HGET', k('cfails'), cid) or '0',
-  redis.call('HGET', k('peers'), cid) or '',
-  cdn_up,
-  redis.call('HLEN', k('peers')),
+  redis.call('HGETALL', k('cfails')),
 }
 """
 
 # Holders, digests and source state for candidate pieces, packed into three strings
 # (a reply of hundreds of elements costs more to parse in Python than to compute).
-# Sources at their upload cap are left out of `sources` (the scheduler could not use
-# them; with 200 clients most sampled holders are busy and parsing them dominated).
+# Sources at their upload cap are left out of `sources`. Used by a takeover (read-only
+# but for dropping expired uploads).
 # ARGV: now_ms, sample, cdn_id ('' if none), peer_cap, cdn_cap, pieces...
 # -> {holders: "a,b;c;;..." (one group per piece), digests: "d0,d1,..." ('' if none),
 #     sources: "sid|peers-entry|uploads|failures" joined by ';'}
@@ -306,35 +334,56 @@ end
 return {table.concat(holders, ';'), table.concat(digs, ','), table.concat(info, ';')}
 """
 
-# Atomic claim. ARGV: cid, now_ms, ttl_ms, max_inflight, peer_cap, cdn_cap,
-# then piece, source, kind, deadline_ms, max_copies quintuples (max_copies > 0: a CDN
-# assignment only while the piece has fewer copies, holders plus the CDN's transfers of
-# it in flight; this closes the race of two pulls super-seeding the same piece).
-# Returns the claimed pieces.
-CLAIM = _PRELUDE + r"""
+# A pull: apply the client's reports (all or nothing), then claim the assignments the
+# scheduler decided, each only if every invariant still holds (the decision was made on
+# a view that may be a moment old): the client neither holds nor has the piece in
+# flight and has room; the source is not dropped, not on the client's blacklist, holds
+# the piece (a peer: its bitmap; the CDN: it is the task's CDN and has the piece) and is
+# below its upload cap; a CDN assignment with max_copies > 0 only while the piece has
+# fewer copies (holders plus the CDN's transfers of it in flight: two pulls deciding
+# from the same view must not both super-seed one piece). Expired assignments of the
+# client are released first.
+# ARGV: cid, now_ms, ttl_ms, max_inflight, peer_cap, cdn_cap, source_fail_limit,
+# n_reports, report quadruples (piece, result, source, reason), then piece, source, kind,
+# deadline_ms, max_copies quintuples.
+# -> {'refused', status, value} | {'ok', claimed pieces...}
+PULL = _eventful(_APPLY_REPORTS + r"""
 local cid, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local first = 9 + 4 * tonumber(ARGV[8])
+if first > 9 then
+  local st, v = apply_reports(cid, ttl, tonumber(ARGV[7]), 9, first - 1)
+  if st ~= 'ok' then return {'refused', st, v} end
+end
+local out = {'ok'}
+if first > #ARGV then return out end
+if redis.call('HEXISTS', k('peers'), cid) == 0 then return out end
 local fly = k('fly:' .. cid)
 local cur = redis.call('HGETALL', fly)
 for i = 1, #cur, 2 do
   local src, dl = split2(cur[i + 1])
-  if tonumber(dl) < now then
-    redis.call('HDEL', fly, cur[i])
-    release_upload(src, cid .. ':' .. cur[i])
-  end
+  if tonumber(dl) < now then release_fly(cid, cur[i], cur[i + 1]) end
 end
 local room = tonumber(ARGV[4]) - redis.call('HLEN', fly)
-local out = {}
-for i = 7, #ARGV, 5 do
+local cdn = redis.call('HGET', meta, 'cdn') or ''
+for i = first, #ARGV, 5 do
   if room <= 0 then break end
   local n, src, kind, dl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local max_copies = tonumber(ARGV[i + 4])
   local up = k('up:' .. src)
   local cap = tonumber(ARGV[5])
   if kind == 'cdn' then cap = tonumber(ARGV[6]) end
-  local ok = redis.call('GETBIT', k('have:' .. cid), tonumber(n)) == 0
+  local ok = src ~= cid and redis.call('GETBIT', k('have:' .. cid), tonumber(n)) == 0
     and redis.call('HEXISTS', fly, n) == 0
     and redis.call('SISMEMBER', k('bad'), src) == 0
-    and (kind == 'cdn' or redis.call('HEXISTS', k('peers'), src) == 1)
+    and redis.call('SISMEMBER', k('bl:' .. cid), src) == 0
+  if ok then
+    if kind == 'cdn' then
+      ok = src == cdn and redis.call('GETBIT', k('cdnmap'), tonumber(n)) == 1
+    else
+      ok = redis.call('HEXISTS', k('peers'), src) == 1
+        and redis.call('GETBIT', k('have:' .. src), tonumber(n)) == 1
+    end
+  end
   if ok then
     redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
     ok = redis.call('ZCARD', up) < cap
@@ -351,47 +400,40 @@ for i = 7, #ARGV, 5 do
     redis.call('ZADD', up, dl, cid .. ':' .. n)
     touch(up, ttl)
     redis.call('HSET', fly, n, src .. '|' .. dl)
+    emit('T ' .. cid .. ' ' .. n .. ' ' .. src .. ' ' .. dl)
     room = room - 1
     out[#out + 1] = n
   end
 end
 touch(fly, ttl)
 return out
-"""
+""")
 
 # ARGV: cid, ttl_ms, source_fail_limit, then piece, result, source, reason quadruples.
 # -> {status, value} as apply_reports
-REPORT = _PRELUDE + _APPLY_REPORTS + r"""
-local st, v = apply_reports(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
+REPORT = _eventful(_APPLY_REPORTS + r"""
+local st, v = apply_reports(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4, #ARGV)
 return {st, v}
-"""
+""")
 
 # A client aborts: release its in-flight assignments. ARGV: cid
-RELEASE = _PRELUDE + r"""
+RELEASE = _eventful(r"""
 local cid = ARGV[1]
-local fly = k('fly:' .. cid)
-local cur = redis.call('HGETALL', fly)
-for i = 1, #cur, 2 do
-  local src = split2(cur[i + 1])
-  release_upload(src, cid .. ':' .. cur[i])
-end
-redis.call('DEL', fly)
-if #cur > 0 then redis.call('PUBLISH', chan(), 'p') end
+local cur = redis.call('HGETALL', k('fly:' .. cid))
+for i = 1, #cur, 2 do release_fly(cid, cur[i], cur[i + 1]) end
 return #cur / 2
-"""
+""")
 
 # Remove clients (a peer server going away, or expired). ARGV: cid...
-REMOVE_CLIENTS = _PRELUDE + r"""
+REMOVE_CLIENTS = _eventful(r"""
 for i = 1, #ARGV do remove_client(ARGV[i]) end
-if #ARGV > 0 then redis.call('PUBLISH', chan(), 'p') end
 return #ARGV
-"""
+""")
 
-DELETE_TASK = _PRELUDE + r"""
+DELETE_TASK = _eventful(r"""
 delete_task()
-redis.call('PUBLISH', chan(), 's')
 return 1
-"""
+""")
 
 # Renew or release a lease only if we own it. ARGV: owner, ttl_ms (0 = release)
 LEASE_KEEP = r"""
@@ -409,12 +451,14 @@ ALL = {
     "finish_task": FINISH_TASK,
     "unpublish_pieces": UNPUBLISH_PIECES,
     "adopt_cdn": ADOPT_CDN,
-    "snapshot": SNAPSHOT,
+    "load_view": LOAD_VIEW,
     "detail": DETAIL,
-    "claim": CLAIM,
+    "pull": PULL,
     "report": REPORT,
     "release": RELEASE,
     "remove_clients": REMOVE_CLIENTS,
     "delete_task": DELETE_TASK,
     "lease_keep": LEASE_KEEP,
 }
+# Scripts that return {event, result} (see _eventful).
+EVENTFUL = frozenset(name for name, src in ALL.items() if src.endswith("return {flush(), r}\n"))

@@ -10,7 +10,9 @@ into `StoreError` here and never leaks further.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -19,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from common.errors import StoreError
+from common.errors import Busy, StoreError
 
 from . import scripts
 
@@ -29,12 +31,23 @@ R = TypeVar("R")
 _TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
 
 
+_HOLDING = contextvars.ContextVar("df_store_slot", default=False)
+SLOTS = 256  # Redis operations in flight at once per process (= the connection pool's size)
+SHED_AFTER = 1.0  # seconds an operation may wait for a slot before the request is shed
+
+
 def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Decorator: redis failures become StoreError (503 at the HTTP edge)."""
+    """Decorator: redis failures become StoreError (503 at the HTTP edge). A method of a
+    Store, or of an object with a `store`, runs under that store's admission (`slot`)."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        owner = args[0] if args else None
+        store = owner if isinstance(owner, Store) else getattr(owner, "store", None)
         try:
+            if isinstance(store, Store) and not _HOLDING.get():
+                async with store.slot():
+                    return await fn(*args, **kwargs)
             return await fn(*args, **kwargs)
         except _TRANSIENT as exc:
             raise StoreError(f"store unavailable: {type(exc).__name__}") from exc
@@ -137,32 +150,56 @@ def _split_multi_host(url: str, default_port: int) -> tuple[dict[str, str], list
     return auth, hosts, [p for p in path.split("?", 1)[0].split("/") if p]
 
 
-# The event each script publishes (see scripts.py), for the embedded store's local fan-out.
-_EVENTS = {"set_meta": "s", "publish_pieces": "p", "finish_task": "s", "adopt_cdn": "s", "report": "p",
-           "release": "p",
-           "remove_clients": "p", "delete_task": "s"}
-
-
 class Store:
     """The Redis client plus the registered Lua scripts.
 
-    On the embedded store every subscriber lives in this process, so events are handed
-    to `local_listener` directly after each script instead of through fakeredis'
-    pub/sub (whose blocking read is a poll)."""
+    A script that changes a task (scripts.EVENTFUL) returns the change log it also
+    published; `run` hands it to `on_event` before returning, so the caller's own
+    changes are in this process's views of the task at once (the published copy, when
+    it arrives, is recognised by its sequence number). On the embedded store that is the
+    only way events travel: every subscriber lives in this process."""
 
-    def __init__(self, client: Any, *, embedded: bool = False) -> None:
+    def __init__(self, client: Any, *, embedded: bool = False, slots: int = SLOTS,
+                 shed_after: float = SHED_AFTER) -> None:
         self.client = client
         self.embedded = embedded
-        self.local_listener: Callable[[str, str], None] | None = None
+        self.on_event: Callable[[str, str], None] | None = None
         self._scripts = {name: client.register_script(src) for name, src in scripts.ALL.items()}
+        self._slots = asyncio.Semaphore(slots)
+        self.shed_after = shed_after
+        self.shed = 0  # operations refused for want of a slot (a metric)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Admission: at most `slots` operations at once. One that cannot start within
+        `shed_after` is refused with 503 busy + Retry-After, well before a pool wait
+        would time out as an error: overload makes clients wait, it does not fail them."""
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.shed_after)
+            except TimeoutError:
+                self.shed += 1
+                raise Busy("the supernode's store is saturated; try again shortly",
+                           detail={"retry_after": 1}) from None
+        else:
+            await self._slots.acquire()
+        token = _HOLDING.set(True)
+        try:
+            yield
+        finally:
+            _HOLDING.reset(token)
+            self._slots.release()
 
     @translate
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         result = await self._scripts[name](keys=keys, args=args)
-        if self.local_listener is not None and name in _EVENTS:
+        if name not in scripts.EVENTFUL:
+            return result
+        event = result[0]
+        if event and self.on_event is not None:
             task_id = keys[0].split("{", 1)[1].split("}", 1)[0]
-            self.local_listener(task_id, _EVENTS[name])
-        return result
+            self.on_event(task_id, event.decode() if isinstance(event, bytes) else event)
+        return result[1] if len(result) > 1 else None
 
     @translate
     async def ping(self) -> bool:

@@ -371,8 +371,14 @@ async def exercise_store(url: str) -> dict[str, Any]:
         assert (await repo.cdn_bitmap(tid)).members(4) == [0, 2, 3]
         assert await repo.add_peer(tid, cid_a, PeerInfo(peer_a, "127.0.0.1", 15001, "peer"))
         assert await repo.add_peer(tid, cid_b, PeerInfo(peer_b, "127.0.0.1", 15002, "peer"))
-        snap = await repo.snapshot(tid, cid_a, [wire.Report(1, "have")])
-        assert snap is not None and snap.registered and snap.have.members(4) == [1]
+        events: list[str] = []
+        store.on_event = lambda task, ev: events.append(ev)
+        assert await repo.pull(tid, cid_a, [wire.Report(1, "have")], [], max_inflight=4, peer_cap=5, cdn_cap=4,
+                               source_fail_limit=5) == []
+        assert events and events[-1].split("\n")[1:] == [f"H {cid_a} 1"]  # the change log it returned
+        view = await repo.load_view(tid)
+        assert view is not None and view["seq"] == int(events[-1].split("\n")[0])
+        assert [c[0] for c in view["clients"]] == [cid_a, cid_b] and view["clients"][0][2] == b"\x40"
         detail = await repo.detail(tid, cdn, [0, 1], 8, peer_cap=5, cdn_cap=4)
         assert detail.holders == [(), (cid_a,)] and detail.digests == dig[:2]
         claimed = await repo.claim(tid, cid_b, [(1, cid_a, "peer", 2**40, 0), (0, cdn, "cdn", 2**40, 2)],
@@ -381,9 +387,12 @@ async def exercise_store(url: str) -> dict[str, Any]:
         assert await repo.report(tid, cid_b, [wire.Report(1, "ok", cid_a)], source_fail_limit=5) == ("ok", "1")
         assert await repo.report(tid, cid_b, [wire.Report(0, "failed", cdn, "refused")],
                                  source_fail_limit=5) == ("ok", "1")
-        assert await repo.claim(tid, cid_b, [(2, cdn, "cdn", 2**40, 0)], max_inflight=4, peer_cap=5,
+        # the source that failed this client is on its blacklist: the claim refuses it
+        assert await repo.claim(tid, cid_b, [(0, cdn, "cdn", 2**42, 0)], max_inflight=4, peer_cap=5,
+                                cdn_cap=4) == []
+        assert await repo.claim(tid, cid_a, [(2, cdn, "cdn", 2**42, 0)], max_inflight=4, peer_cap=5,
                                 cdn_cap=4) == [2]
-        assert await repo.release(tid, cid_b) == 1
+        assert await repo.release(tid, cid_a) == 1
         assert await repo.heartbeat(peer_a) and await repo.is_alive(peer_a)
         assert await repo.host_tasks(peer_a) == [tid]
         assert await repo.clients_of_host(tid, peer_a) == [cid_a]

@@ -1,0 +1,303 @@
+"""This supernode's in-process view of a task's scheduling state, kept exact by replaying
+the change log every script writes (scripts.py: `emit`/`flush`).
+
+Why: a pull used to read the task from Redis in three scripts (snapshot, holders,
+claim), re-decoding the whole meta hash, counts and bitmaps each time; one process
+answered ~125 pulls/s. Now the scheduler decides from this view, in memory, and the
+only Redis work of a pull is one script that applies its reports and claims what was
+decided, re-checking every invariant there (a view a moment old can only cost a lost
+claim, never a wrong assignment).
+
+Each change of a task in Redis is logged as ops and published with the task's next
+sequence number (`seq\\nop\\nop...`). The script's caller gets the same text back, so
+its own changes are in its view before it answers; the copy that arrives by pub/sub is
+then recognised by its number and skipped. Ops are applied strictly in sequence order:
+one that arrives early waits for the missing ones, and a gap that is not filled within
+GAP_TIMEOUT (a message lost in a reconnect) makes the view reload from Redis.
+
+Ops (fields separated by one space):
+  P cid info         client registered (info: "peer_id|ip|port|kind")
+  D cid              client removed (its pieces, assignments and uploads with it)
+  H cid n            cid now holds piece n (a new holder: never repeated)
+  T cid n src dl     piece n assigned to cid from src until dl (ms)
+  R cid n            cid's assignment of piece n is over (reported, expired, released)
+  B cid src          src blacklisted for cid
+  F src              one more failure reported against src
+  C cid              one more failure reported by cid
+  X src              src dropped for everyone
+  G n digest         the CDN verified piece n
+  U [n]              the CDN copy of piece n (of every piece) is unusable
+  M                  the task's meta changed (read again before the next decision)
+  A                  everything may have changed (a takeover): reload
+  Z                  the task was deleted
+
+This module is pure: no I/O, no clock (callers pass `now_ms`). `supernode/views.py`
+loads, feeds and evicts the views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import compress
+
+from .repo import PeerInfo, TaskMeta
+
+GAP_TIMEOUT = 1.0  # seconds a missing sequence number is waited for before a reload
+MAX_PENDING = 4096  # out-of-order events kept at most before giving up and reloading
+
+
+class Flags:
+    """A set of piece numbers as one byte per piece (0/1), with Bitmap's read interface
+    (`in`, members, count) for the scheduler."""
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, data: bytearray | None = None) -> None:
+        self.data = data if data is not None else bytearray()
+        self.n = sum(self.data)
+
+    def __contains__(self, piece: int) -> bool:
+        return 0 <= piece < len(self.data) and self.data[piece] == 1
+
+    def add(self, piece: int) -> bool:
+        if piece >= len(self.data):
+            self.data.extend(bytes(piece + 1 - len(self.data)))
+        if self.data[piece]:
+            return False
+        self.data[piece] = 1
+        self.n += 1
+        return True
+
+    def discard(self, piece: int) -> None:
+        if 0 <= piece < len(self.data) and self.data[piece]:
+            self.data[piece] = 0
+            self.n -= 1
+
+    def clear(self) -> None:
+        self.data = bytearray(len(self.data))
+        self.n = 0
+
+    def count(self) -> int:
+        return self.n
+
+    def members(self, n: int) -> list[int]:
+        return list(compress(range(min(n, len(self.data))), self.data))
+
+    @classmethod
+    def of_bitmap(cls, raw: bytes) -> Flags:
+        """A Redis bitmap (bit n = MSB-first bit n of the string)."""
+        if not raw:
+            return cls()
+        bits = bin(int.from_bytes(raw, "big") | (1 << (8 * len(raw))))[3:]
+        return cls(bytearray(bits.encode().translate(_FLAG)))
+
+
+_FLAG = bytes.maketrans(b"01", b"\x00\x01")
+
+
+class ClientRec:
+    __slots__ = ("cid", "info", "have", "fly", "bl", "fails")
+
+    def __init__(self, cid: str, info: PeerInfo | None) -> None:
+        self.cid = cid
+        self.info = info
+        self.have = Flags()
+        self.fly: dict[int, tuple[str, int]] = {}  # piece -> (source, deadline ms)
+        self.bl: set[str] = set()
+        self.fails = 0
+
+
+class TaskView:
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.seq = 0
+        self.meta: TaskMeta | None = None
+        self.meta_stale = True
+        self.cdn = Flags()
+        self.digests: dict[int, str] = {}
+        self.counts: list[int] = []  # peer holders per piece
+        self.holders: list[list[str]] = []  # per piece; may keep removed clients (checked on use)
+        self.clients: dict[str, ClientRec] = {}
+        self.uploads: dict[str, dict[str, int]] = {}  # source -> {"cid:piece": deadline ms}
+        self.fails: dict[str, int] = {}
+        self.bad: set[str] = set()
+        self.pending: dict[int, list[str]] = {}  # seq -> ops that arrived early
+        self.gap_since: float | None = None  # when the first early event arrived
+        self.stale = False  # must be reloaded before use (a takeover, a lost event)
+        self.deleted = False
+
+    # --- loading ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, task_id: str, seq: int, meta: TaskMeta | None, cdn: bytes, digests: dict[int, str],
+             clients: Iterable[tuple[str, PeerInfo | None, bytes, dict[int, tuple[str, int]], set[str], int]],
+             fails: dict[str, int], bad: set[str]) -> TaskView:
+        v = cls(task_id)
+        v.seq = seq
+        v.meta, v.meta_stale = meta, meta is None
+        v.cdn = Flags.of_bitmap(cdn)
+        v.digests = digests
+        v.fails, v.bad = fails, bad
+        for cid, info, have, fly, bl, nfails in clients:
+            rec = v.clients[cid] = ClientRec(cid, info)
+            rec.have = Flags.of_bitmap(have)
+            rec.fly, rec.bl, rec.fails = fly, bl, nfails
+            for n in rec.have.members(len(rec.have.data)):
+                v._grow(n)
+                v.counts[n] += 1
+                v.holders[n].append(cid)
+        cdn_id = meta.cdn if meta is not None else ""
+        for cid, rec in v.clients.items():
+            for n, (src, dl) in rec.fly.items():
+                if src in v.clients or src == cdn_id:  # a source that left took its uploads along
+                    v.uploads.setdefault(src, {})[f"{cid}:{n}"] = dl
+        return v
+
+    # --- replay -----------------------------------------------------------------------
+    def offer(self, seq: int, ops: list[str], now: float) -> int:
+        """Take an event; returns how many new pieces or free slots the applied events
+        made (-1: status changed, wake everyone). Out of order: kept until its turn."""
+        if seq <= self.seq:
+            return 0
+        if seq > self.seq + 1:
+            self.pending[seq] = ops
+            if self.gap_since is None:
+                self.gap_since = now
+            if len(self.pending) > MAX_PENDING:
+                self.stale = True
+            return 0
+        woke = self.apply(ops)
+        self.seq = seq
+        while self.seq + 1 in self.pending:
+            self.seq += 1
+            w = self.apply(self.pending.pop(self.seq))
+            woke = -1 if w < 0 or woke < 0 else woke + w
+        self.gap_since = None if not self.pending else now
+        return woke
+
+    def gap_expired(self, now: float) -> bool:
+        return self.gap_since is not None and now - self.gap_since > GAP_TIMEOUT
+
+    def apply(self, ops: list[str]) -> int:
+        woke = 0
+        status = False
+        for op in ops:
+            f = op.split(" ")
+            code = f[0]
+            if code == "T":
+                rec = self.clients.get(f[1])
+                n, dl = int(f[2]), int(f[4])
+                if rec is not None:
+                    rec.fly[n] = (f[3], dl)
+                self.uploads.setdefault(f[3], {})[f"{f[1]}:{n}"] = dl
+            elif code == "R":
+                rec = self.clients.get(f[1])
+                if rec is not None:
+                    entry = rec.fly.pop(int(f[2]), None)
+                    if entry is not None:
+                        up = self.uploads.get(entry[0])
+                        if up is not None:
+                            up.pop(f"{f[1]}:{f[2]}", None)
+                woke += 1
+            elif code == "H":
+                rec = self.clients.get(f[1])
+                n = int(f[2])
+                if rec is not None and rec.have.add(n):
+                    self._grow(n)
+                    self.counts[n] += 1
+                    self.holders[n].append(f[1])
+                    woke += 1
+            elif code == "P":
+                rec = self.clients.get(f[1])
+                info = PeerInfo.decode(f[2]) if len(f) > 2 else None
+                if rec is None:
+                    self.clients[f[1]] = ClientRec(f[1], info)
+                else:
+                    rec.info = info
+            elif code == "D":
+                self._remove(f[1])
+                woke += 1
+            elif code == "G":
+                n = int(f[1])
+                self.digests[n] = f[2]
+                if self.cdn.add(n):
+                    self._grow(n)
+                    woke += 1
+            elif code == "B":
+                rec = self.clients.get(f[1])
+                if rec is not None:
+                    rec.bl.add(f[2])
+            elif code == "F":
+                self.fails[f[1]] = self.fails.get(f[1], 0) + 1
+            elif code == "C":
+                rec = self.clients.get(f[1])
+                if rec is not None:
+                    rec.fails += 1
+            elif code == "X":
+                self.bad.add(f[1])
+            elif code == "U":
+                if len(f) > 1:
+                    self.cdn.discard(int(f[1]))
+                else:
+                    self.cdn.clear()
+            elif code == "M":
+                self.meta_stale = True
+                status = True
+            elif code == "A":
+                self.stale = True
+                status = True
+            elif code == "Z":
+                self.deleted = True
+                status = True
+        return -1 if status else woke
+
+    def _grow(self, n: int) -> None:
+        if n >= len(self.counts):
+            extra = n + 1 - len(self.counts)
+            self.counts.extend([0] * extra)
+            self.holders.extend([] for _ in range(extra))
+
+    def _remove(self, cid: str) -> None:
+        rec = self.clients.pop(cid, None)
+        if rec is None:
+            return
+        for n in rec.have.members(len(rec.have.data)):
+            self.counts[n] -= 1  # its entry in holders[n] is skipped from now on
+        for n, (src, _) in rec.fly.items():
+            up = self.uploads.get(src)
+            if up is not None:
+                up.pop(f"{cid}:{n}", None)
+        self.uploads.pop(cid, None)
+
+    # --- reads for the scheduler --------------------------------------------------------
+    def load_of(self, source: str, now_ms: int) -> int:
+        up = self.uploads.get(source)
+        if not up:
+            return 0
+        live = sum(1 for dl in up.values() if dl > now_ms)
+        if live < len(up) // 2:  # drop expired entries now and then (Redis does it lazily too)
+            for m in [m for m, dl in up.items() if dl <= now_ms]:
+                del up[m]
+        return live
+
+    def sending(self, source: str, now_ms: int) -> list[tuple[int, int]]:
+        """(piece, deadline ms) of the uploads `source` is doing now."""
+        up = self.uploads.get(source) or {}
+        return [(int(m.rsplit(":", 1)[1]), dl) for m, dl in up.items() if dl > now_ms]
+
+    def holders_of(self, n: int, sample: int, pick: object) -> tuple[str, ...]:
+        """Up to `sample` current holders of piece n (at random when there are more);
+        `pick` is random.Random.sample."""
+        if n >= len(self.holders):
+            return ()
+        hs = self.holders[n]
+        if len(hs) > 2 * self.counts[n] + 16:  # mostly clients that left: compact
+            hs[:] = [c for c in hs if (r := self.clients.get(c)) is not None and n in r.have]
+        if len(hs) > sample:
+            hs = pick(hs, sample)  # type: ignore[operator]
+        return tuple(c for c in hs if (r := self.clients.get(c)) is not None and n in r.have)
+
+    def piece_count(self) -> int:
+        meta = self.meta
+        if meta is not None and meta.piece_count >= 0:
+            return meta.piece_count
+        return len(self.cdn.data)  # length unknown yet: what the CDN has so far

@@ -1,0 +1,114 @@
+"""The in-process view of a task (supernode/view.py): replaying the change log the scripts
+write, in order, whatever order it arrives in; and (against the store) that a view
+replayed from events equals one loaded afresh."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from common import wire
+from common.taskid import new_id
+from supernode.repo import PeerInfo, Repo
+from supernode.store import Store, connect
+from supernode.view import GAP_TIMEOUT, Flags, TaskView
+
+A, B, CDN = "a" * 32, "b" * 32, "c" * 32
+
+
+def _view() -> TaskView:
+    v = TaskView("t" * 64)
+    v.apply([f"P {A} pa|127.0.0.2|1|peer", f"P {B} pb|127.0.0.3|1|peer", "G 0 d0", "G 1 d1"])
+    return v
+
+
+def test_ops_build_holders_counts_and_loads() -> None:
+    v = _view()
+    assert v.cdn.members(2) == [0, 1] and v.digests == {0: "d0", 1: "d1"}
+    v.apply([f"T {A} 0 {CDN} 5000", f"T {B} 1 {CDN} 5000"])
+    assert v.load_of(CDN, 1000) == 2
+    assert v.apply([f"R {A} 0", f"H {A} 0"]) == 2  # a free slot and a new holder
+    assert v.counts[0] == 1 and v.holders_of(0, 8, random.sample) == (A,)
+    assert v.load_of(CDN, 1000) == 1 and v.clients[A].fly == {}
+    v.apply([f"T {B} 0 {A} 5000"])
+    assert v.load_of(A, 1000) == 1 and v.sending(CDN, 1000) == [(1, 5000)]
+    assert v.load_of(CDN, 6000) == 0  # past its deadline an upload no longer counts
+    v.apply([f"D {A}"])  # a client leaves: its pieces, assignments and uploads go with it
+    assert v.counts[0] == 0 and v.holders_of(0, 8, random.sample) == () and v.load_of(A, 1000) == 0
+    assert v.apply(["M"]) == -1 and v.meta_stale
+
+
+def test_failures_blacklist_and_drop() -> None:
+    v = _view()
+    v.apply([f"B {A} {B}", f"F {B}", f"C {A}", f"X {B}"])
+    assert v.clients[A].bl == {B} and v.fails == {B: 1} and v.clients[A].fails == 1 and v.bad == {B}
+    v.apply(["U 1"])
+    assert v.cdn.members(2) == [0]
+    v.apply(["U"])
+    assert v.cdn.members(2) == []
+
+
+def test_events_apply_in_sequence_order_whatever_the_arrival_order() -> None:
+    v = _view()
+    events = [(1, [f"H {A} 0"]), (2, [f"H {B} 0"]), (3, [f"H {A} 1"]), (4, [f"D {B}"])]
+    for seq, ops in [events[2], events[0], events[3], events[1], events[0]]:  # shuffled, one repeated
+        v.offer(seq, ops, now=0.0)
+    assert v.seq == 4 and not v.pending and v.gap_since is None
+    assert v.counts[:2] == [1, 1] and set(v.clients) == {A}
+
+
+def test_a_gap_that_is_not_filled_expires() -> None:
+    v = _view()
+    v.offer(2, [f"H {A} 0"], now=10.0)
+    assert v.seq == 0 and not v.gap_expired(10.0 + GAP_TIMEOUT / 2)
+    assert v.gap_expired(10.0 + GAP_TIMEOUT * 2)
+
+
+def test_flags_read_a_redis_bitmap() -> None:
+    f = Flags.of_bitmap(bytes([0b1010_0000, 0b0000_0001]))
+    assert f.members(16) == [0, 2, 15] and f.count() == 3 and 2 in f and 3 not in f
+    assert f.add(3) and not f.add(3) and f.count() == 4
+
+
+@pytest.mark.redis
+async def test_a_view_replayed_from_events_equals_a_fresh_load(redis_url: str | None) -> None:
+    store = Store(connect(redis_url))
+    repo = Repo(store)
+    tid = new_id() * 2
+    live: TaskView | None = None
+
+    def feed(task: str, ev: str) -> None:
+        head, _, rest = ev.partition("\n")
+        if live is not None:
+            live.offer(int(head), rest.split("\n"), 0.0)
+
+    store.on_event = feed
+    try:
+        await repo.register_task(tid, url="http://o/f", url_key="http://o/f", md5="", identifier="", range_="",
+                                 headers={}, fail_interval_ms=1000)
+        cdn, a, b = new_id(), new_id(), new_id()
+        await repo.set_meta(tid, status="fetching", length=4096, piece_size=1024, piece_count=4, cdn=cdn)
+        live = TaskView.load(**(await repo.load_view(tid)))  # type: ignore[arg-type]
+        await repo.publish_pieces(tid, cdn, [(n, f"{n:064x}") for n in range(4)])
+        await repo.add_peer(tid, a, PeerInfo(new_id(), "127.0.0.2", 1, "peer"))
+        await repo.add_peer(tid, b, PeerInfo(new_id(), "127.0.0.3", 1, "peer"))
+        far = 2**42
+        assert await repo.claim(tid, a, [(0, cdn, "cdn", far, 0), (1, cdn, "cdn", far, 0)], max_inflight=4,
+                                peer_cap=5, cdn_cap=4) == [0, 1]
+        assert await repo.pull(tid, a, [wire.Report(0, "ok", cdn), wire.Report(1, "failed", cdn, "refused")],
+                               [], max_inflight=4, peer_cap=5, cdn_cap=4, source_fail_limit=5) == []
+        assert await repo.claim(tid, b, [(0, a, "peer", far, 0), (2, cdn, "cdn", far, 0)], max_inflight=4,
+                                peer_cap=5, cdn_cap=4) == [0, 2]
+        await repo.remove_clients(tid, [a])
+        fresh = TaskView.load(**(await repo.load_view(tid)))  # type: ignore[arg-type]
+        assert live.seq == fresh.seq
+        pad = [0, 0, 0, 0]
+        assert (live.counts + pad)[:4] == (fresh.counts + pad)[:4] and set(live.clients) == set(fresh.clients) == {b}
+        assert live.clients[b].fly == fresh.clients[b].fly and live.cdn.members(4) == fresh.cdn.members(4)
+        assert live.fails == fresh.fails and live.digests == fresh.digests
+        assert {s: len(u) for s, u in live.uploads.items() if u} == {s: len(u) for s, u in fresh.uploads.items() if u}
+        await repo.delete_task(tid)
+        assert live.deleted
+    finally:
+        await store.close()
