@@ -210,7 +210,7 @@ class Cluster:
 
         self.origin_port = self._wait(p, probe, "origin", log)
 
-    def start_supernode(self) -> None:
+    def start_supernode(self, *extra: str) -> None:
         home = self.workdir / "supernode"
         home.mkdir(parents=True, exist_ok=True)
         port, dport = free_port(), free_port()
@@ -220,6 +220,7 @@ class Cluster:
                "--upload-limit", str(self.caps.cdn_up)]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
+        cmd += extra
         log = home / "supernode.log"
         p = self._spawn(cmd, log)
         self._wait(p, lambda: http_json(f"http://{LOOPBACK}:{port}/_ping", timeout=1),

@@ -150,7 +150,7 @@ class P2PSession:
                     sender = asyncio.create_task(self._send_reports())
                 waits: set[asyncio.Future[object]] = set(self.flights)  # type: ignore[arg-type]
                 waits.update(t for t in (pull, sender) if t is not None)
-                timeout = max(0.1, self.cfg.stall_timeout - (time.monotonic() - self.last_progress))
+                timeout = max(0.1, self.cfg.stall_timeout - (time.monotonic() - self._alive_at()))
                 finished, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for t in finished:
                     if t in self.flights:
@@ -167,7 +167,7 @@ class P2PSession:
                     await self._failover(str(exc), skip_current=isinstance(exc, SupernodeDown))
                 except _ReportsRefused as exc:
                     log.info("reports refused, pulling again without them: %s", exc)
-                if time.monotonic() - self.last_progress > self.cfg.stall_timeout:
+                if time.monotonic() - self._alive_at() > self.cfg.stall_timeout:
                     raise P2PGaveUp(f"no piece verified for {self.cfg.stall_timeout:.0f} s")
         finally:
             await _cancel(pull)
@@ -175,6 +175,11 @@ class P2PSession:
             for t in list(self.flights):
                 await _cancel(t)
             self.flights.clear()
+
+    def _alive_at(self) -> float:
+        """When the swarm last showed life: a verified piece, or a supernode answering
+        that it is busy (overload is waited out, never a reason to leave the swarm)."""
+        return max(self.last_progress, self.sn.busy_at)
 
     async def _pull(self, free: int) -> wire.PullReply:
         assert self.cid is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import TypeVar
 
 import aiohttp
@@ -23,12 +24,18 @@ T = TypeVar("T")
 API_TIMEOUT = 5.0  # v1's dfget -> supernode timeout
 REGISTER_TIMEOUT = 20.0  # the supernode waits up to 10 s for the origin's first answer
 _RETRY_CODES = {"store_unavailable", "busy", "supernode_unavailable", "internal"}
-THROTTLED_RETRIES = 5  # 429 answers waited out before the error goes up
 MAX_RETRY_AFTER = 5.0
-
-
-BUSY_BUDGET = 30.0  # how long supernodes that answer "busy" (503) are retried
+# An overloaded supernode answers 429 or 503 busy with Retry-After: it is alive, so it is
+# asked again (after the delay it names, jittered so that a crowd does not come back in
+# step) for as long as this, and only a supernode that does not answer at all sends us
+# elsewhere, or to the origin.
+BUSY_BUDGET = 600.0
 BUSY_DELAY_MAX = 4.0
+
+
+def _jittered(retry_after: str, floor: float = 0.1) -> float:
+    delay = float(retry_after) if retry_after.isdigit() else 1.0
+    return min(max(delay, floor), MAX_RETRY_AFTER) * random.uniform(0.5, 1.5)
 
 
 class SupernodeDown(Exception):
@@ -45,6 +52,8 @@ class Supernodes:
         self.session = session
         self.nodes = nodes
         self.index = 0
+        self.busy_at = -1e9  # monotonic time a supernode last answered "busy, come back later"
+        self.busy_waits = 0  # such answers waited out (the --json report's busy_waits)
 
     @property
     def current(self) -> Node:
@@ -82,7 +91,8 @@ class Supernodes:
             if not busy or loop.time() + delay > deadline:
                 raise SupernodeUnavailable("no supernode answered: " + "; ".join(errors))
             log.warning("supernodes busy; registering again in %.1f s", delay)
-            await asyncio.sleep(delay)
+            self.busy_at = loop.time()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, BUSY_DELAY_MAX)
             first = self.index
 
@@ -101,7 +111,9 @@ class Supernodes:
                     typ: type[T] | None, timeout: float) -> T:
         data = wire.encode(body) if body is not None else None
         headers = {"Content-Type": wire.JSON_TYPE, "Accept": wire.JSON_TYPE}
-        for attempt in range(THROTTLED_RETRIES + 1):
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + BUSY_BUDGET
+        while True:
             try:
                 async with self.session.request(method, node.base_url + path, data=data, headers=headers,
                                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -110,11 +122,13 @@ class Supernodes:
                     retry_after = resp.headers.get("Retry-After", "")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise SupernodeDown(f"{type(exc).__name__}: {exc}") from None
-            if status != 429 or attempt == THROTTLED_RETRIES:
+            if not (status == 429 or (status == 503 and _is_busy(raw))) or loop.time() > give_up:
                 break
-            # over this client's request rate: wait as told (bounded), then ask again
-            delay = float(retry_after) if retry_after.isdigit() else 1.0
-            await asyncio.sleep(min(max(delay, 0.1), MAX_RETRY_AFTER))
+            # over this client's request rate, or the supernode sheds load: it answers,
+            # so wait as told (jittered, bounded) and ask it again
+            self.busy_at = loop.time()
+            self.busy_waits += 1
+            await asyncio.sleep(_jittered(retry_after))
         if status >= 400:
             raise _error(raw, status)
         if typ is None:
@@ -123,6 +137,14 @@ class Supernodes:
             return wire.decode(raw, typ)
         except DfError as exc:  # a supernode answering garbage is as good as down
             raise SupernodeDown(f"bad answer: {exc.message}") from None
+
+
+def _is_busy(raw: bytes) -> bool:
+    try:
+        body = wire.decode(raw, dict)  # type: ignore[type-abstract]
+    except DfError:
+        return False
+    return isinstance(body, dict) and body.get("error") == "busy"
 
 
 def _error(raw: bytes, status: int) -> Exception:

@@ -175,7 +175,8 @@ async def pull(request: web.Request) -> web.Response:
     req = await body(request, wire.PullRequest)
     if req.wait > st.settings.pull_wait_max:
         raise errors.BadRequest(f"wait must be at most {st.settings.pull_wait_max}")
-    res = await st.dispatcher.pull(tid, req, alive=lambda: not _gone(request))
+    res = await st.dispatcher.pull(tid, req, alive=lambda: not _gone(request),
+                                   idle=request.app[guard.GUARD].idle)
     st.metrics.assignments.inc(len(res.assignments))
     await st.repo.touch(tid)
     return reply(request, res)

@@ -6,8 +6,10 @@
 - Bodies: read once, here, with a cap (413, also for chunked bodies that declare no
   length) and a deadline (408), before anything parses them; handlers decode the bytes
   kept on the request (`body_bytes`).
-- Concurrency: at most `max_requests` requests inside the handlers at once; the next
-  one gets 503 `busy` with Retry-After.
+- Concurrency: at most `max_requests` requests inside the handlers at once (a pull
+  parked in its long-poll does not count); the next one gets 503 `busy` with
+  Retry-After, and so does Redis work that cannot start within a second
+  (supernode/store.py, `Store.slot`).
 - Rate: registrations per client address and pulls per client id, token buckets; over
   the rate 429 `too_many_requests` with Retry-After, before anything touches Redis.
 """
@@ -15,9 +17,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +59,16 @@ class Guard:
         self.register = KeyedLimiter(limits.register_rate, limits.register_rate * 10)
         self.pull = KeyedLimiter(limits.pull_rate, limits.pull_rate * 2)
         self.refused = {"busy": 0, "rate": 0}
+
+    @contextlib.asynccontextmanager
+    async def idle(self) -> AsyncIterator[None]:
+        """A request parked in a long-poll does no work: it does not count against
+        `max_requests` meanwhile (2,000 waiting clients must not lock out the rest)."""
+        self.active -= 1
+        try:
+            yield
+        finally:
+            self.active += 1
 
 
 GUARD: web.AppKey[Guard] = web.AppKey("guard", Guard)
