@@ -17,13 +17,13 @@ from common.tokens import Signer
 from .cdn import Cdn
 from .events import EventHub
 from .repo import PeerInfo, ReportRefused, Repo, TaskMeta, now_ms
-from .scheduler import Candidate, ClientState, Limits, SourceState, assign, cdn_copy_limit, rank, wanted
+from .scheduler import Candidate, ClientState, Limits, SourceState, assign, cdn_copy_limit, rank_ordered, wanted
 from .view import ClientRec, Flags, TaskView
 from .views import Views
 
 SOURCE_KINDS = ("peer", "peer-cdn")
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
-HOLDER_SAMPLE = 8  # holders looked at per candidate piece
+HOLDER_SAMPLE = 4  # holders looked at per candidate piece (the least loaded of a few random ones)
 WIDE_WINDOW = 64  # candidates ranked when the narrow window (4 per wanted piece) is not enough
 
 
@@ -122,6 +122,7 @@ class Dispatcher:
             decisions, items = await self._decide(view, meta, client, count, req.limit, now)
         claimed: set[int] = set()
         if reports or items:
+            view.reserve(decisions, 1)
             try:
                 claimed = set(await self.repo.pull(
                     task_id, req.cid, reports, items, max_inflight=self.limits.max_inflight,
@@ -129,6 +130,8 @@ class Dispatcher:
                     source_fail_limit=self.limits.source_fail_limit))
             except ReportRefused as exc:
                 raise _refusal(exc.status, exc.value) from None
+            finally:
+                view.reserve(decisions, -1)
         info = meta.info()
         if state is not None:
             return wire.PullReply(state, info, done=done), view, done
@@ -180,25 +183,19 @@ class Dispatcher:
                 counts[n] += 1
         cdn_open = bool(meta.cdn) and len(sending) < self.limits.cdn_uploads and not (
             meta.cdn in view.bad or meta.cdn in client.blacklist) and await self._reachable(meta.cdn)
-        sources: dict[str, SourceState] = {}
+        sources = _Sources(view, now)
         if meta.cdn:
             sources[meta.cdn] = SourceState(meta.cdn, "cdn", len(sending), view.fails.get(meta.cdn, 0),
                                             bad=meta.cdn in view.bad)
         copy_limit = cdn_copy_limit(len(view.clients), self.limits)
+        order = view.rarity(count, time.monotonic())
+        rand = self.rng.getrandbits
         chosen = []
         for window in (4 * want, WIDE_WINDOW):
-            ranked = rank(count, view.cdn, counts, client, max(window, want), self.rng, cdn_open=cdn_open,
-                          exclude=pending_only)
-            cands = []
-            for n in ranked:
-                holders = view.holders_of(n, HOLDER_SAMPLE, self.rng.sample)
-                for h in holders:
-                    if h not in sources:
-                        peer = view.clients[h]
-                        if peer.info is not None and peer.info.kind in SOURCE_KINDS:
-                            sources[h] = SourceState(h, "peer", view.load_of(h, now), view.fails.get(h, 0),
-                                                     bad=h in view.bad)
-                cands.append(Candidate(n, n in view.cdn, holders, counts[n]))
+            ranked = rank_ordered(order, view.cdn, client, max(window, want), self.rng, cdn_open=cdn_open,
+                                  exclude=pending_only)
+            cands = (Candidate(n, n in view.cdn, view.holders_of(n, HOLDER_SAMPLE, rand(20)), counts[n])
+                     for n in ranked)
             chosen = assign(cands, sources, meta.cdn if cdn_open else None, client, want, self.limits,
                             cdn_copies=copy_limit)
             if len(chosen) >= want or len(ranked) < window:
@@ -316,6 +313,26 @@ def _refusal(status: str, value: str) -> errors.DfError:
     if status == "out_of_range":
         return errors.BadRequest(f"piece {value} is outside the task", detail=piece)
     return errors.StoreError(f"unexpected report status {status}")
+
+
+class _Sources(dict[str, SourceState]):
+    """The state of each source a decision looks at, read from the view on first use."""
+
+    def __init__(self, view: TaskView, now: int) -> None:
+        super().__init__()
+        self.view = view
+        self.now = now
+
+    def get(self, sid: str, default: SourceState | None = None) -> SourceState | None:  # type: ignore[override]
+        src = dict.get(self, sid)
+        if src is None:
+            peer = self.view.clients.get(sid)
+            if peer is None or peer.info is None or peer.info.kind not in SOURCE_KINDS:
+                return default
+            v = self.view
+            src = self[sid] = SourceState(sid, "peer", v.load_of(sid, self.now), v.fails.get(sid, 0),
+                                          bad=sid in v.bad)
+        return src
 
 
 def _after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: int, limits: Limits) -> ClientState:

@@ -24,7 +24,7 @@ from array import array
 from itertools import compress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 SourceKind = Literal["peer", "cdn"]
 
@@ -106,8 +106,8 @@ class ClientState:
     cdn_only: bool = False  # pattern "cdn"
 
 
-@dataclass(frozen=True)
-class SourceState:
+# Built many times per pull: named tuples (a third of a frozen dataclass's cost).
+class SourceState(NamedTuple):
     sid: str
     kind: SourceKind
     load: int = 0
@@ -115,16 +115,14 @@ class SourceState:
     bad: bool = False
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     piece: int
     on_cdn: bool
-    holders: tuple[str, ...] = ()
+    holders: Sequence[str] = ()
     copies: int = 0  # peer holders + CDN transfers in flight, swarm-wide
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     piece: int
     source: str
 
@@ -192,6 +190,77 @@ def rank(
     return sorted(chosen, key=key)
 
 
+class RarityOrder:
+    """Every piece by its number of peer holders: `levels` is [(count, pieces ascending)]
+    in ascending count. Built from one moment's counts and shared by the pulls that
+    follow (a view rebuilds it every few ms while counts change), so a decision walks
+    only as far as it needs instead of sorting every piece."""
+
+    __slots__ = ("levels", "piece_count")
+
+    def __init__(self, counts: Sequence[int], piece_count: int) -> None:
+        by: dict[int, list[int]] = {}
+        for n, c in enumerate(counts[:piece_count]):
+            by.setdefault(c, []).append(n)
+        if len(counts) < piece_count:
+            by.setdefault(0, []).extend(range(len(counts), piece_count))
+        self.levels = sorted(by.items())
+        self.piece_count = piece_count
+
+
+def rank_ordered(
+    order: RarityOrder,
+    cdn: Bitmap,
+    client: ClientState,
+    limit: int,
+    rng: random.Random,
+    *,
+    cdn_open: bool = True,
+    exclude: Iterable[int] = (),
+) -> list[int]:
+    """rank() over a prepared RarityOrder: the `limit` best pieces for this client, best
+    first, by (peer holders, distance to the mean of its in-flight pieces, random).
+    Pieces no peer holds come only from the CDN: left out unless `cdn_open` and on it."""
+    if limit <= 0:
+        return []
+    has = client.have.__contains__
+    skip = set(client.inflight)
+    skip.update(exclude)
+    center = sum(client.inflight) / len(client.inflight) if client.inflight else None
+    out: list[int] = []
+    for level, group in order.levels:
+        if level == 0 and not cdn_open:
+            continue
+        for n in _walk(group, center, rng):
+            if n in skip or has(n) or (level == 0 and n not in cdn):
+                continue
+            out.append(n)
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def _walk(group: list[int], center: float | None, rng: random.Random) -> Iterable[int]:
+    """An ascending group nearest `center` first (ties at random), or from a random
+    point round (no center)."""
+    if center is None:
+        start = rng.randrange(len(group))
+        yield from group[start:]
+        yield from group[:start]
+        return
+    right = bisect.bisect_left(group, center)
+    left = right - 1
+    while left >= 0 or right < len(group):
+        dl = center - group[left] if left >= 0 else None
+        dr = group[right] - center if right < len(group) else None
+        if dr is None or (dl is not None and (dl < dr or (dl == dr and rng.random() < 0.5))):
+            yield group[left]
+            left -= 1
+        else:
+            yield group[right]
+            right += 1
+
+
 def _nearest(group: list[int], k: int, center: float | None, rng: random.Random) -> list[int]:
     """k pieces of an ascending group, nearest `center` first, ties at random."""
     if center is None:
@@ -224,7 +293,7 @@ def _usable(src: SourceState | None, client: ClientState, limits: Limits, load: 
 
 
 def assign(
-    candidates: Sequence[Candidate],
+    candidates: Iterable[Candidate],
     sources: Mapping[str, SourceState],
     cdn_source: str | None,
     client: ClientState,
@@ -239,8 +308,11 @@ def assign(
     no peer can and the piece has fewer than `cdn_copies` (default `limits.cdn_copies`)
     copies in the swarm, or
     when this client has nothing in flight at all (so no client ever starves), or when the
-    client is served by the CDN only."""
-    loads = {sid: s.load for sid, s in sources.items()}
+    client is served by the CDN only.
+
+    Reads lazily: candidates are consumed only until `want` are placed, and a source
+    is looked up (`sources.get`) only when a candidate names it."""
+    loads: dict[str, int] = {}  # loads as this decision adds to them
     cdn_only = client.cdn_only or client.failures > limits.client_fail_limit
     copy_limit = limits.cdn_copies if cdn_copies is None else cdn_copies
     out: list[Decision] = []
@@ -254,16 +326,16 @@ def assign(
                 src = sources.get(h)
                 if src is None or src.kind != "peer":
                     continue
-                load = loads.get(h, 0)
+                load = loads.get(h, src.load)
                 if _usable(src, client, limits, load) and (best_load is None or load < best_load):
                     choice, best_load = h, load
         starving = not client.inflight and not out
         if (choice is None and cand.on_cdn and cdn_source is not None
                 and (cdn_only or starving or cand.copies < copy_limit)):
             src = sources.get(cdn_source)
-            if _usable(src, client, limits, loads.get(cdn_source, 0)):
+            if src is not None and _usable(src, client, limits, loads.get(cdn_source, src.load)):
                 choice = cdn_source
         if choice is not None:
-            loads[choice] = loads.get(choice, 0) + 1
+            loads[choice] = loads.get(choice, sources[choice].load) + 1
             out.append(Decision(cand.piece, choice))
     return out

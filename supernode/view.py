@@ -41,8 +41,10 @@ from collections.abc import Iterable
 from itertools import compress
 
 from .repo import PeerInfo, TaskMeta
+from .scheduler import RarityOrder
 
 GAP_TIMEOUT = 1.0  # seconds a missing sequence number is waited for before a reload
+ORDER_TTL = 0.05  # seconds a rarity order is reused while holders change
 MAX_PENDING = 4096  # out-of-order events kept at most before giving up and reloading
 
 
@@ -116,11 +118,21 @@ class TaskView:
         self.cdn = Flags()
         self.digests: dict[int, str] = {}
         self.counts: list[int] = []  # peer holders per piece
-        self.holders: list[list[str]] = []  # per piece; may keep removed clients (checked on use)
+        self.holders: list[list[str]] = []  # per piece; may keep clients in `gone` (skipped)
+        self.gone: set[str] = set()  # removed clients still listed in `holders`
+        self.order: RarityOrder | None = None
+        self.order_at = 0.0
+        self.order_dirty = True
         self.clients: dict[str, ClientRec] = {}
         self.uploads: dict[str, dict[str, int]] = {}  # source -> {"cid:piece": deadline ms}
+        self.earliest: dict[str, int] = {}  # source -> no upload of it ends before this (ms)
         self.fails: dict[str, int] = {}
         self.bad: set[str] = set()
+        # claims decided here and not yet answered by the store: counted as uploads, so
+        # pulls deciding meanwhile spread over other sources instead of all losing the
+        # race for the same least-loaded one
+        self.reserved: dict[str, int] = {}
+        self.reserved_pieces: dict[int, int] = {}  # CDN pieces among them (copies)
         self.pending: dict[int, list[str]] = {}  # seq -> ops that arrived early
         self.gap_since: float | None = None  # when the first early event arrived
         self.stale = False  # must be reloaded before use (a takeover, a lost event)
@@ -149,7 +161,7 @@ class TaskView:
         for cid, rec in v.clients.items():
             for n, (src, dl) in rec.fly.items():
                 if src in v.clients or src == cdn_id:  # a source that left took its uploads along
-                    v.uploads.setdefault(src, {})[f"{cid}:{n}"] = dl
+                    v._upload(src, f"{cid}:{n}", dl)
         return v
 
     # --- replay -----------------------------------------------------------------------
@@ -188,7 +200,7 @@ class TaskView:
                 n, dl = int(f[2]), int(f[4])
                 if rec is not None:
                     rec.fly[n] = (f[3], dl)
-                self.uploads.setdefault(f[3], {})[f"{f[1]}:{n}"] = dl
+                self._upload(f[3], f"{f[1]}:{n}", dl)
             elif code == "R":
                 rec = self.clients.get(f[1])
                 if rec is not None:
@@ -205,11 +217,14 @@ class TaskView:
                     self._grow(n)
                     self.counts[n] += 1
                     self.holders[n].append(f[1])
+                    self.order_dirty = True
                     woke += 1
             elif code == "P":
                 rec = self.clients.get(f[1])
                 info = PeerInfo.decode(f[2]) if len(f) > 2 else None
                 if rec is None:
+                    if f[1] in self.gone:  # back under the same id: its old entries must go
+                        self._compact()
                     self.clients[f[1]] = ClientRec(f[1], info)
                 else:
                     rec.info = info
@@ -260,41 +275,88 @@ class TaskView:
         rec = self.clients.pop(cid, None)
         if rec is None:
             return
-        for n in rec.have.members(len(rec.have.data)):
+        held = rec.have.members(len(rec.have.data))
+        for n in held:
             self.counts[n] -= 1  # its entry in holders[n] is skipped from now on
+        if held:
+            self.gone.add(cid)
+            self.order_dirty = True
+            if len(self.gone) > 64 and len(self.gone) > len(self.clients) // 4:
+                self._compact()
         for n, (src, _) in rec.fly.items():
             up = self.uploads.get(src)
             if up is not None:
                 up.pop(f"{cid}:{n}", None)
         self.uploads.pop(cid, None)
+        self.earliest.pop(cid, None)
+
+    def reserve(self, items: Iterable[tuple[int, str, str]], sign: int) -> None:
+        """Count (sign=1) or stop counting (sign=-1) claims in flight: (piece, source, kind)."""
+        for n, src, kind in items:
+            self.reserved[src] = self.reserved.get(src, 0) + sign
+            if kind == "cdn":
+                self.reserved_pieces[n] = self.reserved_pieces.get(n, 0) + sign
+                if self.reserved_pieces[n] <= 0:
+                    del self.reserved_pieces[n]
+            if self.reserved[src] <= 0:
+                del self.reserved[src]
 
     # --- reads for the scheduler --------------------------------------------------------
+    def _upload(self, source: str, member: str, deadline: int) -> None:
+        self.uploads.setdefault(source, {})[member] = deadline
+        if deadline < self.earliest.get(source, 1 << 62):
+            self.earliest[source] = deadline
+
     def load_of(self, source: str, now_ms: int) -> int:
+        """Uploads `source` is doing (those past their deadline do not count: Redis
+        drops them before it checks a cap), plus claims of it in flight."""
         up = self.uploads.get(source)
         if not up:
-            return 0
-        live = sum(1 for dl in up.values() if dl > now_ms)
-        if live < len(up) // 2:  # drop expired entries now and then (Redis does it lazily too)
+            return self.reserved.get(source, 0)
+        if now_ms >= self.earliest.get(source, 1 << 62):
             for m in [m for m, dl in up.items() if dl <= now_ms]:
                 del up[m]
-        return live
+            self.earliest[source] = min(up.values(), default=1 << 62)
+        return len(up) + self.reserved.get(source, 0)
 
     def sending(self, source: str, now_ms: int) -> list[tuple[int, int]]:
-        """(piece, deadline ms) of the uploads `source` is doing now."""
+        """(piece, deadline ms) of the uploads `source` is doing now, and of the claims
+        of it in flight (deadline: none yet, so far in the future)."""
         up = self.uploads.get(source) or {}
-        return [(int(m.rsplit(":", 1)[1]), dl) for m, dl in up.items() if dl > now_ms]
+        out = [(int(m.rsplit(":", 1)[1]), dl) for m, dl in up.items() if dl > now_ms]
+        for n, k in self.reserved_pieces.items():
+            out.extend([(n, 1 << 62)] * k)
+        return out
 
-    def holders_of(self, n: int, sample: int, pick: object) -> tuple[str, ...]:
-        """Up to `sample` current holders of piece n (at random when there are more);
-        `pick` is random.Random.sample."""
+    def _compact(self) -> None:
+        gone = self.gone
+        for hs in self.holders:
+            if hs:
+                hs[:] = [c for c in hs if c not in gone]
+        gone.clear()
+
+    def holders_of(self, n: int, sample: int, start: int) -> list[str]:
+        """Up to `sample` current holders of piece n: the run of them from position
+        `start` (mod their number) on, so callers spread over all holders by varying it."""
         if n >= len(self.holders):
-            return ()
+            return []
         hs = self.holders[n]
-        if len(hs) > 2 * self.counts[n] + 16:  # mostly clients that left: compact
-            hs[:] = [c for c in hs if (r := self.clients.get(c)) is not None and n in r.have]
-        if len(hs) > sample:
-            hs = pick(hs, sample)  # type: ignore[operator]
-        return tuple(c for c in hs if (r := self.clients.get(c)) is not None and n in r.have)
+        k = len(hs)
+        if k > sample:
+            i = start % k
+            hs = hs[i:i + sample] if i + sample <= k else hs[i:] + hs[:i + sample - k]
+        if self.gone:
+            gone = self.gone
+            return [c for c in hs if c not in gone]
+        return hs if k > sample else list(hs)
+
+    def rarity(self, piece_count: int, now: float) -> RarityOrder:
+        """The pieces by holders, rebuilt at most every ORDER_TTL while they change."""
+        o = self.order
+        if o is None or o.piece_count != piece_count or (self.order_dirty and now - self.order_at > ORDER_TTL):
+            o = self.order = RarityOrder(self.counts, piece_count)
+            self.order_at, self.order_dirty = now, False
+        return o
 
     def piece_count(self) -> int:
         meta = self.meta

@@ -182,3 +182,40 @@ def test_assign_takes_the_copy_limit_of_the_swarm() -> None:
     client = ClientState(ME, inflight=frozenset({7}))
     assert assign(cands, sources, CDN, client, 1, LIM, cdn_copies=3) == [Decision(0, CDN)]
     assert assign(cands, sources, CDN, client, 1, LIM, cdn_copies=2) == []
+
+
+# --- rank over a prepared rarity order (what a pull uses) ---------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from supernode.scheduler import RarityOrder, rank_ordered  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 4), min_size=1, max_size=60),
+    have=st.sets(st.integers(0, 59)), inflight=st.sets(st.integers(0, 59), max_size=4),
+    cdn=st.sets(st.integers(0, 59)), exclude=st.sets(st.integers(0, 59), max_size=3),
+    cdn_open=st.booleans(), limit=st.integers(1, 20), seed=st.integers(0, 1000),
+)
+def test_rank_ordered_picks_the_same_rarity_levels_as_rank(counts: list[int], have: set[int], inflight: set[int],
+                                                          cdn: set[int], exclude: set[int], cdn_open: bool,
+                                                          limit: int, seed: int) -> None:
+    n = len(counts)
+    client = ClientState("c", have=Bitmap.of(have), inflight=frozenset(p for p in inflight if p < n))
+    a = rank(n, Bitmap.of(cdn), counts, client, limit, random.Random(seed), cdn_open=cdn_open, exclude=exclude)
+    b = rank_ordered(RarityOrder(counts, n), Bitmap.of(cdn), client, limit, random.Random(seed),
+                     cdn_open=cdn_open, exclude=exclude)
+    assert len(a) == len(b) and len(set(b)) == len(b)
+    assert sorted(counts[p] for p in a) == sorted(counts[p] for p in b)  # the rarest first, the same levels
+    assert [counts[p] for p in b] == sorted(counts[p] for p in b)  # best first
+    for p in b:  # and only pieces this client can be given
+        assert p not in have and p not in client.inflight and p not in exclude
+        assert counts[p] > 0 or (cdn_open and p in cdn)
+
+
+def test_rank_ordered_takes_the_nearest_of_a_level_to_the_pieces_in_flight() -> None:
+    counts = [1] * 100
+    client = ClientState("c", inflight=frozenset({50, 52}))
+    got = rank_ordered(RarityOrder(counts, 100), Bitmap(), client, 4, random.Random(1))
+    assert got[0] == 51 and set(got[1:3]) == {49, 53} and got[3] in (48, 54)
