@@ -151,6 +151,9 @@ class PeerDownRequest(Struct, frozen=True):
 
     peer_id: Id32
     tasks: Annotated[list[TaskId], Meta(max_length=4096)] | None = None
+    # with tasks: only these clients of the peer go (the downloads whose files are gone),
+    # not another download of the same task running on the host now
+    clients: Annotated[list[Id32], Meta(max_length=4096)] | None = None
 
 
 class HeartbeatRequest(Struct, frozen=True):

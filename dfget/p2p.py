@@ -46,6 +46,7 @@ class P2PSession:
         self.peer, self.limits = peer, limits
         self.sn = Supernodes(session, cfg.nodes)
         self.cid: str | None = None
+        self.cids: list[str] = []  # every client id supernodes gave this download
         self.task: wire.TaskInfo | None = None
         self.generation = 0
         self.done: set[int] = set()
@@ -82,9 +83,18 @@ class P2PSession:
             reply = await self.sn.register(self._register_request(), skip_current=skip_current)
         self._adopt(reply)
 
+    async def _register_file(self) -> None:
+        """Our peer server serves the part file as this download's clients (every id a
+        supernode gave us): when the file goes, exactly those leave the swarm."""
+        assert self.task is not None
+        await self.peer.register(self.task_id, self.part.path, self.task.length, self.task.piece_size,
+                                 self.sn.base_urls(), self.piece_auth, self.keys, clients=self.cids[-64:])
+
     def _adopt(self, reply: wire.RegisterReply) -> None:
         self.piece_auth, self.keys = reply.piece_auth, list(reply.keys)
         self.cid = reply.cid
+        if reply.cid not in self.cids:
+            self.cids.append(reply.cid)
         self._update_task(reply.task)
         self.stats.supernode = self.sn.current.base_url
         if reply.task.status == "failed":
@@ -111,8 +121,7 @@ class P2PSession:
         await asyncio.to_thread(self.part.save_cid, self.cid)
         if resuming and self.task.length > 0:
             await self._resume()
-        await self.peer.register(self.task_id, self.part.path, self.task.length, self.task.piece_size,
-                                 self.sn.base_urls(), self.piece_auth, self.keys)
+        await self._register_file()
         await self.peer.verified(self.task_id, sorted(self.done))
         try:
             await self._loop()
@@ -282,8 +291,12 @@ class P2PSession:
         self.stats.failovers += 1
         self.generation += 1
         self.shadows.clear()  # assignments of the registration being left
+        known = len(self.cids)
         await self._register_again(skip_current)
         await self.peer.trust(self.keys)  # the new supernode's tokens must verify at our peer server
+        if len(self.cids) != known and self.task is not None:
+            await self._register_file()  # a new client id: the peer server must know it too
+            await self.peer.verified(self.task_id, sorted(self.done))
         self.reports = [wire.Report(piece=n, result="have") for n in sorted(self.done)]
 
     async def _register_again(self, skip_current: bool) -> None:

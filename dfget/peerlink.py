@@ -49,11 +49,13 @@ class PeerLink:
             return False
 
     async def register(self, task_id: str, path: Path, length: int, piece_size: int, supernodes: list[str],
-                       piece_auth: bool = False, keys: list[PieceKey] | None = None) -> None:
+                       piece_auth: bool = False, keys: list[PieceKey] | None = None,
+                       clients: list[str] | None = None) -> None:
         if self.client is not None:
             await self._do(self.client.register(RegisterFile(
                 task_id=task_id, path=str(path), length=length, piece_size=piece_size,
-                supernodes=supernodes, owner_pid=os.getpid(), piece_auth=piece_auth, keys=keys or [])))
+                supernodes=supernodes, owner_pid=os.getpid(), piece_auth=piece_auth, keys=keys or [],
+                clients=clients or [])))
 
     async def trust(self, keys: list[PieceKey]) -> None:
         """Keys of another registration (failover): tokens it issues verify here too."""

@@ -267,9 +267,12 @@ async def peer_down(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     req = await body(request, wire.PeerDownRequest)
     tasks = list(req.tasks) if req.tasks is not None else await st.repo.host_tasks(req.peer_id)
+    only = set(req.clients) if req.clients is not None and req.tasks is not None else None
     removed = 0
     for tid in tasks:
         cids = await st.repo.clients_of_host(tid, req.peer_id)
+        if only is not None:
+            cids = [c for c in cids if c in only]
         await st.repo.remove_clients(tid, cids)
         removed += len(cids)
     await st.repo.forget_host(req.peer_id, None if req.tasks is None else tasks)

@@ -296,6 +296,24 @@ async def test_peer_down_leaves_every_holder_set(api: Api, origin) -> None:
     assert res["assignments"] and all(x["source"]["kind"] == "cdn" for x in res["assignments"])
 
 
+@pytest.mark.regression
+async def test_peer_down_naming_clients_keeps_another_download_of_the_same_task(api: Api, origin) -> None:
+    """A host's peer server drops a finished download's file while the same host already
+    downloads the task again (the soak's pattern): only the old client may leave."""
+    origin.put_random("r.bin", 5 * MIB, seed=14)
+    p = peer()
+    old = await api.register(origin.url("r.bin"), peer=p)
+    tid = old["task"]["task_id"]
+    await download_all(api, tid, old["cid"], 5 * MIB)
+    new = await api.register(origin.url("r.bin"), peer=p)  # same host, next download
+    down = await api.post("/api/v1/peers/down", {"peer_id": p["peer_id"], "tasks": [tid], "clients": [old["cid"]]})
+    assert down["removed"] == 1
+    res = await api.pull(tid, new["cid"], limit=2)  # still a client of the task
+    assert res["state"] == "continue" and res["assignments"]
+    gone = await api.client.post(f"/api/v1/tasks/{tid}/pull", json={"cid": old["cid"], "limit": 1, "wait": 0})
+    assert gone.status == 404
+
+
 async def test_msgpack_round_trip(api: Api, origin) -> None:
     import msgpack
 

@@ -70,7 +70,8 @@ async def register_file(request: web.Request) -> web.Response:
     s.keys.add(body.keys)
     s.table.register(FileEntry(task_id=body.task_id, path=Path(body.path), length=body.length,
                                piece_size=body.piece_size, supernodes=list(body.supernodes),
-                               owner_pid=body.owner_pid, piece_auth=body.piece_auth))
+                               owner_pid=body.owner_pid, piece_auth=body.piece_auth,
+                               clients=list(body.clients)))
     return _json({"ok": True})
 
 

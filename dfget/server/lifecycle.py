@@ -74,14 +74,19 @@ class Notifier:
             log.info("supernode %s%s: %s", base, path, exc)
 
     async def files_gone(self, entries: list[FileEntry]) -> None:
-        by_node: dict[str, list[str]] = {}
+        """Tell the supernodes which of this host's clients no longer serve: by client id
+        when the download said which (another download of the same task may be running
+        here now and must stay), else every client of this host in those tasks."""
+        by_node: dict[tuple[str, bool], tuple[list[str], list[str]]] = {}
         for e in entries:
             log.info("file of task %s is gone, telling supernodes", e.task_id[:16])
             for url in e.supernodes:
-                by_node.setdefault(url, []).append(e.task_id)
+                tids, cids = by_node.setdefault((url, bool(e.clients)), ([], []))
+                tids.append(e.task_id)
+                cids.extend(e.clients)
         await asyncio.gather(*(self._post(url, "/api/v1/peers/down",
-                                          wire.PeerDownRequest(self.state.peer_id, tids))
-                               for url, tids in by_node.items()))
+                                          wire.PeerDownRequest(self.state.peer_id, tids, cids if named else None))
+                               for (url, named), (tids, cids) in by_node.items()))
 
     async def server_down(self) -> None:
         await asyncio.gather(*(self._post(url, "/api/v1/peers/down",

@@ -14,7 +14,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from common.wire import PieceKeys, PieceNo, TaskId
+from common.wire import Id32, PieceKeys, PieceNo, TaskId
 
 SOCKET_NAME = "peer.sock"
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
@@ -42,6 +42,7 @@ class RegisterFile(Struct, frozen=True):
     owner_pid: int = 0  # the dfget downloading it; the file is "in progress" while it lives
     piece_auth: bool = True  # what the supernode said at registration: requests need a token
     keys: PieceKeys = []  # the supernodes' public keys from that registration
+    clients: Annotated[list[Id32], Meta(max_length=64)] = []  # the download's client ids (supernodes')
 
 
 class TrustKeys(Struct, frozen=True):

@@ -23,6 +23,7 @@ class FileEntry:
     supernodes: list[str]
     owner_pid: int = 0
     piece_auth: bool = False  # piece requests need a supernode's token (RegisterFile: default on)
+    clients: list[str] = field(default_factory=list)  # the client ids its download registered as
     complete: bool = False  # moved to its final path by its dfget
     verified: set[int] = field(default_factory=set)
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) when it became complete
