@@ -112,3 +112,28 @@ async def test_exits_after_alivetime_and_drops_deleted_files(tmp_path: Path) -> 
             proc.kill()
             await proc.wait()
         await runner.cleanup()
+
+
+async def test_a_new_download_of_a_task_retires_the_old_downloads_clients(tmp_path: Path) -> None:
+    """One host, one task, two downloads in a row: the second replaces the first's file
+    in the table, so the supernodes are told that the first's clients (only they) no
+    longer serve. Without it they kept listing them as holders and sent peers into 404s
+    (the soak: 7,094 'source does not hold the piece', 33 downloads back to the origin)."""
+    home = tmp_path / "home"
+    sn = FakeSupernode({})
+    runner, sn.port = await start_app(sn.app())
+    f1, f2 = tmp_path / "f1", tmp_path / "f2"
+    f1.write_bytes(b"x" * 2500)
+    f2.write_bytes(b"")
+    old, new = "1" * 32, "2" * 32
+    client, info = await ensure_server(home, "127.0.0.1", 0, 0, 60, 60)
+    try:
+        base = f"http://127.0.0.1:{sn.port}"
+        for path, clients in ((f1, [old]), (f2, [new]), (f2, [new])):  # the last: a re-registration
+            await client.register(RegisterFile(task_id=TID, path=str(path), length=2500, piece_size=1000,
+                                               supernodes=[base], owner_pid=os.getpid(), clients=clients))
+        assert sn.downs == [wire.PeerDownRequest(peer_id=info.peer_id, tasks=[TID], clients=[old])]
+    finally:
+        await client.close()
+        await stop_server(home)
+        await runner.cleanup()

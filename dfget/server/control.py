@@ -8,6 +8,8 @@ DELETE /files/{task_id}; POST /limits (Limits); POST /keys (TrustKeys); POST /sh
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -68,10 +70,16 @@ async def register_file(request: web.Request) -> web.Response:
     body = await _body(request, RegisterFile)
     s.known_supernodes.update(body.supernodes)
     s.keys.add(body.keys)
+    old = s.table.get(body.task_id)
     s.table.register(FileEntry(task_id=body.task_id, path=Path(body.path), length=body.length,
                                piece_size=body.piece_size, supernodes=list(body.supernodes),
                                owner_pid=body.owner_pid, piece_auth=body.piece_auth,
                                clients=list(body.clients)))
+    # Another download of the task replaced the entry: what the old one's clients hold is
+    # no longer served here, and supernodes that still list them send peers into 404s.
+    left = [c for c in old.clients if c not in body.clients] if old is not None else []
+    if left:
+        await request.app[NOTIFY]([dataclasses.replace(old, clients=left)])
     return _json({"ok": True})
 
 
