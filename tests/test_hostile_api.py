@@ -353,10 +353,23 @@ async def test_too_many_requests_in_progress_is_503_busy(aiohttp_client: Any, tm
                                                    json={"cid": c, "limit": 1, "wait": 3}))
                  for c in (others[8]["cid"], w.cid)]
         await asyncio.sleep(0.2)
+        # parked long-polls do no work: they do not hold the two slots
+        assert (await w.client.get(f"/api/v1/tasks/{w.tid}")).status == 200
+        # two requests whose bodies are still arriving do
+        slow = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(w.client.server.host, w.client.server.port)
+            writer.write(f"POST /api/v1/tasks/{w.tid}/report HTTP/1.1\r\nHost: x\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            await writer.drain()
+            slow.append(writer)
+        await asyncio.sleep(0.2)
         resp = await w.client.get(f"/api/v1/tasks/{w.tid}")
         body = await assert_error(resp, 503)
         assert body["error"] == "busy" and resp.headers["Retry-After"] == "1"
         assert (await w.client.get("/_ping")).status == 200  # health checks still answer
+        for writer in slow:
+            writer.close()
         for p in polls:
             p.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
