@@ -98,10 +98,11 @@ _FLAG = bytes.maketrans(b"01", b"\x00\x01")
 
 
 class ClientRec:
-    __slots__ = ("cid", "info", "have", "fly", "bl", "fails")
+    __slots__ = ("cid", "info", "have", "fly", "bl", "fails", "fed_at")
 
-    def __init__(self, cid: str, info: PeerInfo | None) -> None:
+    def __init__(self, cid: str, info: PeerInfo | None, now: float = 0.0) -> None:
         self.cid = cid
+        self.fed_at = now  # when it was last given a piece (monotonic; its registration at first)
         self.info = info
         self.have = Flags()
         self.fly: dict[int, tuple[str, int]] = {}  # piece -> (source, deadline ms)
@@ -136,21 +137,23 @@ class TaskView:
         self.pending: dict[int, list[str]] = {}  # seq -> ops that arrived early
         self.gap_since: float | None = None  # when the first early event arrived
         self.stale = False  # must be reloaded before use (a takeover, a lost event)
+        self.now = 0.0  # monotonic time of the event being applied
         self.deleted = False
 
     # --- loading ----------------------------------------------------------------------
     @classmethod
     def load(cls, task_id: str, seq: int, meta: TaskMeta | None, cdn: bytes, digests: dict[int, str],
              clients: Iterable[tuple[str, PeerInfo | None, bytes, dict[int, tuple[str, int]], set[str], int]],
-             fails: dict[str, int], bad: set[str]) -> TaskView:
+             fails: dict[str, int], bad: set[str], now: float = 0.0) -> TaskView:
         v = cls(task_id)
         v.seq = seq
+        v.now = now
         v.meta, v.meta_stale = meta, meta is None
         v.cdn = Flags.of_bitmap(cdn)
         v.digests = digests
         v.fails, v.bad = fails, bad
         for cid, info, have, fly, bl, nfails in clients:
-            rec = v.clients[cid] = ClientRec(cid, info)
+            rec = v.clients[cid] = ClientRec(cid, info, now)
             rec.have = Flags.of_bitmap(have)
             rec.fly, rec.bl, rec.fails = fly, bl, nfails
             for n in rec.have.members(len(rec.have.data)):
@@ -170,6 +173,7 @@ class TaskView:
         made (-1: status changed, wake everyone). Out of order: kept until its turn."""
         if seq <= self.seq:
             return 0
+        self.now = now
         if seq > self.seq + 1:
             self.pending[seq] = ops
             if self.gap_since is None:
@@ -200,6 +204,7 @@ class TaskView:
                 n, dl = int(f[2]), int(f[4])
                 if rec is not None:
                     rec.fly[n] = (f[3], dl)
+                    rec.fed_at = self.now
                 self._upload(f[3], f"{f[1]}:{n}", dl)
             elif code == "R":
                 rec = self.clients.get(f[1])
@@ -225,7 +230,7 @@ class TaskView:
                 if rec is None:
                     if f[1] in self.gone:  # back under the same id: its old entries must go
                         self._compact()
-                    self.clients[f[1]] = ClientRec(f[1], info)
+                    self.clients[f[1]] = ClientRec(f[1], info, self.now)
                 else:
                     rec.info = info
             elif code == "D":
@@ -342,13 +347,26 @@ class TaskView:
             return []
         hs = self.holders[n]
         k = len(hs)
-        if k > sample:
+        gone = self.gone
+        if not gone:
+            if k <= sample:
+                return list(hs)
             i = start % k
-            hs = hs[i:i + sample] if i + sample <= k else hs[i:] + hs[:i + sample - k]
-        if self.gone:
-            gone = self.gone
-            return [c for c in hs if c not in gone]
-        return hs if k > sample else list(hs)
+            return hs[i:i + sample] if i + sample <= k else hs[i:] + hs[:i + sample - k]
+        if k > 2 * self.counts[n] + 8:  # mostly clients that left: compact this list
+            hs[:] = [c for c in hs if c not in gone]
+            k = len(hs)
+        # skip those that left, however many sit in a row (a run of them must not hide
+        # the holders behind it: it kept clients waiting for a minute in the soak)
+        out: list[str] = []
+        i = start % k if k else 0
+        for j in range(k):
+            c = hs[(i + j) % k]
+            if c not in gone:
+                out.append(c)
+                if len(out) >= sample:
+                    break
+        return out
 
     def rarity(self, piece_count: int, now: float) -> RarityOrder:
         """The pieces by holders, rebuilt at most every ORDER_TTL while they change."""

@@ -111,7 +111,7 @@ class Views:
         self.loads += 1
         if data is None:
             return None
-        view = TaskView.load(**data)
+        view = TaskView.load(**data, now=time.monotonic())
         now = time.monotonic()
         for seq, ops in sorted(buf, key=lambda e: e[0]):
             view.offer(seq, ops, now)  # those after the load's instant

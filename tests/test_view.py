@@ -110,3 +110,13 @@ async def test_a_view_replayed_from_events_equals_a_fresh_load(redis_url: str | 
         assert live.deleted
     finally:
         await store.close()
+
+
+def test_holders_behind_a_run_of_clients_that_left_are_found() -> None:
+    v = _view()
+    leavers = [f"{k:032x}" for k in range(12)]
+    v.apply([f"P {c} p|127.0.0.9|1|peer" for c in leavers] + [f"H {c} 0" for c in leavers])
+    v.apply([f"H {A} 0"] + [f"D {c}" for c in leavers])  # A's entry sits behind 12 that left
+    assert v.counts[0] == 1
+    for start in range(20):
+        assert v.holders_of(0, 4, start) == [A]
