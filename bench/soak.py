@@ -53,6 +53,7 @@ from bench.scheduler import (
     MIB,
     ROOT,
     Procs,
+    _http,
     _redis_cpu,
     _wait_port,
     free_port,
@@ -176,7 +177,7 @@ async def _download_loop(api_port: int, host: int, home: Path, task: dict[str, A
         n += 1
         out = out_dir / f"h{host}-{task['name']}-{n}"
         cfg = DownloadConfig(url=task["url"], output=out, home=home, nodes=(Node("127.0.0.1", api_port),),
-                             ip=f"127.0.0.{10 + host}", notbs=True, locallimit=0, stall_timeout=60.0)
+                             ip=f"127.0.0.{10 + host}", notbs=False, locallimit=0, stall_timeout=60.0)
         stats = Stats(url=cfg.url, output=str(out))
         t0 = time.monotonic()
         try:
@@ -192,6 +193,11 @@ async def _download_loop(api_port: int, host: int, home: Path, task: dict[str, A
             res["last_error"] = f"{task['name']} on host {host}: {key}: {exc}"[:300]
             continue
         res["durations"].append(time.monotonic() - t0)
+        if stats.back_to_source:  # what the soak must never see: P2P gave up on the swarm
+            res["back_to_source"] = res.get("back_to_source", 0) + 1
+            res["last_error"] = f"{task['name']} on host {host}: back to source: {stats.back_to_source}"[:300]
+            print(f"BACK-TO-SOURCE task {stats.task_id} host {host} after {time.monotonic() - t0:.1f}s",
+                  file=sys.stderr, flush=True)
         got = await asyncio.to_thread(_sha256, out)
         if got != task["sha256"]:
             res["errors"]["wrong_bytes"] = res["errors"].get("wrong_bytes", 0) + 1
@@ -337,6 +343,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss1, cpu1, rcpu1, t_cpu1 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url), time.time()
         if rss0 is None:  # a run shorter than the warm-up
             rss0, cpu0, rcpu0, t_cpu0 = rss1, cpu1, rcpu1, t_cpu1
+        origin_stats = _http("GET", f"http://127.0.0.1:{origin_port}/_stats")
+        sizes = {t["name"]: t["size"] for t in tasks}
+        sizes["blob"] = length_for(args.sim_pieces)
+        origin_x = {name: round(f["bytes"] / sizes[name], 3) for name, f in origin_stats["by_file"].items()
+                    if name in sizes}
         for f in errlogs:
             f.flush()
         sim_res = [_result(p, logs / f"sim{i}.out") for i, p in enumerate(sims)]
@@ -350,8 +361,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tracebacks = _tracebacks(log_paths)
     if not args.keep:
         subprocess.run(["rm", "-rf", str(work)], check=False)
-    return _summary(args, sim_res, dl_res, rss0, rss1, timeline, tracebacks, sn_alive,
-                    (cpu1 - cpu0, rcpu1[0] - rcpu0[0], t_cpu1 - t_cpu0), work)
+    out = _summary(args, sim_res, dl_res, rss0, rss1, timeline, tracebacks, sn_alive,
+                   (cpu1 - cpu0, rcpu1[0] - rcpu0[0], t_cpu1 - t_cpu0), work)
+    # every task's file from the origin exactly once (x F): the CDN's one fetch
+    out["origin_x_per_task"] = origin_x
+    out["origin_exactly_once"] = bool(origin_x) and all(x == 1.0 for x in origin_x.values())
+    return out
 
 
 def _log(opened: list[Any], path: Path) -> Any:
@@ -400,6 +415,7 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
         "downloads_concurrent": sum(r.get("concurrent", 0) for r in dls), "hosts": args.hosts,
         "errors": sum(errors.values()), "errors_by_kind": errors,
         "last_errors": [r["last_error"] for r in sims + dls if r.get("last_error")][:5],
+        "back_to_source": sum(r.get("back_to_source", 0) for r in dls),
         "downloads_ok": sum(r.get("ok", 0) for r in dls), "download_mib": round(sum(r.get("bytes", 0) for r in dls) / MIB),
         "from_peers_pct": round(100 * sum(r.get("from_peers", 0) for r in dls) / max(1, sum(r.get("bytes", 0) for r in dls))),
         "download_p50_s": round(pct(durations, 0.5), 2), "download_p99_s": round(pct(durations, 0.99), 2),
@@ -419,6 +435,8 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
 
 ROWS = [
     ("errors (target 0)", "errors"), ("errors by kind", "errors_by_kind"),
+    ("downloads back to the origin (target 0)", "back_to_source"),
+    ("origin bytes per task, x F (target 1.0 each)", "origin_exactly_once"),
     ("dfget downloads ok / concurrent", ("downloads_ok", "downloads_concurrent")),
     ("downloaded MiB / from peers %", ("download_mib", "from_peers_pct")),
     ("download time p50 / p99 s", ("download_p50_s", "download_p99_s")),
@@ -437,9 +455,11 @@ def table(r: dict[str, Any]) -> str:
     lines = ["| metric | value |", "|---|---|"]
     for label, key in ROWS:
         keys = key if isinstance(key, tuple) else (key,)
-        lines.append(f"| {label} | " + " / ".join(str(r[k]) for k in keys) + " |")
-    met = r["errors"] == 0 and r["supernode_rss_growth_pct"] <= 20
-    lines += ["", f"Targets (0 errors, RSS growth <= 20 %): {'met' if met else 'NOT met'}."]
+        lines.append(f"| {label} | " + " / ".join(str(r.get(k)) for k in keys) + " |")
+    met = (r["errors"] == 0 and r["back_to_source"] == 0 and r["origin_exactly_once"]
+           and r["supernode_rss_growth_pct"] <= 20 and r["pull_p99_ms"] < 50)
+    lines += ["", "Targets (0 errors, 0 back to source, origin 1.00 x F per task, RSS growth <= 20 %, "
+              f"pull p99 < 50 ms): {'met' if met else 'NOT met'}."]
     if r["last_errors"]:
         lines += ["", "Last errors: " + "; ".join(r["last_errors"])]
     return "\n".join(lines)
@@ -468,6 +488,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.role in ("sim", "dl"):
         args.stop_at = float(args.stop_at)
         time.sleep(max(0.0, float(args.start_at) - time.time()))
+        if os.environ.get("SOAK_LOG"):  # e.g. SOAK_LOG=INFO: the load processes' own logs
+            import logging
+
+            logging.basicConfig(level=os.environ["SOAK_LOG"], format="%(asctime)s %(name)s %(message)s")
         if args.role == "sim":
             args.first, args.count = int(args.first), int(args.count)
             out = asyncio.run(run_sim(args))
