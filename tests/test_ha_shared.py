@@ -21,7 +21,7 @@ pytestmark = pytest.mark.redis
 @pytest.fixture(autouse=True)
 def _shared_redis(redis_url: str | None) -> None:
     if redis_url is None:  # in CI the redis_url fixture has already failed the test
-        pytest.skip("several supernodes need a real Redis to share: set REDIS_URL")
+        pytest.skip("several supernodes share a store only on a real Redis: run with REDIS_URL=redis://127.0.0.1:6379/9")
 
 
 def _nodes(sns: list, first: int) -> list[str]:  # type: ignore[type-arg]
