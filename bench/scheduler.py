@@ -2,7 +2,8 @@
 
     python -m bench.scheduler [--clients 200] [--pieces 1000] [--duration 20]
                               [--redis-url redis://127.0.0.1:6379/9] [--out bench/results]
-                              [--procs 1] [--profile out.svg]
+                              [--procs 1] [--supernodes 1] [--cluster] [--think 0]
+                              [--profile out.svg]
 
 One supernode process (real Redis) and one origin process serving a sparse file that
 cuts into exactly `--pieces` pieces (1,000 pieces need 15 MiB pieces, a 15,000 MiB
@@ -15,7 +16,13 @@ aiohttp, msgpack), each register with a fake peer address 127.0.0.x:port and loo
 No bytes move: a simulated client "downloads" instantly. A pull answered "wait" is
 followed by one long-poll pull (wait 5 s) whose time is reported apart: it measures
 the event wake-ups, not the scheduler. Pull latency p50/p99 are over every wait=0
-pull (and, separately, over those that returned assignments). The supernode's RSS
+pull (and, separately, over those that returned assignments). With `--think T` the
+loop is open instead: each client pulls (wait 0) every T s (x0.5-1.5), whatever it got,
+so latency is measured at a fixed offered rate. `--supernodes K` runs K supernode
+processes on the same store (client i talks to supernode i mod K); `--cluster` starts a
+3-master Redis Cluster on loopback for the run. Registrations wait out 429/503 as dfget
+does. Next to the rate: Redis round trips, commands and CPU-us per assignment, and the
+assignments/s one Redis core would carry at that cost. The supernode's RSS
 (VmRSS, VmHWM) is read from /proc before and after the load, CPU time of supernode,
 Redis (INFO cpu) and load processes over the window.
 """
@@ -82,7 +89,27 @@ def pct(values: list[float], q: float) -> float:
 
 
 # --- load generator (runs in its own process) ---------------------------------------------
-async def _client(session: Any, api: str, tid: str, cid: str, stop_at: float, stats: dict[str, Any]) -> None:
+async def register(session: Any, api: str, body: bytes, stats: dict[str, Any]) -> Any:
+    """POST a registration, waiting out 429s (Retry-After) as dfget does: 2,000 clients
+    from one address are over any per-address limit at first."""
+    from common import wire
+
+    headers = {"Content-Type": wire.MSGPACK_TYPE, "Accept": wire.MSGPACK_TYPE}
+    for _ in range(200):
+        async with session.post(f"{api}/api/v1/tasks", data=body, headers=headers) as r:
+            data = await r.read()
+            if r.status in (429, 503):
+                stats["waited_out"] = stats.get("waited_out", 0) + 1
+                await asyncio.sleep(float(r.headers.get("Retry-After", "1")) * (0.5 + random.random()))
+                continue
+            if r.status != 200:
+                raise SystemExit(f"registration failed: HTTP {r.status} {data[:200]!r}")
+            return wire.decode(data, wire.RegisterReply, msgpack=True)
+    raise SystemExit("registration refused 200 times")
+
+
+async def _client(session: Any, api: str, tid: str, cid: str, stop_at: float, stats: dict[str, Any],
+                  think: float = 0.0) -> None:
     from common import wire
 
     headers = {"Content-Type": wire.MSGPACK_TYPE, "Accept": wire.MSGPACK_TYPE}
@@ -121,6 +148,9 @@ async def _client(session: Any, api: str, tid: str, cid: str, stop_at: float, st
         if rep.state == "failed":
             stats["errors"] += 1
             return
+        if think > 0:  # open loop: the next pull comes when it comes, whatever this one got
+            await asyncio.sleep(think * random.uniform(0.5, 1.5))
+            continue
         # nothing assignable now: one long-poll, timed apart from the wait=0 pulls
         wait = LONG_POLL if rep.state == "wait" and wait == 0 and not reports else 0.0
 
@@ -137,22 +167,57 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
                              "timeline": {}, "start_at": args.start_at}
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
         cids = []
-        for i in range(args.first, args.first + args.count):
+        apis = args.api.split(",")
+
+        async def one(i: int) -> None:
             peer = wire.PeerAddr(new_id(), f"127.0.{1 + i // 250}.{1 + i % 250}", 15000 + i)
             req = wire.RegisterRequest(url=args.url, peer=peer)
-            async with session.post(f"{args.api}/api/v1/tasks", data=wire.encode(req, msgpack=True),
-                                    headers={"Content-Type": wire.MSGPACK_TYPE, "Accept": wire.MSGPACK_TYPE}) as r:
-                rep = wire.decode(await r.read(), wire.RegisterReply, msgpack=True)
-            cids.append((rep.cid, peer.peer_id, rep.task.task_id))
+            api = apis[i % len(apis)]  # clients spread over the supernodes
+            rep = await register(session, api, wire.encode(req, msgpack=True), stats)
+            cids.append((rep.cid, peer.peer_id, rep.task.task_id, api))
+
+        ids = list(range(args.first, args.first + args.count))
+        for k in range(0, len(ids), 50):  # 50 at a time: a crowd arriving, not one by one
+            await asyncio.gather(*(one(i) for i in ids[k:k + 50]))
         print(json.dumps({"ready": True}), flush=True)
         await asyncio.sleep(max(0.0, args.start_at - time.time()))
         cpu0 = time.process_time()
         stop_at = args.start_at + args.duration
-        await asyncio.gather(*(_client(session, args.api, tid, cid, stop_at, stats) for cid, _, tid in cids))
+        if args.think > 0:  # spread the first pulls over one think time
+            random.shuffle(cids)
+        await asyncio.gather(*(_start_after(random.uniform(0, args.think), _client(
+            session, api, tid, cid, stop_at, stats, args.think)) for cid, _, tid, api in cids))
         stats["cpu"] = time.process_time() - cpu0
         stats["end"] = stats["end"] if stats["finished"] == len(cids) else min(time.time(), stop_at)
-        stats["peers"] = [p for _, p, _ in cids]
+        stats["peers"] = [p for _, p, _, _ in cids]
     return stats
+
+
+async def _start_after(delay: float, coro: Any) -> None:
+    await asyncio.sleep(delay)
+    await coro
+
+
+def start_cluster(procs: Procs, work: Path) -> str:
+    """Three Redis Cluster masters on loopback (no replicas); returns the store URL."""
+    ports = [free_port() for _ in range(3)]
+    for p in ports:
+        d = work / f"redis-{p}"
+        d.mkdir(parents=True)
+        procs.start(["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", str(d), "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                     "--cluster-port", str(free_port())], stdout=subprocess.DEVNULL)
+    for p in ports:
+        _wait_port(p)
+    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
+                    "--cluster-yes"], check=True, capture_output=True, timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if all("cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"],
+                                                    capture_output=True, text=True).stdout for p in ports):
+            return f"redis+cluster://127.0.0.1:{ports[0]}"
+        time.sleep(0.2)
+    raise SystemExit("the Redis Cluster did not come up")
 
 
 # --- orchestration ------------------------------------------------------------------------
@@ -217,14 +282,33 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
-def _redis_cpu(url: str) -> tuple[float, int]:
-    """Redis CPU seconds and script calls (EVALSHA) so far."""
+def _redis_nodes(url: str) -> list[Any]:
+    """A client per Redis server behind `url` (each master of a Cluster)."""
     import redis
 
-    r = redis.Redis.from_url(url)
-    info = r.info("cpu")
-    calls = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"]), int(calls)
+    if url.startswith("redis+cluster://"):
+        host, _, port = url.split("://", 1)[1].split(",")[0].rpartition(":")
+        seed = redis.Redis(host=host, port=int(port))
+        out = []
+        for line in seed.execute_command("CLUSTER", "NODES").decode().splitlines():
+            parts = line.split()
+            if "master" in parts[2]:
+                h, _, p = parts[1].split("@")[0].rpartition(":")
+                out.append(redis.Redis(host=h or host, port=int(p)))
+        return out
+    return [redis.Redis.from_url(url)]
+
+
+def _redis_cpu(url: str) -> tuple[float, int, int]:
+    """Redis CPU seconds, round trips (commands sent by clients: scripts count once) and
+    commands executed (those inside scripts too) so far, summed over the servers."""
+    cpu, trips, calls = 0.0, 0, 0
+    for r in _redis_nodes(url):
+        info = r.info("cpu")
+        cpu += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        trips += int(r.info("stats")["total_commands_processed"])
+        calls += sum(int(v.get("calls", 0)) for v in r.info("commandstats").values())
+    return cpu, trips, calls
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,6 +317,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-sched-"))
     home = Path(args.home) if args.home else work / "home"
     try:
+        if args.cluster:
+            args.redis_url = start_cluster(procs, work)
         length = length_for(args.pieces)
         files = work / "files"
         files.mkdir()
@@ -242,14 +328,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         origin = procs.start([py, "-m", "bench.origin", "--dir", str(files), "--port-file", str(port_file),
                               "--port", str(args.origin_port)])
         url = f"http://127.0.0.1:{wait_port_file(port_file, origin)}/files/blob"
-        api_port = free_port()
-        sn = procs.start([py, "-m", "supernode", "--port", str(api_port), "--download-port", "0",
-                          "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", str(home),
-                          "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8",
-                          "--max-bandwidth", "0",
-                          "--log-level", "warning", "--gc-initial-delay", "1h"])
-        _wait_port(api_port)
-        api = f"http://127.0.0.1:{api_port}"
+        sns, apis = [], []
+        for k in range(args.supernodes):
+            api_port = free_port()
+            sns.append(procs.start([py, "-m", "supernode", "--port", str(api_port), "--download-port", "0",
+                                    "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1",
+                                    "--home", str(home) + ("" if k == 0 else f"-{k}"),
+                                    "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8",
+                                    "--allow-peer", "127.0.0.0/8", "--max-bandwidth", "0",
+                                    "--log-level", "warning", "--gc-initial-delay", "1h"]))
+            _wait_port(api_port)
+            apis.append(f"http://127.0.0.1:{api_port}")
+        sn = sns[0]
+        api = apis[0]
         t0 = time.time()
         reg = _http("POST", f"{api}/api/v1/tasks", {"url": url})
         tid = reg["task"]["task_id"]
@@ -264,8 +355,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gens = []
         first = 0
         for n in per:
-            gens.append(procs.start([py, "-m", "bench.scheduler", "--role", "gen", "--api", api, "--url", url,
+            gens.append(procs.start([py, "-m", "bench.scheduler", "--role", "gen", "--api", ",".join(apis), "--url", url,
                                      "--first", str(first), "--count", str(n), "--start-at", str(start_at),
+                                     "--think", str(args.think),
                                      "--duration", str(args.duration)], stdout=subprocess.PIPE))
             first += n
         for g in gens:
@@ -275,7 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if time.time() > start_at:
             raise SystemExit("registration took longer than the warm-up; raise it")
         time.sleep(max(0.0, start_at - time.time()))
-        rss0, cpu0, rcpu0 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url)
+        rss0, rcpu0 = proc_status(sn.pid), _redis_cpu(args.redis_url)
+        cpu0 = sum(proc_cpu(p.pid) for p in sns)
         spy = None
         if args.profile:
             spy = procs.start([str(Path(py).parent / "py-spy"), "record", "-p", str(sn.pid), "-o", args.profile, "-d",
@@ -286,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for g in gens:
             out, _ = g.communicate()
             results.append(json.loads(out.decode().strip().splitlines()[-1]))
-        rss1, cpu1, rcpu1 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url)
+        rss1, rcpu1 = proc_status(sn.pid), _redis_cpu(args.redis_url)
+        cpu1 = sum(proc_cpu(p.pid) for p in sns)
         if spy is not None:
             spy.wait(30)
         for r in results:
@@ -323,7 +417,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "supernode_hwm_start_mib": round(rss0["VmHWM"] / MIB, 1), "supernode_hwm_end_mib": round(rss1["VmHWM"] / MIB, 1),
         "cpu_supernode_pct": round(100 * (cpu1 - cpu0) / window),
         "cpu_redis_pct": round(100 * (rcpu1[0] - rcpu0[0]) / window),
-        "redis_scripts_per_s": round((rcpu1[1] - rcpu0[1]) / window),
+        "redis_roundtrips_per_s": round((rcpu1[1] - rcpu0[1]) / window),
+        "redis_roundtrips_per_assignment": round((rcpu1[1] - rcpu0[1]) / max(1, assigned), 2),
+        "redis_commands_per_assignment": round((rcpu1[2] - rcpu0[2]) / max(1, assigned), 1),
+        "redis_cpu_us_per_assignment": round(1e6 * (rcpu1[0] - rcpu0[0]) / max(1, assigned), 1),
+        # one Redis core spends that much per assignment: what one shard carries at most
+        "redis_shard_ceiling_per_s": round(assigned / max(1e-9, rcpu1[0] - rcpu0[0])),
+        "supernodes": args.supernodes, "store": "redis-cluster-3" if args.cluster else "redis",
+        "think_s": args.think,
+        "registrations_waited_out": sum(r.get("waited_out", 0) for r in results),
         "cpu_loadgen_pct": round(100 * sum(r["cpu"] for r in results) / window),
         "assignments_per_second_timeline": [timeline.get(i, 0) for i in range(int(window + 0.999))],
     }
@@ -331,7 +433,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 ROWS = [
     ("assignments/s", "assignments_per_s"), ("assignments", "assignments"), ("pulls/s (wait=0)", "pulls_per_s"),
-    ("Redis script calls/s", "redis_scripts_per_s"), ("pull p50 ms (all wait=0 pulls)", "pull_p50_ms"), ("pull p99 ms (all wait=0 pulls)", "pull_p99_ms"),
+    ("Redis round trips/s", "redis_roundtrips_per_s"),
+    ("Redis round trips / commands / CPU us per assignment",
+     ("redis_roundtrips_per_assignment", "redis_commands_per_assignment", "redis_cpu_us_per_assignment")),
+    ("assignments/s one Redis shard carries (1 core / CPU per assignment)", "redis_shard_ceiling_per_s"), ("pull p50 ms (all wait=0 pulls)", "pull_p50_ms"), ("pull p99 ms (all wait=0 pulls)", "pull_p99_ms"),
     ("pull p50 ms (with assignments)", "pull_assigned_p50_ms"),
     ("pull p99 ms (with assignments)", "pull_assigned_p99_ms"),
     ("long-polls (timed apart)", "longpolls"), ("clients finished", "finished_clients"), ("errors", "errors"),
@@ -365,6 +470,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--procs", type=int, default=1, help="load generator processes")
+    p.add_argument("--supernodes", type=int, default=1, help="supernode processes sharing the Redis")
+    p.add_argument("--cluster", action="store_true", help="start a 3-master Redis Cluster on loopback and use it")
+    p.add_argument("--name", default="scheduler", help="results file stem under --out (NAME.md, NAME.json)")
+    p.add_argument("--think", type=float, default=0.0,
+                   help="open loop: each client pulls every THINK s (x0.5-1.5), no long-polls (0: closed loop)")
     p.add_argument("--runs", type=int, default=1, help="repeat and report each run and the best")
     p.add_argument("--profile", help="py-spy record the supernode during the (last) run into this SVG")
     p.add_argument("--home", help="keep the supernode's cache here (with --origin-port and the same Redis db, "
@@ -376,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.role == "gen":
         args.first, args.count, args.start_at = int(args.first), int(args.count), float(args.start_at)
+        args.think = float(args.think)
         random.seed()
         print(json.dumps(asyncio.run(generate(args))), flush=True)
         return
@@ -403,13 +514,21 @@ def main(argv: list[str] | None = None) -> None:
     best = max(runs, key=lambda r: r["assignments_per_s"])
     text = table(runs, best)
     print(text)
+    print(json.dumps({k: v for k, v in best.items() if k != "assignments_per_second_timeline"}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = (f"# Scheduler capacity\n\n`python -m bench.scheduler --clients {args.clients} --pieces {args.pieces} "
-            f"--duration {args.duration:g} --runs {args.runs}` on {os.cpu_count()} cores "
-            f"({time.strftime('%Y-%m-%d %H:%M')}); supernode, Redis and load generator share them.\n\n")
-    (out / "scheduler.md").write_text(meta + text + "\n")
-    (out / "scheduler.json").write_text(json.dumps({"runs": runs, "best": best}, indent=2) + "\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    given = list(sys.argv[1:] if argv is None else argv)
+    flags = " ".join(a for i, a in enumerate(given)
+                     if not a.startswith(("--out", "--home", "--origin-port", "--name"))
+                     and (i == 0 or given[i - 1] not in ("--out", "--home", "--origin-port", "--name")))
+    meta = (f"# Scheduler capacity ({args.name})\n\n`python -m bench.scheduler {flags}` on {os.cpu_count()} cores, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}, commit {commit}; supernodes, Redis and load generators share "
+            "them.\n\n")
+    (out / f"{args.name}.md").write_text(meta + text + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
+                                                       "runs": runs, "best": best}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

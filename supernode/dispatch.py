@@ -23,11 +23,6 @@ from .views import Views
 
 SOURCE_KINDS = ("peer", "peer-cdn")
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
-STARVING_S = 5.0  # a client given nothing for this long sees pieces the CDN is sending too
-# A long-poll looks again at least this often without an event: a change wakes only as
-# many waiters as it made room for, first come first woken, and one that could have used
-# it but was not among them must not sleep through its whole wait.
-RECHECK_S = 3.0
 HOLDER_SAMPLE = 4  # holders looked at per candidate piece (the least loaded of a few random ones)
 WIDE_WINDOW = 64  # candidates ranked when the narrow window (4 per wanted piece) is not enough
 
@@ -84,14 +79,9 @@ class Dispatcher:
                 return wire.PullReply("wait", meta.info(), done=done)
             if meta.status != "failed":
                 await self.cdn.ensure(meta)  # take over an orphaned fetch or a dead seed
-            # no event marks a pending CDN upload going stale, or this client starving:
-            # look again by then
-            look = min(RECHECK_S, self._next_stale(view, meta))
-            rec = view.clients.get(req.cid)
-            if rec is not None and not rec.fly:
-                look = min(look, max(0.05, rec.fed_at + STARVING_S - time.monotonic()))
+            # no event marks a pending CDN upload going stale: look again by then
             async with idle() if idle is not None else contextlib.nullcontext():
-                await self.hub.wait(task_id, gen, min(remaining, look))
+                await self.hub.wait(task_id, gen, min(remaining, self._next_stale(view, meta)))
             if not alive():
                 return wire.PullReply("wait", meta.info(), done=done)
 
@@ -129,8 +119,7 @@ class Dispatcher:
         decisions: list[tuple[int, str, str]] = []
         items: list[tuple[int, str, str, int, int]] = []
         if state is None:
-            starving = not client.inflight and time.monotonic() - rec.fed_at > STARVING_S
-            decisions, items = await self._decide(view, meta, client, count, req.limit, now, starving)
+            decisions, items = await self._decide(view, meta, client, count, req.limit, now)
         claimed: set[int] = set()
         if reports or items:
             view.reserve(decisions, 1)
@@ -172,13 +161,9 @@ class Dispatcher:
 
     async def _decide(
         self, view: TaskView, meta: TaskMeta, client: ClientState, count: int, limit: int, now: int,
-        starving: bool = False,
     ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, int, int]]]:
         """The scheduler's choice for this client, from the view: (piece, source, kind)
-        decisions and the claim items that go with them. A `starving` client (nothing in
-        flight, nothing given for STARVING_S) is not kept waiting for pieces the CDN is
-        sending to others: they could leave with them (a swarm of short downloads whose
-        files are deleted at once starved such a client for a minute)."""
+        decisions and the claim items that go with them."""
         want = wanted(client, limit, self.limits)
         if want == 0 or meta.piece_size <= 0:
             return [], []
@@ -193,7 +178,7 @@ class Dispatcher:
                 # ...but an upload running for over PENDING_GRACE is likely to a client
                 # that died (it never reports; its slot lasts to the deadline): it must not
                 # hide the piece from everyone else until then
-                if counts[n] == 0 and until - now > self._allowance_ms(meta, n) - PENDING_GRACE_MS and not starving:
+                if counts[n] == 0 and until - now > self._allowance_ms(meta, n) - PENDING_GRACE_MS:
                     pending_only.add(n)
                 counts[n] += 1
         cdn_open = bool(meta.cdn) and len(sending) < self.limits.cdn_uploads and not (
