@@ -349,7 +349,7 @@ def _after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: in
             if r.result in ("have", "ok"):
                 if r.result == "have" or entry is not None:
                     have.add(r.piece)
-            elif entry is not None and entry[0] != cdn:
+            elif entry is not None and not (entry[0] == cdn and r.reason not in ("refused", "timeout")):
                 bl.add(entry[0])
                 fails += 1
     return ClientState(

@@ -138,12 +138,11 @@ local function apply_reports(cid, ttl, limit, first, last)
       release_fly(cid, n, entry)
       if res == 'ok' then
         add_holder(cid, tonumber(n), ttl)
-      elseif src == redis.call('HGET', meta, 'cdn') then
-        -- the CDN copy stays the source of last resort, also for this client: bad bytes
-        -- are checked and mended by its supernode (repair.py); busy (503) passes; a dead
-        -- seed is no source anyway (its supernode record expires) and is replaced under
-        -- another id. Blacklisting it left a client with failures (served by the CDN
-        -- only) with no source at all, until it gave up on P2P.
+      elseif src == redis.call('HGET', meta, 'cdn') and ARGV[i + 3] ~= 'refused'
+          and ARGV[i + 3] ~= 'timeout' then
+        -- bad bytes from the CDN copy: its supernode checks and mends it (repair.py); it
+        -- stays the source of last resort, also for this client. (Unreachable, it is
+        -- avoided like any source: a dead seed is replaced under another id.)
         redis.call('HINCRBY', k('fails'), src, 1)
         touch(k('fails'), ttl)
         emit('F ' .. src)

@@ -387,9 +387,9 @@ async def exercise_store(url: str) -> dict[str, Any]:
         assert await repo.report(tid, cid_b, [wire.Report(1, "ok", cid_a)], source_fail_limit=5) == ("ok", "1")
         assert await repo.report(tid, cid_b, [wire.Report(0, "failed", cdn, "refused")],
                                  source_fail_limit=5) == ("ok", "1")
-        # the CDN is never blacklisted: it stays the source of last resort for this client
+        # the source that failed this client is on its blacklist: the claim refuses it
         assert await repo.claim(tid, cid_b, [(0, cdn, "cdn", 2**42, 0)], max_inflight=4, peer_cap=5,
-                                cdn_cap=4) == [0]
+                                cdn_cap=4) == []
         assert await repo.claim(tid, cid_a, [(2, cdn, "cdn", 2**42, 0)], max_inflight=4, peer_cap=5,
                                 cdn_cap=4) == [2]
         assert await repo.release(tid, cid_a) == 1
