@@ -25,6 +25,7 @@ API_TIMEOUT = 5.0  # v1's dfget -> supernode timeout
 REGISTER_TIMEOUT = 20.0  # the supernode waits up to 10 s for the origin's first answer
 _RETRY_CODES = {"store_unavailable", "busy", "supernode_unavailable", "internal"}
 MAX_RETRY_AFTER = 5.0
+THROTTLED_RETRIES = 5  # 429 answers (this client's own rate) waited out before the error goes up
 # An overloaded supernode answers 429 or 503 busy with Retry-After: it is alive, so it is
 # asked again (after the delay it names, jittered so that a crowd does not come back in
 # step) for as long as this, and only a supernode that does not answer at all sends us
@@ -113,6 +114,7 @@ class Supernodes:
         headers = {"Content-Type": wire.JSON_TYPE, "Accept": wire.JSON_TYPE}
         loop = asyncio.get_running_loop()
         give_up = loop.time() + BUSY_BUDGET
+        throttled = 0
         while True:
             try:
                 async with self.session.request(method, node.base_url + path, data=data, headers=headers,
@@ -122,7 +124,9 @@ class Supernodes:
                     retry_after = resp.headers.get("Retry-After", "")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise SupernodeDown(f"{type(exc).__name__}: {exc}") from None
-            if not (status == 429 or (status == 503 and _is_busy(raw))) or loop.time() > give_up:
+            throttled += status == 429
+            if (not (status == 429 or (status == 503 and _is_busy(raw))) or loop.time() > give_up
+                    or throttled > THROTTLED_RETRIES):
                 break
             # over this client's request rate, or the supernode sheds load: it answers,
             # so wait as told (jittered, bounded) and ask it again
