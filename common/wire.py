@@ -31,7 +31,7 @@ HeaderName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[!#$%&
 HeaderValue = Annotated[str, Meta(max_length=8192, pattern=r"^[^\r\n\x00]*\Z")]
 Headers = Annotated[dict[HeaderName, HeaderValue], Meta(max_length=64)]
 FilterKeys = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=32)]
-Token = Annotated[str, Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9_-]+\Z")]  # common/tokens.py
+Token = Annotated[str, Meta(min_length=1, max_length=552, pattern=r"^[A-Za-z0-9_-]+\Z")]  # common/tokens.py
 
 Pattern = Literal["p2p", "cdn"]
 ReportResult = Literal["ok", "failed", "have"]
