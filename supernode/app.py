@@ -120,7 +120,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     ip = settings.public_ip()
     limits = Limits(max_inflight=settings.down_limit, peer_uploads=settings.up_limit,
                     cdn_uploads=settings.cdn_limit, cdn_copies=settings.cdn_copies)
-    views = Views(repo, hub)
+    views = Views(repo, hub, peer_cap=limits.peer_uploads)
     hub.on_event = store.on_event = views.on_event
     hub.on_gap = views.invalidate_all
     dispatcher = Dispatcher(repo, hub, cdn, views=views, sn_id=sn_id, address=(ip, download_port), limits=limits,
@@ -148,6 +148,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await seed.drain(settings.shutdown_timeout / 2)
+        await dispatcher.close()
         await cdn.close()
         await _stop_tasks(background)
         await seed_runner.cleanup()

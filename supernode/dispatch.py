@@ -1,14 +1,25 @@
 """The thin async shell around the scheduler: decide from this process's view of the
 task (supernode/view.py), claim in one atomic script, and long-poll on task events when
-nothing can be assigned."""
+nothing can be assigned.
+
+Pulls of one task are decided and claimed in rounds: the pulls that arrive while a
+round's claim is in flight wait for the next round, which decides all of them from one
+look at the view (each decision sees the loads and copies the ones before it took) and
+claims them in one script call. Under load a round carries tens of pulls: one Redis
+round trip, one sequence number and one published event for all of them. Rounds of a
+task run one at a time in this process, so each decides from a view that already holds
+the previous round's claims."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import compress
 
 from common import errors, wire
 from common.pieces import piece_range
@@ -17,14 +28,65 @@ from common.tokens import Signer
 from .cdn import Cdn
 from .events import EventHub
 from .repo import PeerInfo, ReportRefused, Repo, TaskMeta, now_ms
-from .scheduler import Candidate, ClientState, Limits, SourceState, assign, cdn_copy_limit, rank_ordered, wanted
-from .view import ClientRec, Flags, TaskView
+from .scheduler import (Candidate, ClientState, Decision, Limits, RarityOrder, SourceState, assign, assign_free,
+                        cdn_copy_limit, rank_ordered, wanted)
+from .view import SOURCE_KINDS, ClientRec, Flags, TaskView
 from .views import Views
 
-SOURCE_KINDS = ("peer", "peer-cdn")
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
 HOLDER_SAMPLE = 4  # holders looked at per candidate piece (the least loaded of a few random ones)
 WIDE_WINDOW = 64  # candidates ranked when the narrow window (4 per wanted piece) is not enough
+# Source first: a client missing more than ENDGAME pieces is given, from each of a few
+# free sources, the rarest piece that source has and it lacks. Rarest first over the
+# whole task sends every client to the same few holders of the rarest pieces, which are
+# then always busy: in a closed loop of 2,000 clients 80 % of piece-first decisions found
+# nothing while 1,700 sources had a free slot. Near its end a client looks at its few
+# missing pieces' free holders instead (piece first).
+ENDGAME = 64
+PICK_SAMPLE = 6  # pieces a source could send that the rarest is picked from
+MAX_ROUND = 128  # pulls decided and claimed together at most
+MAX_GRANTS = 8  # assignments per piece token (common/tokens.py)
+
+
+class _Ask:
+    """A pull waiting for its task's next round."""
+
+    __slots__ = ("cid", "limit", "reports", "fut", "park", "parked")
+
+    def __init__(self, cid: str, limit: int, reports: list[wire.Report],
+                 fut: asyncio.Future[tuple[wire.PullReply | None, int]], park: bool) -> None:
+        self.cid, self.limit, self.reports, self.fut = cid, limit, reports, fut
+        self.park = park  # it will wait for an event if it gets nothing
+        self.parked: asyncio.Future[None] | None = None  # its place in the hub's queue
+
+
+class _Round:
+    """What the decisions of one round share: the task as this view sees it, and what the
+    decisions before took of it (source loads, CDN copies)."""
+
+    __slots__ = ("view", "meta", "count", "now", "counts", "pending_only", "cdn_open", "sources",
+                 "copy_limit", "order", "taken", "length", "free", "all_mask", "held")
+
+    def __init__(self, view: TaskView, meta: TaskMeta, count: int, now: int) -> None:
+        self.view, self.meta, self.count, self.now = view, meta, count, now
+        self.counts: list[int] = []
+        self.pending_only: set[int] = set()
+        self.cdn_open = False
+        self.sources = _Sources(view, now)
+        self.copy_limit = 1
+        self.order: RarityOrder | None = None
+        self.taken: dict[str, int] = {}  # source -> assignments decided this round
+        self.length = meta.length if meta.length >= 0 else count * meta.piece_size
+        self.free: list[str] | None = None  # view.free as a list, when decisions go source first
+        self.all_mask = 0  # one byte per piece (scheduler.assign_free)
+        self.held: dict[str, int] = {}  # source -> its pieces as such a mask
+
+    def holdings(self, sid: str) -> int:
+        mask = self.held.get(sid)
+        if mask is None:
+            rec = self.view.clients.get(sid)
+            mask = self.held[sid] = int.from_bytes(rec.have.data, "little") & self.all_mask if rec else 0
+        return mask
 
 
 class Dispatcher:
@@ -32,7 +94,7 @@ class Dispatcher:
                  limits: Limits, min_rate: int = 64 << 10, rng: random.Random | None = None,
                  signer: Signer | None = None, token_ttl: float = 300.0, views: Views | None = None) -> None:
         self.repo = repo
-        self.views = views or Views(repo, hub)
+        self.views = views or Views(repo, hub, peer_cap=limits.peer_uploads)
         self.signer = signer  # piece tokens (None: --no-piece-auth)
         self.token_ttl = token_ttl
         self.hub = hub
@@ -46,6 +108,9 @@ class Dispatcher:
         self._sn_seen: dict[str, tuple[float, bool]] = {}  # sid -> (checked at, alive)
         self.assigned = 0
         self.draining = False
+        self._asks: dict[str, list[_Ask]] = {}  # task -> pulls waiting for its next round
+        self._rounds: dict[str, asyncio.Task[None]] = {}  # task -> its running rounds
+        self.round_sizes = [0, 0]  # rounds, pulls in them (a metric: pulls per round)
         # metrics hooks: the time one scheduling attempt took (s); reports just applied
         self.on_schedule: Callable[[float], None] | None = None
         self.on_reports: Callable[[TaskMeta, str, list[wire.Report]], None] | None = None
@@ -64,24 +129,30 @@ class Dispatcher:
         while True:
             gen = self.hub.generation(task_id)
             t0 = time.perf_counter()
-            reply, view, done = await self._try(task_id, req, reports)
-            meta = view.meta
-            assert meta is not None
-            if reports and self.on_reports is not None:
-                self.on_reports(meta, req.cid, reports)
-            reports = []
-            if self.on_schedule is not None:
-                self.on_schedule(time.perf_counter() - t0)
-            if reply is not None:
-                return reply
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.draining:
-                return wire.PullReply("wait", meta.info(), done=done)
-            if meta.status != "failed":
-                await self.cdn.ensure(meta)  # take over an orphaned fetch or a dead seed
-            # no event marks a pending CDN upload going stale: look again by then
-            async with idle() if idle is not None else contextlib.nullcontext():
-                await self.hub.wait(task_id, gen, min(remaining, self._next_stale(view, meta)))
+            park = deadline - time.monotonic() > 0 and not self.draining
+            reply, view, done, parked = await self._try(task_id, req, reports, park)
+            try:
+                meta = view.meta
+                assert meta is not None
+                if reports and self.on_reports is not None:
+                    self.on_reports(meta, req.cid, reports)
+                reports = []
+                if self.on_schedule is not None:
+                    self.on_schedule(time.perf_counter() - t0)
+                if reply is not None:
+                    return reply
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.draining:
+                    return wire.PullReply("wait", meta.info(), done=done)
+                if meta.status != "failed":
+                    await self.cdn.ensure(meta)  # take over an orphaned fetch or a dead seed
+                # no event marks a pending CDN upload going stale: look again by then
+                async with idle() if idle is not None else contextlib.nullcontext():
+                    await self.hub.wait(task_id, gen, min(remaining, self._next_stale(view, meta)), parked)
+                    parked = None
+            finally:
+                if parked is not None:
+                    self.hub.unpark(task_id, parked)
             if not alive():
                 return wire.PullReply("wait", meta.info(), done=done)
 
@@ -102,41 +173,116 @@ class Dispatcher:
         return view, rec
 
     async def _try(
-        self, task_id: str, req: wire.PullRequest, reports: list[wire.Report]
-    ) -> tuple[wire.PullReply | None, TaskView, int]:
-        view, rec = await self._client(task_id, req.cid)
+        self, task_id: str, req: wire.PullRequest, reports: list[wire.Report], park: bool = False,
+    ) -> tuple[wire.PullReply | None, TaskView, int, asyncio.Future[None] | None]:
+        """This pull in its task's next round: its reply (None: nothing assigned), the
+        view, the pieces its client holds, and its place among the waiters when it got
+        nothing and `park` asked for one."""
+        view, _ = await self._client(task_id, req.cid)
+        fut: asyncio.Future[tuple[wire.PullReply | None, int]] = asyncio.get_running_loop().create_future()
+        ask = _Ask(req.cid, req.limit, reports, fut, park)
+        self._asks.setdefault(task_id, []).append(ask)
+        if task_id not in self._rounds:
+            self._rounds[task_id] = asyncio.create_task(self._run_rounds(task_id))
+        try:
+            reply, done = await fut
+        except BaseException:
+            if ask.parked is not None:
+                self.hub.unpark(task_id, ask.parked)
+            raise
+        if reply is not None and ask.parked is not None:  # its claim went through after all
+            self.hub.unpark(task_id, ask.parked)
+            ask.parked = None
+        return reply, view, done, ask.parked
+
+    async def _run_rounds(self, task_id: str) -> None:
+        """Rounds of the task, one after another, while pulls wait for one."""
+        batch: list[_Ask] = []
+        try:
+            while asks := self._asks.get(task_id):
+                batch = asks[:MAX_ROUND]
+                del asks[:MAX_ROUND]
+                self.round_sizes[0] += 1
+                self.round_sizes[1] += len(batch)
+                try:
+                    await self._round(task_id, batch)
+                except Exception as exc:  # the store failed, the task went: every pull of the round hears it
+                    for ask in batch:
+                        if not ask.fut.done():
+                            ask.fut.set_exception(exc)
+        finally:
+            self._rounds.pop(task_id, None)
+            left = self._asks.pop(task_id, [])
+            for ask in batch + left:  # cancelled (shutdown): nobody is left to answer them
+                if not ask.fut.done():
+                    ask.fut.cancel()
+
+    async def close(self) -> None:
+        """Stop the running rounds (shutdown)."""
+        tasks = list(self._rounds.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _round(self, task_id: str, batch: list[_Ask]) -> None:
+        view = await self.views.get(task_id)
+        if view is None or view.meta is None:
+            raise errors.NotFound("unknown task")
         meta = view.meta
-        assert meta is not None
         now = now_ms()
-        client = _after_reports(rec, reports, meta.cdn, now, self.limits)
-        done = client.have.count()
         count = view.piece_count()
-        state = None
-        if meta.status == "failed":
-            state = "failed"
-        elif meta.status == "success" and done >= count:
-            state = "finished"
-        decisions: list[tuple[int, str, str]] = []
-        items: list[tuple[int, str, str, int, int]] = []
-        if state is None:
-            decisions, items = await self._decide(view, meta, client, count, req.limit, now)
-        claimed: set[int] = set()
-        if reports or items:
-            view.reserve(decisions, 1)
-            try:
-                claimed = set(await self.repo.pull(
-                    task_id, req.cid, reports, items, max_inflight=self.limits.max_inflight,
-                    peer_cap=self.limits.peer_uploads, cdn_cap=self.limits.cdn_uploads,
-                    source_fail_limit=self.limits.source_fail_limit))
-            except ReportRefused as exc:
-                raise _refusal(exc.status, exc.value) from None
-            finally:
-                view.reserve(decisions, -1)
+        rnd: _Round | None = None
+        plans: list[tuple[_Ask, str | None, int, list[tuple[int, str, str]], list[tuple[int, str, str, int, int]]]] = []
+        for ask in batch:
+            rec = view.clients.get(ask.cid)
+            if rec is None:  # removed since it was looked up
+                if not ask.fut.done():
+                    ask.fut.set_exception(errors.NotFound("unknown client for this task"))
+                continue
+            client = _after_reports(rec, ask.reports, meta.cdn, now, self.limits)
+            done = client.have.count()
+            state = None
+            if meta.status == "failed":
+                state = "failed"
+            elif meta.status == "success" and done >= count:
+                state = "finished"
+            decisions: list[tuple[int, str, str]] = []
+            items: list[tuple[int, str, str, int, int]] = []
+            if state is None and not ask.fut.done():  # a pull whose client left claims nothing
+                if rnd is None:
+                    rnd = await self._prepare(view, meta, count, now)
+                decisions, items = self._decide(rnd, client, ask.limit)
+                if not decisions and ask.park:
+                    ask.parked = self.hub.park(task_id)  # before this round's change is applied
+            plans.append((ask, state, done, decisions, items))
+        sent = [p for p in plans if p[0].reports or p[4]]
+        results: list[list[int] | ReportRefused] = []
+        if sent:
+            results = await self.repo.pull_many(
+                task_id, [(p[0].cid, p[0].reports, p[4]) for p in sent], max_inflight=self.limits.max_inflight,
+                peer_cap=self.limits.peer_uploads, cdn_cap=self.limits.cdn_uploads,
+                source_fail_limit=self.limits.source_fail_limit)
+        outcome = {id(p[0]): r for p, r in zip(sent, results)}
+        meta = view.meta or meta
         info = meta.info()
-        if state is not None:
-            return wire.PullReply(state, info, done=done), view, done
-        out = []
-        expires = int(time.time() + self.token_ttl)
+        for ask, state, done, decisions, _ in plans:
+            res = outcome.get(id(ask), [])
+            if isinstance(res, ReportRefused):
+                if not ask.fut.done():
+                    ask.fut.set_exception(_refusal(res.status, res.value))
+                continue
+            if state is not None:
+                reply: wire.PullReply | None = wire.PullReply(state, info, done=done)
+            else:
+                reply = await self._reply(task_id, view, meta, ask.cid, decisions, set(res), info, done)
+            if not ask.fut.done():
+                ask.fut.set_result((reply, done))
+
+    async def _reply(self, task_id: str, view: TaskView, meta: TaskMeta, cid: str,
+                     decisions: list[tuple[int, str, str]], claimed: set[int], info: wire.TaskInfo,
+                     done: int) -> wire.PullReply | None:
+        """The assignments of the claimed decisions, with one piece token for them all."""
+        picked: list[tuple[int, int, int, wire.Source, str]] = []
         for piece, sid, kind in decisions:
             if piece not in claimed:
                 continue
@@ -146,30 +292,33 @@ class Dispatcher:
                 continue  # left between the claim and now: its assignment expires unused
             src = await self._source(sid, kind, addr)
             start, end = self._range(meta.length, meta.piece_size, piece)
-            token = None
-            if self.signer is not None:
-                # bound to the server that will check it: a peer server knows its peer id, a
-                # seed its supernode id
-                at = addr.peer_id if src.kind == "peer" and addr is not None else sid
-                token = self.signer.issue(task_id=task_id, piece=piece, start=start, end=end,
-                                          client=req.cid, source=at, expires=expires)
-            out.append(wire.Assignment(piece, start, end, view.digests.get(piece, ""), src, token))
-        if not out:
-            return None, view, done
+            # bound to the server that will check it: a peer server knows its peer id, a
+            # seed its supernode id
+            at = addr.peer_id if src.kind == "peer" and addr is not None else sid
+            picked.append((piece, start, end, src, at))
+        if not picked:
+            return None
+        tokens: list[str | None] = [None] * len(picked)
+        if self.signer is not None:
+            expires = int(time.time() + self.token_ttl)
+            for i in range(0, len(picked), MAX_GRANTS):
+                group = picked[i:i + MAX_GRANTS]
+                token = self.signer.issue_grants(task_id=task_id, client=cid, expires=expires,
+                                                 grants=[(p, s, e, at) for p, s, e, _, at in group])
+                tokens[i:i + len(group)] = [token] * len(group)
+        out = [wire.Assignment(piece, start, end, view.digests.get(piece, ""), src, token)
+               for (piece, start, end, src, _), token in zip(picked, tokens)]
         self.assigned += len(out)
-        return wire.PullReply("continue", info, out, done=done), view, done
+        return wire.PullReply("continue", info, out, done=done)
 
-    async def _decide(
-        self, view: TaskView, meta: TaskMeta, client: ClientState, count: int, limit: int, now: int,
-    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, int, int]]]:
-        """The scheduler's choice for this client, from the view: (piece, source, kind)
-        decisions and the claim items that go with them."""
-        want = wanted(client, limit, self.limits)
-        if want == 0 or meta.piece_size <= 0:
-            return [], []
+    async def _prepare(self, view: TaskView, meta: TaskMeta, count: int, now: int) -> _Round:
+        """What every decision of a round starts from."""
+        rnd = _Round(view, meta, count, now)
+        if meta.piece_size <= 0:
+            return rnd
+        view.expire(now)  # sources whose uploads ran out are free again
         counts = view.counts[:count]
         counts.extend([0] * (count - len(counts)))
-        pending_only = set()
         sending = view.sending(meta.cdn, now) if meta.cdn else []
         for n, until in sending:
             # a piece the CDN is sending now will have a peer holder in a moment: count it
@@ -179,41 +328,108 @@ class Dispatcher:
                 # that died (it never reports; its slot lasts to the deadline): it must not
                 # hide the piece from everyone else until then
                 if counts[n] == 0 and until - now > self._allowance_ms(meta, n) - PENDING_GRACE_MS:
-                    pending_only.add(n)
+                    rnd.pending_only.add(n)
                 counts[n] += 1
-        cdn_open = bool(meta.cdn) and len(sending) < self.limits.cdn_uploads and not (
-            meta.cdn in view.bad or meta.cdn in client.blacklist) and await self._reachable(meta.cdn)
-        sources = _Sources(view, now)
+        rnd.counts = counts
+        rnd.cdn_open = bool(meta.cdn) and not (meta.cdn in view.bad) and await self._reachable(meta.cdn)
         if meta.cdn:
-            sources[meta.cdn] = SourceState(meta.cdn, "cdn", len(sending), view.fails.get(meta.cdn, 0),
-                                            bad=meta.cdn in view.bad)
-        copy_limit = cdn_copy_limit(len(view.clients), self.limits)
-        order = view.rarity(count, time.monotonic())
-        rand = self.rng.getrandbits
+            rnd.sources[meta.cdn] = SourceState(meta.cdn, "cdn", len(sending), view.fails.get(meta.cdn, 0),
+                                                bad=meta.cdn in view.bad)
+        rnd.copy_limit = cdn_copy_limit(len(view.clients), self.limits)
+        rnd.order = view.rarity(count, time.monotonic())
+        rnd.free = list(view.free)
+        rnd.all_mask = int.from_bytes(b"\x01" * count, "little")
+        return rnd
+
+    def _decide(
+        self, rnd: _Round, client: ClientState, limit: int,
+    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, int, int]]]:
+        """The scheduler's choice for this client in this round: (piece, source, kind)
+        decisions and the claim items that go with them."""
+        want = wanted(client, limit, self.limits)
+        meta, view = rnd.meta, rnd.view
+        if want == 0 or meta.piece_size <= 0 or rnd.order is None:
+            return [], []
+        counts = rnd.counts
+        cdn = meta.cdn
+        cdn_open = rnd.cdn_open and cdn not in client.blacklist and (
+            rnd.sources[cdn].load + rnd.taken.get(cdn, 0) < self.limits.cdn_uploads)
+        if not view.free and not cdn_open:
+            return [], []  # every source is busy: nothing to look at
         chosen = []
+        if rnd.free is not None and rnd.count - client.have.count() - len(client.inflight) > ENDGAME:
+            chosen = self._from_free(rnd, client, want)
+            if len(chosen) >= want or not cdn_open:
+                return self._items(rnd, client, chosen)
+            # the rest from the CDN, as the piece-first walk would (super-seeding limits)
+            client = dataclasses.replace(client, inflight=client.inflight | {d.piece for d in chosen})
+            ranked = rank_ordered(rnd.order, view.cdn, client, 4 * (want - len(chosen)), self.rng, cdn_open=True,
+                                  exclude=rnd.pending_only)
+            cands = (Candidate(n, True, (), counts[n]) for n in ranked if n in view.cdn)
+            taken = dict(rnd.taken)
+            for d in chosen:
+                taken[d.source] = taken.get(d.source, 0) + 1
+            chosen += assign(cands, rnd.sources, cdn, client, want - len(chosen), self.limits,
+                             cdn_copies=rnd.copy_limit, taken=taken)
+            return self._items(rnd, client, chosen)
         for window in (4 * want, WIDE_WINDOW):
-            ranked = rank_ordered(order, view.cdn, client, max(window, want), self.rng, cdn_open=cdn_open,
-                                  exclude=pending_only)
-            cands = (Candidate(n, n in view.cdn, view.holders_of(n, HOLDER_SAMPLE, rand(20)), counts[n])
-                     for n in ranked)
-            chosen = assign(cands, sources, meta.cdn if cdn_open else None, client, want, self.limits,
-                            cdn_copies=copy_limit)
+            ranked = rank_ordered(rnd.order, view.cdn, client, max(window, want), self.rng, cdn_open=cdn_open,
+                                  exclude=rnd.pending_only)
+            cands = _candidates(view, ranked, counts, cdn_open, self.rng.getrandbits)
+            chosen = assign(cands, rnd.sources, cdn if cdn_open else None, client, want, self.limits,
+                            cdn_copies=rnd.copy_limit, taken=rnd.taken)
             if len(chosen) >= want or len(ranked) < window:
                 break
+        return self._items(rnd, client, chosen)
+
+    def _from_free(self, rnd: _Round, client: ClientState, want: int) -> list[Decision]:
+        assert rnd.free is not None
+        missing = rnd.all_mask & ~int.from_bytes(client.have.data, "little")
+        for n in itertools.chain(client.inflight, rnd.pending_only):
+            missing &= ~(1 << (8 * n))
+        if not missing:
+            return []
+        counts, rng, count = rnd.counts, self.rng, rnd.count
+
+        rand = rng.getrandbits
+
+        def pick(common: int) -> int:
+            # the rarest of a few of the pieces in `common`, found from random points on
+            # (C-speed searches; listing all of them cost more than the rest of a pull)
+            held = common.to_bytes(count, "little")
+            best, fewest = -1, 1 << 30
+            for _ in range(PICK_SAMPLE):
+                n = held.find(1, rand(32) % count)
+                if n < 0:
+                    n = held.find(1)
+                if counts[n] < fewest:
+                    best, fewest = n, counts[n]
+            return best
+
+        return assign_free(rnd.free, rng.randrange(len(rnd.free) or 1), rnd.sources, client, want, self.limits,
+                           missing=missing, holdings=rnd.holdings, pick=pick, taken=rnd.taken)
+
+    def _items(
+        self, rnd: _Round, client: ClientState, chosen: list[Decision],
+    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, int, int]]]:
+        meta, counts = rnd.meta, rnd.counts
         decisions, items = [], []
-        length = meta.length if meta.length >= 0 else count * meta.piece_size
         cdn_only = client.cdn_only or client.failures > self.limits.client_fail_limit
+        now = rnd.now
         for i, d in enumerate(chosen):
-            start, end = piece_range(d.piece, max(length, (d.piece + 1) * meta.piece_size), meta.piece_size)
+            start, end = piece_range(d.piece, max(rnd.length, (d.piece + 1) * meta.piece_size), meta.piece_size)
             deadline = now + int(((end - start + 1) / self.min_rate + 30) * 1000)
-            # The claim re-checks super-seeding atomically (two pulls deciding from the
-            # same view must not both seed one piece). The starving client's one rescue
-            # piece (see scheduler.assign) may exceed the limit, but only by the copy it
-            # adds to what this view saw; CDN-only clients are not limited.
-            max_copies = copy_limit
+            # The claim re-checks super-seeding atomically (another supernode deciding
+            # from its own view must not seed the same piece). The starving client's one
+            # rescue piece (see scheduler.assign) may exceed the limit, but only by the
+            # copy it adds to what this round saw; CDN-only clients are not limited.
+            max_copies = rnd.copy_limit
             if i == 0 and not client.inflight:
                 max_copies = max(max_copies, counts[d.piece] + 1)
-            kind = sources[d.source].kind
+            kind = rnd.sources[d.source].kind
+            rnd.taken[d.source] = rnd.taken.get(d.source, 0) + 1
+            if kind == "cdn":
+                counts[d.piece] += 1  # one more copy for the decisions after this one
             decisions.append((d.piece, d.source, kind))
             items.append((d.piece, d.source, kind, deadline, 0 if cdn_only else max_copies))
         return decisions, items
@@ -313,6 +529,18 @@ def _refusal(status: str, value: str) -> errors.DfError:
     if status == "out_of_range":
         return errors.BadRequest(f"piece {value} is outside the task", detail=piece)
     return errors.StoreError(f"unexpected report status {status}")
+
+
+def _candidates(view: TaskView, ranked: list[int], counts: list[int], cdn_open: bool,
+                rand: Callable[[int], int]) -> Iterator[Candidate]:
+    """The ranked pieces that some source can serve now: their free holders (a sample),
+    or the CDN copy when the CDN has room."""
+    cdn = view.cdn
+    for n in ranked:
+        hs = view.free_holders_of(n, HOLDER_SAMPLE, rand(20))
+        on = n in cdn
+        if hs or (on and cdn_open):
+            yield Candidate(n, on, hs, counts[n])
 
 
 class _Sources(dict[str, SourceState]):

@@ -38,23 +38,45 @@ class EventHub:
     def generation(self, task_id: str) -> int:
         return self._gen.get(task_id, 0)
 
-    async def wait(self, task_id: str, since: int, timeout: float) -> bool:
-        """Wait for an event on the task after generation `since`; False on timeout."""
-        if self._gen.get(task_id, 0) != since:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        q = self._waiters.setdefault(task_id, deque())
-        q.append(fut)
+    async def wait(self, task_id: str, since: int, timeout: float,
+                   parked: asyncio.Future[None] | None = None) -> bool:
+        """Wait for an event on the task after generation `since`; False on timeout. A
+        `parked` place (see `park`) is waited on instead: it was queued before the
+        change that might have come since, so that change woke it or left it asleep."""
+        if parked is None:
+            if self._gen.get(task_id, 0) != since:
+                return True
+            parked = self.park(task_id)
         try:
-            await asyncio.wait_for(fut, timeout)
+            await asyncio.wait_for(parked, timeout)
             return True
         except asyncio.TimeoutError:
             return False
         finally:
+            self.unpark(task_id, parked)
+
+    def park(self, task_id: str) -> asyncio.Future[None]:
+        """A place in the task's queue of waiting pulls, taken now: a pull that found
+        nothing queues before its round's own change is applied, so that change wakes it
+        only if it is among the first `new` in line (and does not make every pull of the
+        round look again)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(task_id, deque()).append(fut)
+        return fut
+
+    def unpark(self, task_id: str, fut: asyncio.Future[None]) -> None:
+        """Give up a place: a woken one is out of the queue already (no search)."""
+        woken = fut.done() and not fut.cancelled()
+        if not fut.done():
+            fut.cancel()
+        q = self._waiters.get(task_id)
+        if q is None:
+            return
+        if not woken:
             with contextlib.suppress(ValueError):
                 q.remove(fut)
-            if not q:
-                self._waiters.pop(task_id, None)
+        if not q:
+            self._waiters.pop(task_id, None)
 
     def wake(self, task_id: str, new: int) -> None:
         """Something changed in the task: `new` pieces or slots appeared (-1: its status
@@ -63,11 +85,12 @@ class EventHub:
         q = self._waiters.get(task_id)
         if not q or new == 0:
             return
-        n = len(q) if new < 0 else min(max(self.wake_batch, new), len(q))
-        for _ in range(n):
+        n = len(q) if new < 0 else max(self.wake_batch, new)
+        while q and n > 0:
             fut = q.popleft()
             if not fut.done():
                 fut.set_result(None)
+                n -= 1
 
     def wake_all(self) -> None:
         for task_id in list(self._waiters):

@@ -374,16 +374,34 @@ class Repo:
         """Apply `reports` (all or nothing: ReportRefused if one is not acceptable), then
         claim `items` (piece, source, kind, deadline_ms, max_copies), each only where every
         invariant still holds (scripts.PULL). The claimed pieces."""
-        args: list[Any] = [cid, now_ms(), self.ttl, max_inflight, peer_cap, cdn_cap, source_fail_limit,
-                           len(reports)]
-        for r in reports:
-            args += [r.piece, r.result, r.source or "", r.reason or ""]
-        for n, src, kind, deadline, max_copies in items:
-            args += [n, src, kind, deadline, max_copies]
+        (res,) = await self.pull_many(task_id, [(cid, reports, items)], max_inflight=max_inflight,
+                                      peer_cap=peer_cap, cdn_cap=cdn_cap, source_fail_limit=source_fail_limit)
+        if isinstance(res, ReportRefused):
+            raise res
+        return res
+
+    async def pull_many(
+        self, task_id: str, pulls: Sequence[tuple[str, Sequence[wire.Report], list[tuple[int, str, str, int, int]]]],
+        *, max_inflight: int, peer_cap: int, cdn_cap: int, source_fail_limit: int,
+    ) -> list[list[int] | ReportRefused]:
+        """`pull` for several clients of one task in one script call, each in turn as if
+        alone: per pull, the claimed pieces or the ReportRefused that changed nothing."""
+        args: list[Any] = [now_ms(), self.ttl, max_inflight, peer_cap, cdn_cap, source_fail_limit]
+        for cid, reports, items in pulls:
+            args += [cid, len(reports), len(items)]
+            for r in reports:
+                args += [r.piece, r.result, r.source or "", r.reason or ""]
+            for item in items:
+                args.extend(item)
         res = await self.store.run("pull", [keys.meta(task_id)], args)
-        if _s(res[0]) != "ok":
-            raise ReportRefused(_s(res[1]), _s(res[2]))
-        return [int(_s(x)) for x in res[1:]]
+        out: list[list[int] | ReportRefused] = []
+        for raw in res:
+            f = _s(raw).split(" ")
+            if f[0] == "ok":
+                out.append([int(x) for x in f[1:]])
+            else:
+                out.append(ReportRefused(f[1], f[2] if len(f) > 2 else ""))
+        return out
 
     def _meta(self, task_id: str, h: dict[str, str]) -> TaskMeta:
         """TaskMeta of a meta hash, parsed once per distinct content (pulls re-read the

@@ -22,7 +22,7 @@ import random
 import sys
 from array import array
 from itertools import compress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -301,8 +301,12 @@ def assign(
     limits: Limits,
     *,
     cdn_copies: int | None = None,
+    taken: Mapping[str, int] | None = None,
 ) -> list[Decision]:
     """Pick a source for up to `want` of the ranked candidates (in their order).
+
+    `taken` counts what decisions made before this one (in the same round, not yet in
+    the sources' loads) already took of each source.
 
     A peer holder (the least loaded usable one) is preferred; the CDN serves a piece when
     no peer can and the piece has fewer than `cdn_copies` (default `limits.cdn_copies`)
@@ -313,6 +317,7 @@ def assign(
     Reads lazily: candidates are consumed only until `want` are placed, and a source
     is looked up (`sources.get`) only when a candidate names it."""
     loads: dict[str, int] = {}  # loads as this decision adds to them
+    before = taken or {}
     cdn_only = client.cdn_only or client.failures > limits.client_fail_limit
     copy_limit = limits.cdn_copies if cdn_copies is None else cdn_copies
     out: list[Decision] = []
@@ -326,16 +331,61 @@ def assign(
                 src = sources.get(h)
                 if src is None or src.kind != "peer":
                     continue
-                load = loads.get(h, src.load)
+                load = loads.get(h)
+                if load is None:
+                    load = src.load + before.get(h, 0)
                 if _usable(src, client, limits, load) and (best_load is None or load < best_load):
                     choice, best_load = h, load
         starving = not client.inflight and not out
         if (choice is None and cand.on_cdn and cdn_source is not None
                 and (cdn_only or starving or cand.copies < copy_limit)):
             src = sources.get(cdn_source)
-            if src is not None and _usable(src, client, limits, loads.get(cdn_source, src.load)):
+            if src is not None and _usable(src, client, limits,
+                                          loads.get(cdn_source, src.load + before.get(cdn_source, 0))):
                 choice = cdn_source
         if choice is not None:
-            loads[choice] = loads.get(choice, sources[choice].load) + 1
+            loads[choice] = loads.get(choice, sources[choice].load + before.get(choice, 0)) + 1
             out.append(Decision(cand.piece, choice))
+    return out
+
+
+def assign_free(
+    free: Sequence[str],
+    start: int,
+    sources: Mapping[str, SourceState],
+    client: ClientState,
+    want: int,
+    limits: Limits,
+    *,
+    missing: int,
+    holdings: Callable[[str], int],
+    pick: Callable[[int], int],
+    taken: Mapping[str, int] | None = None,
+) -> list[Decision]:
+    """Source first, for when few sources can take an upload: walk the free peers (from
+    position `start` round) and take from each the piece `pick` prefers (the rarest)
+    among those it holds and the client is `missing`, one piece per source.
+
+    Piece masks are ints with one byte per piece (piece n is byte n, little-endian: see
+    view.Flags), so "held and missing" is one AND. Looking at every piece's holders, as
+    `assign` does, finds nothing for long when nearly every holder is busy; this looks
+    only at sources that can serve."""
+    if client.cdn_only or client.failures > limits.client_fail_limit:
+        return []
+    before = taken or {}
+    out: list[Decision] = []
+    k = len(free)
+    for j in range(k):
+        if len(out) >= want or not missing:
+            break
+        sid = free[(start + j) % k]
+        src = sources.get(sid)
+        if src is None or src.kind != "peer" or not _usable(src, client, limits, src.load + before.get(sid, 0)):
+            continue
+        common = missing & holdings(sid)
+        if not common:
+            continue
+        n = pick(common)
+        missing &= ~(1 << (8 * n))
+        out.append(Decision(n, sid))
     return out

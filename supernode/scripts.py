@@ -334,79 +334,100 @@ end
 return {table.concat(holders, ';'), table.concat(digs, ','), table.concat(info, ';')}
 """
 
-# A pull: apply the client's reports (all or nothing), then claim the assignments the
-# scheduler decided, each only if every invariant still holds (the decision was made on
-# a view that may be a moment old): the client neither holds nor has the piece in
-# flight and has room; the source is not dropped, not on the client's blacklist, holds
-# the piece (a peer: its bitmap; the CDN: it is the task's CDN and has the piece) and is
-# below its upload cap; a CDN assignment with max_copies > 0 only while the piece has
-# fewer copies (holders plus the CDN's transfers of it in flight: two pulls deciding
-# from the same view must not both super-seed one piece). Expired assignments of the
-# client are released first.
-# ARGV: cid, now_ms, ttl_ms, max_inflight, peer_cap, cdn_cap, source_fail_limit,
-# n_reports, report quadruples (piece, result, source, reason), then piece, source, kind,
-# deadline_ms, max_copies quintuples.
-# -> {'refused', status, value} | {'ok', claimed pieces...}
+# Pulls, batched: the pulls of one task that a supernode decided together are claimed in
+# one call (one round trip, one sequence number, one PUBLISH for all of them), each in
+# turn as if alone. A pull applies its client's reports (all or nothing), then claims the
+# assignments the scheduler decided, each only if every invariant still holds (the
+# decision was made on a view that may be a moment old): the client neither holds nor has
+# the piece in flight and has room; the source is not dropped, not on the client's
+# blacklist, holds the piece (a peer: its bitmap; the CDN: it is the task's CDN and has
+# the piece) and is below its upload cap; a CDN assignment with max_copies > 0 only while
+# the piece has fewer copies (holders plus the CDN's transfers of it in flight: two pulls
+# deciding from the same view must not both super-seed one piece). Expired assignments
+# of the client are released first. A pull refused for its reports changes nothing and
+# does not stop the others.
+# ARGV: now_ms, ttl_ms, max_inflight, peer_cap, cdn_cap, source_fail_limit, then per
+# pull: cid, n_reports, n_items, report quadruples (piece, result, source, reason), then
+# item quintuples (piece, source, kind, deadline_ms, max_copies).
+# -> one string per pull: "ok" followed by the claimed pieces ("ok 3 17"), or
+#    "refused <status> <value>"
 PULL = _eventful(_APPLY_REPORTS + r"""
-local cid, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local first = 9 + 4 * tonumber(ARGV[8])
-if first > 9 then
-  local st, v = apply_reports(cid, ttl, tonumber(ARGV[7]), 9, first - 1)
-  if st ~= 'ok' then return {'refused', st, v} end
-end
-local out = {'ok'}
-if first > #ARGV then return out end
-if redis.call('HEXISTS', k('peers'), cid) == 0 then return out end
-local fly = k('fly:' .. cid)
-local cur = redis.call('HGETALL', fly)
-for i = 1, #cur, 2 do
-  local src, dl = split2(cur[i + 1])
-  if tonumber(dl) < now then release_fly(cid, cur[i], cur[i + 1]) end
-end
-local room = tonumber(ARGV[4]) - redis.call('HLEN', fly)
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_inflight, peer_cap, cdn_cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local fail_limit = tonumber(ARGV[6])
 local cdn = redis.call('HGET', meta, 'cdn') or ''
-for i = first, #ARGV, 5 do
-  if room <= 0 then break end
-  local n, src, kind, dl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local max_copies = tonumber(ARGV[i + 4])
-  local up = k('up:' .. src)
-  local cap = tonumber(ARGV[5])
-  if kind == 'cdn' then cap = tonumber(ARGV[6]) end
-  local ok = src ~= cid and redis.call('GETBIT', k('have:' .. cid), tonumber(n)) == 0
-    and redis.call('HEXISTS', fly, n) == 0
-    and redis.call('SISMEMBER', k('bad'), src) == 0
-    and redis.call('SISMEMBER', k('bl:' .. cid), src) == 0
-  if ok then
-    if kind == 'cdn' then
-      ok = src == cdn and redis.call('GETBIT', k('cdnmap'), tonumber(n)) == 1
-    else
-      ok = redis.call('HEXISTS', k('peers'), src) == 1
-        and redis.call('GETBIT', k('have:' .. src), tonumber(n)) == 1
+local function claim(cid, first, last)
+  local out = {'ok'}
+  if first > last then return out end
+  if redis.call('HEXISTS', k('peers'), cid) == 0 then return out end
+  local fly = k('fly:' .. cid)
+  local cur = redis.call('HGETALL', fly)
+  for i = 1, #cur, 2 do
+    local src, dl = split2(cur[i + 1])
+    if tonumber(dl) < now then release_fly(cid, cur[i], cur[i + 1]) end
+  end
+  local room = max_inflight - redis.call('HLEN', fly)
+  local have = k('have:' .. cid)
+  for i = first, last, 5 do
+    if room <= 0 then break end
+    local n, src, kind, dl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local max_copies = tonumber(ARGV[i + 4])
+    local up = k('up:' .. src)
+    local cap = peer_cap
+    if kind == 'cdn' then cap = cdn_cap end
+    local ok = src ~= cid and redis.call('GETBIT', have, tonumber(n)) == 0
+      and redis.call('HEXISTS', fly, n) == 0
+      and redis.call('SISMEMBER', k('bad'), src) == 0
+      and redis.call('SISMEMBER', k('bl:' .. cid), src) == 0
+    if ok then
+      if kind == 'cdn' then
+        ok = src == cdn and redis.call('GETBIT', k('cdnmap'), tonumber(n)) == 1
+      else
+        ok = redis.call('HEXISTS', k('peers'), src) == 1
+          and redis.call('GETBIT', k('have:' .. src), tonumber(n)) == 1
+      end
+    end
+    if ok then
+      redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
+      ok = redis.call('ZCARD', up) < cap
+    end
+    if ok and kind == 'cdn' and max_copies > 0 then
+      local copies = redis.call('BITFIELD', k('cnt'), 'GET', 'u16', '#' .. n)[1] or 0
+      local suffix = ':' .. n
+      for _, m in ipairs(redis.call('ZRANGE', up, 0, -1)) do
+        if string.sub(m, -#suffix) == suffix then copies = copies + 1 end
+      end
+      ok = copies < max_copies
+    end
+    if ok then
+      redis.call('ZADD', up, dl, cid .. ':' .. n)
+      touch(up, ttl)
+      redis.call('HSET', fly, n, src .. '|' .. dl)
+      emit('T ' .. cid .. ' ' .. n .. ' ' .. src .. ' ' .. dl)
+      room = room - 1
+      out[#out + 1] = n
     end
   end
-  if ok then
-    redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
-    ok = redis.call('ZCARD', up) < cap
-  end
-  if ok and kind == 'cdn' and max_copies > 0 then
-    local copies = redis.call('BITFIELD', k('cnt'), 'GET', 'u16', '#' .. n)[1] or 0
-    local suffix = ':' .. n
-    for _, m in ipairs(redis.call('ZRANGE', up, 0, -1)) do
-      if string.sub(m, -#suffix) == suffix then copies = copies + 1 end
-    end
-    ok = copies < max_copies
-  end
-  if ok then
-    redis.call('ZADD', up, dl, cid .. ':' .. n)
-    touch(up, ttl)
-    redis.call('HSET', fly, n, src .. '|' .. dl)
-    emit('T ' .. cid .. ' ' .. n .. ' ' .. src .. ' ' .. dl)
-    room = room - 1
-    out[#out + 1] = n
-  end
+  touch(fly, ttl)
+  return out
 end
-touch(fly, ttl)
-return out
+local results = {}
+local i = 7
+while i <= #ARGV do
+  local cid, nrep, nitems = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local rfirst = i + 3
+  local ifirst = rfirst + 4 * nrep
+  local inext = ifirst + 5 * nitems
+  local st, v = 'ok', ''
+  if nrep > 0 then st, v = apply_reports(cid, ttl, fail_limit, rfirst, ifirst - 1) end
+  if st ~= 'ok' then
+    results[#results + 1] = 'refused ' .. st .. ' ' .. v
+  else
+    results[#results + 1] = table.concat(claim(cid, ifirst, inext - 1), ' ')
+  end
+  i = inext
+end
+return results
 """)
 
 # ARGV: cid, ttl_ms, source_fail_limit, then piece, result, source, reason quadruples.

@@ -43,6 +43,8 @@ from itertools import compress
 from .repo import PeerInfo, TaskMeta
 from .scheduler import RarityOrder
 
+SOURCE_KINDS = ("peer", "peer-cdn")  # clients whose peer server serves pieces to others
+HOLDER_SCAN = 64  # holder list entries looked at at most for free ones, per piece
 GAP_TIMEOUT = 1.0  # seconds a missing sequence number is waited for before a reload
 ORDER_TTL = 0.05  # seconds a rarity order is reused while holders change
 MAX_PENDING = 4096  # out-of-order events kept at most before giving up and reloading
@@ -111,8 +113,14 @@ class ClientRec:
 
 
 class TaskView:
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, peer_cap: int = 0) -> None:
         self.task_id = task_id
+        # Sources that can take one more upload: clients holding a piece, serving others,
+        # below `peer_cap` uploads (0: no cap known, every such client). Kept as ops
+        # arrive, so a decision looks only at holders that can serve it, and a task whose
+        # sources are all busy is seen to be so without looking at any piece.
+        self.peer_cap = peer_cap
+        self.free: set[str] = set()
         self.seq = 0
         self.meta: TaskMeta | None = None
         self.meta_stale = True
@@ -144,8 +152,8 @@ class TaskView:
     @classmethod
     def load(cls, task_id: str, seq: int, meta: TaskMeta | None, cdn: bytes, digests: dict[int, str],
              clients: Iterable[tuple[str, PeerInfo | None, bytes, dict[int, tuple[str, int]], set[str], int]],
-             fails: dict[str, int], bad: set[str], now: float = 0.0) -> TaskView:
-        v = cls(task_id)
+             fails: dict[str, int], bad: set[str], now: float = 0.0, peer_cap: int = 0) -> TaskView:
+        v = cls(task_id, peer_cap)
         v.seq = seq
         v.now = now
         v.meta, v.meta_stale = meta, meta is None
@@ -165,6 +173,8 @@ class TaskView:
             for n, (src, dl) in rec.fly.items():
                 if src in v.clients or src == cdn_id:  # a source that left took its uploads along
                     v._upload(src, f"{cid}:{n}", dl)
+        for cid in v.clients:
+            v._refresh_free(cid)
         return v
 
     # --- replay -----------------------------------------------------------------------
@@ -206,6 +216,8 @@ class TaskView:
                     rec.fly[n] = (f[3], dl)
                     rec.fed_at = self.now
                 self._upload(f[3], f"{f[1]}:{n}", dl)
+                if f[3] in self.free:
+                    self._refresh_free(f[3])
             elif code == "R":
                 rec = self.clients.get(f[1])
                 if rec is not None:
@@ -214,6 +226,7 @@ class TaskView:
                         up = self.uploads.get(entry[0])
                         if up is not None:
                             up.pop(f"{f[1]}:{f[2]}", None)
+                            self._refresh_free(entry[0])
                 woke += 1
             elif code == "H":
                 rec = self.clients.get(f[1])
@@ -223,6 +236,8 @@ class TaskView:
                     self.counts[n] += 1
                     self.holders[n].append(f[1])
                     self.order_dirty = True
+                    if rec.have.n == 1:
+                        self._refresh_free(f[1])
                     woke += 1
             elif code == "P":
                 rec = self.clients.get(f[1])
@@ -233,6 +248,7 @@ class TaskView:
                     self.clients[f[1]] = ClientRec(f[1], info, self.now)
                 else:
                     rec.info = info
+                    self._refresh_free(f[1])
             elif code == "D":
                 self._remove(f[1])
                 woke += 1
@@ -278,6 +294,7 @@ class TaskView:
 
     def _remove(self, cid: str) -> None:
         rec = self.clients.pop(cid, None)
+        self.free.discard(cid)
         if rec is None:
             return
         held = rec.have.members(len(rec.have.data))
@@ -292,8 +309,23 @@ class TaskView:
             up = self.uploads.get(src)
             if up is not None:
                 up.pop(f"{cid}:{n}", None)
+                self._refresh_free(src)
         self.uploads.pop(cid, None)
         self.earliest.pop(cid, None)
+
+    def _refresh_free(self, cid: str) -> None:
+        rec = self.clients.get(cid)
+        if (rec is not None and rec.have.n > 0 and rec.info is not None and rec.info.kind in SOURCE_KINDS
+                and (not self.peer_cap or len(self.uploads.get(cid) or ()) < self.peer_cap)):
+            self.free.add(cid)
+        else:
+            self.free.discard(cid)
+
+    def expire(self, now_ms: int) -> None:
+        """Drop the uploads past their deadline (Redis drops them before it checks a cap):
+        their sources are free again."""
+        for src in [s for s, e in self.earliest.items() if e <= now_ms]:
+            self.load_of(src, now_ms)
 
     def reserve(self, items: Iterable[tuple[int, str, str]], sign: int) -> None:
         """Count (sign=1) or stop counting (sign=-1) claims in flight: (piece, source, kind)."""
@@ -322,6 +354,7 @@ class TaskView:
             for m in [m for m, dl in up.items() if dl <= now_ms]:
                 del up[m]
             self.earliest[source] = min(up.values(), default=1 << 62)
+            self._refresh_free(source)
         return len(up) + self.reserved.get(source, 0)
 
     def sending(self, source: str, now_ms: int) -> list[tuple[int, int]]:
@@ -363,6 +396,29 @@ class TaskView:
         for j in range(k):
             c = hs[(i + j) % k]
             if c not in gone:
+                out.append(c)
+                if len(out) >= sample:
+                    break
+        return out
+
+    def free_holders_of(self, n: int, sample: int, start: int) -> list[str]:
+        """Up to `sample` holders of piece n that can take an upload now (`free`): from
+        position `start` (mod their number) on, looking at HOLDER_SCAN entries at most."""
+        if n >= len(self.holders):
+            return []
+        hs = self.holders[n]
+        k = len(hs)
+        if not k:
+            return []
+        free = self.free
+        i = start % k
+        if k <= HOLDER_SCAN and i == 0:
+            out = [c for c in hs if c in free]
+            return out[:sample]
+        out = []
+        for j in range(min(k, HOLDER_SCAN)):
+            c = hs[(i + j) % k]
+            if c in free:
                 out.append(c)
                 if len(out) >= sample:
                     break

@@ -20,8 +20,9 @@ _SEEN_CAP = 20_000
 
 
 class Views:
-    def __init__(self, repo: Repo, hub: EventHub) -> None:
+    def __init__(self, repo: Repo, hub: EventHub, *, peer_cap: int = 0) -> None:
         self.repo = repo
+        self.peer_cap = peer_cap  # a peer's upload cap: what TaskView.free counts against
         self.hub = hub
         self.views: OrderedDict[str, TaskView] = OrderedDict()  # least recently used first
         self._used: dict[str, float] = {}
@@ -111,7 +112,7 @@ class Views:
         self.loads += 1
         if data is None:
             return None
-        view = TaskView.load(**data, now=time.monotonic())
+        view = TaskView.load(**data, now=time.monotonic(), peer_cap=self.peer_cap)
         now = time.monotonic()
         for seq, ops in sorted(buf, key=lambda e: e[0]):
             view.offer(seq, ops, now)  # those after the load's instant

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from supernode.scheduler import (
-    Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, cdn_copy_limit, decode_counts, rank,
+    Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, assign_free, cdn_copy_limit,
+    decode_counts, rank,
     wanted,
 )
 
@@ -219,3 +220,50 @@ def test_rank_ordered_takes_the_nearest_of_a_level_to_the_pieces_in_flight() -> 
     client = ClientState("c", inflight=frozenset({50, 52}))
     got = rank_ordered(RarityOrder(counts, 100), Bitmap(), client, 4, random.Random(1))
     assert got[0] == 51 and set(got[1:3]) == {49, 53} and got[3] in (48, 54)
+
+
+def _mask(pieces: set[int], count: int = 16) -> int:
+    """scheduler.assign_free's piece mask: one byte per piece, piece n is byte n."""
+    return int.from_bytes(bytes(1 if n in pieces else 0 for n in range(count)), "little")
+
+
+def _lowest(common: int) -> int:
+    return common.to_bytes(16, "little").find(1)
+
+
+@pytest.mark.parametrize(
+    "name, free, held, sources, client, want, taken, expected",
+    [
+        ("one piece from each free source, in walk order",
+         [A, B], {A: {1, 2}, B: {2, 3}}, [src(A), src(B)], ClientState(ME), 4, {},
+         [Decision(1, A), Decision(2, B)]),
+        ("a piece taken from one source is not asked of the next",
+         [A, B], {A: {2}, B: {2}}, [src(A), src(B)], ClientState(ME), 4, {}, [Decision(2, A)]),
+        ("pieces the client holds or has in flight are not missing",
+         [A], {A: {1, 2, 3}}, [src(A)], ClientState(ME, have=Bitmap.of([1]), inflight=frozenset({2})), 4, {},
+         [Decision(3, A)]),
+        ("a source at its cap, counting this round's decisions, is passed over",
+         [A, B], {A: {1}, B: {2}}, [src(A, load=1), src(B)], ClientState(ME), 4, {A: 1}, [Decision(2, B)]),
+        ("blacklisted, dropped, failing and itself are passed over",
+         [A, B, C, ME], {A: {1}, B: {2}, C: {3}, ME: {4}},
+         [src(A), SourceState(B, "peer", bad=True), SourceState(C, "peer", failures=5), src(ME)],
+         ClientState(ME, blacklist=frozenset({A})), 4, {}, []),
+        ("a CDN-only client gets nothing from peers",
+         [A], {A: {1}}, [src(A)], ClientState(ME, cdn_only=True), 4, {}, []),
+        ("want bounds it",
+         [A, B, C], {A: {1}, B: {2}, C: {3}}, [src(A), src(B), src(C)], ClientState(ME), 2, {},
+         [Decision(1, A), Decision(2, B)]),
+    ],
+)
+def test_assign_free(name, free, held, sources, client, want, taken, expected) -> None:
+    missing = _mask(set(range(16))) & ~_mask(set(client.have.members(16)) | set(client.inflight))
+    got = assign_free(free, 0, {s.sid: s for s in sources}, client, want, LIM, missing=missing,
+                      holdings=lambda sid: _mask(held.get(sid, set())), pick=_lowest, taken=taken)
+    assert got == expected, name
+
+
+def test_assign_free_walks_round_from_its_start() -> None:
+    srcs = {s: src(s) for s in (A, B, C)}
+    got = assign_free([A, B, C], 2, srcs, ClientState(ME), 2, LIM, missing=_mask({1, 2, 3}),
+                      holdings=lambda sid: _mask({1, 2, 3}), pick=_lowest)
+    assert got == [Decision(1, C), Decision(2, A)]

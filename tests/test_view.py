@@ -120,3 +120,27 @@ def test_holders_behind_a_run_of_clients_that_left_are_found() -> None:
     assert v.counts[0] == 1
     for start in range(20):
         assert v.holders_of(0, 4, start) == [A]
+
+
+def test_free_sources_follow_holdings_uploads_and_departures() -> None:
+    v = TaskView("t" * 64, peer_cap=2)
+    v.apply([f"P {A} pa|127.0.0.2|1|peer", f"P {B} pb|127.0.0.3|1|peer", "G 0 d0", "G 1 d1"])
+    assert v.free == set()  # nobody holds anything yet
+    v.apply([f"H {A} 0", f"H {B} 1"])
+    assert v.free == {A, B} and v.free_holders_of(0, 4, 0) == [A]
+    v.apply([f"T {B} 0 {A} 5000", f"T {CDN} 0 {A} 5000"])  # A at its cap of 2
+    assert v.free == {B} and v.free_holders_of(0, 4, 0) == []
+    v.apply([f"R {B} 0"])
+    assert v.free == {A, B}
+    v.apply([f"T {B} 0 {A} 5000"])
+    assert A not in v.free
+    v.expire(6000)  # both uploads ran past their deadline: A serves again
+    assert A in v.free
+    v.apply([f"D {A}"])
+    assert v.free == {B} and v.free_holders_of(0, 4, 0) == []
+
+
+def test_a_client_that_serves_nobody_is_never_free() -> None:
+    v = TaskView("t" * 64, peer_cap=2)
+    v.apply([f"P {A} pa|127.0.0.2|1|cdn", "G 0 d0", f"H {A} 0"])
+    assert v.free == set()
