@@ -26,6 +26,7 @@ from common.errors import (
 )
 
 from . import config as C
+from . import notices
 from .download import download
 from .progress import ProgressBar, Stats
 
@@ -98,6 +99,7 @@ def download_cmd(url: str, output: str | None, md5: str | None, identifier: str 
 def run(cfg: C.DownloadConfig) -> int:
     logs.setup(cfg.log_level or ("info" if cfg.verbose else "error"), as_json=cfg.log_json,
                text_format="dfget: %(name)s: %(message)s")
+    notices.configure(as_json=cfg.log_json)
     stats = Stats(url=cfg.url, output=str(cfg.output))
     code = EXIT_OK
     try:

@@ -123,12 +123,8 @@ class P2PSession:
             await self._resume()
         await self._register_file()
         await self.peer.verified(self.task_id, sorted(self.done))
-        try:
-            await self._loop()
-            await self._finish()
-        except BaseException:
-            await self._abort()
-            raise
+        await self._loop()  # on failure the caller leaves the swarm (leave), saying why
+        await self._finish()
 
     async def _resume(self) -> None:
         """Only pieces whose bytes re-hash to the supernode's digests count as present."""
@@ -325,19 +321,30 @@ class P2PSession:
         with contextlib.suppress(SupernodeDown, DfError):
             await self._final_report("finished")
 
-    async def _abort(self) -> None:
-        if self.cid is None or self.task is None:
+    async def leave(self, back_to_source: wire.BackToSourceReason | None) -> None:
+        """Tell the supernode this client gives up (its in-flight pieces are released), and
+        whether it now goes to the origin itself (counted there by reason). Best effort:
+        a supernode that does not answer within 3 s is not waited for."""
+        if self.cid is None or self.task is None or self.complete():
             return
-        with contextlib.suppress(SupernodeDown, DfError, asyncio.CancelledError):
+        with contextlib.suppress(SupernodeDown, DfError, asyncio.CancelledError, TimeoutError):
             async with asyncio.timeout(3):
+                if back_to_source is not None:
+                    try:
+                        await self._final_report("back_to_source", back_to_source)
+                        return
+                    except DfError as exc:
+                        if exc.code != "bad_request":
+                            raise
+                        # a supernode older than the back_to_source event: plain abort
                 await self._final_report("aborted")
 
-    async def _final_report(self, event: str) -> None:
+    async def _final_report(self, event: str, reason: str | None = None) -> None:
         assert self.cid is not None
         while len(self.reports) > 64:
             await self._send_reports_once()
         await self.sn.report(self.task_id, wire.ReportRequest(
-            cid=self.cid, reports=self.reports, event=event))  # type: ignore[arg-type]
+            cid=self.cid, reports=self.reports, event=event, reason=reason))  # type: ignore[arg-type]
         self.reports = []
 
     async def _send_reports_once(self) -> None:

@@ -74,6 +74,11 @@ class PeerLink:
         if self.client is not None:
             await self._do(self.client.remove(task_id))
 
+    async def back_to_source(self, reason: str) -> None:
+        """Counted in the peer server's metrics: this host's downloads that went to the origin."""
+        if self.client is not None:
+            await self._do(self.client.back_to_source(reason))
+
     async def close(self) -> None:
         client, self.client = self.client, None
         if client is not None:

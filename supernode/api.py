@@ -188,8 +188,12 @@ async def report(request: web.Request) -> web.Response:
     req = await body(request, wire.ReportRequest)
     done = await st.dispatcher.report(tid, req.cid, list(req.reports)) if req.reports else 0
     await st.metrics.observe_reports(st.repo, tid, req.cid, req.reports)
-    if req.event == "aborted":
+    if req.event in ("aborted", "back_to_source"):
         await st.repo.release(tid, req.cid)
+    if req.event == "back_to_source" and await st.repo.peer_of(tid, req.cid) is not None:
+        # only a client registered here counts (anyone can post; nobody can inflate it)
+        st.metrics.back_to_source.labels(req.reason or "error").inc()
+        log.info("client %s of task %s went back to source: %s", req.cid[:8], tid[:12], req.reason)
     await st.repo.touch(tid)
     return reply(request, {"done": done})
 

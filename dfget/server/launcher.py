@@ -19,6 +19,7 @@ import msgspec
 from common import wire
 
 from .protocol import (
+    BackToSource,
     Limits,
     MarkVerified,
     MovedFile,
@@ -82,6 +83,9 @@ class ControlClient:
 
     async def trust(self, keys: list[wire.PieceKey]) -> None:
         await self._call("POST", "/keys", TrustKeys(keys))
+
+    async def back_to_source(self, reason: str) -> None:
+        await self._call("POST", "/back-to-source", BackToSource(reason))  # type: ignore[arg-type]
 
     async def shutdown(self) -> None:
         await self._call("POST", "/shutdown")

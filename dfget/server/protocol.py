@@ -14,7 +14,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from common.wire import Id32, PieceKeys, PieceNo, TaskId
+from common.wire import BackToSourceReason, Id32, PieceKeys, PieceNo, TaskId
 
 SOCKET_NAME = "peer.sock"
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
@@ -56,6 +56,10 @@ class MarkVerified(Struct, frozen=True):
 
 class MovedFile(Struct, frozen=True):
     path: AbsPath
+
+
+class BackToSource(Struct, frozen=True):
+    reason: BackToSourceReason
 
 
 class Limits(Struct, frozen=True):
