@@ -41,6 +41,7 @@ class DownloadConfig:
     url: str
     output: Path
     home: Path
+    create_dirs: bool = False  # --create-dirs: make the output's missing directories
     nodes: tuple[Node, ...] = (Node("127.0.0.1", DEFAULT_NODE_PORT),)
     md5: str | None = None
     identifier: str | None = None

@@ -28,7 +28,7 @@ from common.wire import BackToSourceReason
 from . import source
 from .config import DownloadConfig, local_ip_towards
 from .notices import notice
-from .output import PartFile
+from .output import PartFile, disk_errors
 from .p2p import P2PGaveUp, P2PSession
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits
@@ -46,6 +46,19 @@ def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30))
 
 
+def _output_dir(cfg: DownloadConfig) -> None:
+    """Like curl and wget, a missing directory in -o is an error, not created behind the
+    user's back (a typo would scatter files), unless --create-dirs asks for it."""
+    parent = cfg.output.parent
+    if parent.is_dir():
+        return
+    if not cfg.create_dirs:
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise LocalDiskError(f"output directory {parent} {what} (pass --create-dirs to create it)")
+    with disk_errors(f"cannot create {parent}"):
+        parent.mkdir(parents=True, exist_ok=True)
+
+
 def _throttles(cfg: DownloadConfig) -> tuple[Throttle, ...]:
     # --totallimit is host-wide; applied here to this download as well as to the peer
     # server's uploads (an approximation: two concurrent dfgets each get the full rate).
@@ -56,6 +69,7 @@ async def download(cfg: DownloadConfig, stats: Stats) -> None:
     local_tid = taskid.task_id(cfg.url, filter_keys=cfg.filter_keys, md5=cfg.md5,
                                identifier=cfg.identifier)
     stats.task_id = local_tid
+    await asyncio.to_thread(_output_dir, cfg)
     part = PartFile(cfg.output, local_tid)
     throttles = _throttles(cfg)
     try:

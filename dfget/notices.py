@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from common.logs import JsonFormatter
 
 _json = False
+_before: Callable[[], None] | None = None  # the progress bar blanking its line
 
 
 def configure(*, as_json: bool) -> None:
@@ -19,8 +21,15 @@ def configure(*, as_json: bool) -> None:
     _json = as_json
 
 
+def set_before(fn: Callable[[], None] | None) -> None:
+    global _before
+    _before = fn
+
+
 def notice(message: str, stream: TextIO | None = None, **fields: Any) -> None:
     out = stream or sys.stderr
+    if _before is not None:
+        _before()
     if _json:
         record = logging.LogRecord("dfget", logging.WARNING, __file__, 0, message, None, None)
         record.__dict__.update(fields)

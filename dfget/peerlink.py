@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from common.wire import PeerAddr, PieceKey
 
+from .notices import notice
 from .server.launcher import ControlClient, PeerServerError, ensure_server
 from .server.protocol import RegisterFile, ServerInfo
 
 log = logging.getLogger("dfget.peer")
+
+
+def _started(home: Path, info: ServerInfo, alivetime: float) -> None:
+    # It outlives this dfget on purpose (it serves peers), so the user must hear of it.
+    notice(f"started a peer server for {home} (pid {info.pid}, {info.ip}:{info.port}); it serves "
+           f"this host's files to peers and exits after {alivetime:g} s idle; stop it now with: "
+           f"dfget server stop --home {shlex.quote(str(home))}", peer_server_pid=info.pid)
 
 
 class PeerLink:
@@ -24,7 +33,8 @@ class PeerLink:
     async def start(cls, home: Path, ip: str, port: int, totallimit: int, alivetime: float,
                     expiretime: float) -> PeerLink:
         try:
-            client, info = await ensure_server(home, ip, port, totallimit, alivetime, expiretime)
+            client, info = await ensure_server(home, ip, port, totallimit, alivetime, expiretime,
+                                               on_start=lambda i: _started(home, i, alivetime))
         except (PeerServerError, OSError, TimeoutError) as exc:
             log.warning("peer server unavailable, downloading without serving: %s", exc)
             return cls(None, None)

@@ -18,6 +18,7 @@ from common import wire
 from common.errors import DfError, SupernodeUnavailable, from_wire
 
 from .config import Node
+from .neterr import describe
 
 log = logging.getLogger("dfget.supernode")
 T = TypeVar("T")
@@ -123,7 +124,7 @@ class Supernodes:
                     status = resp.status
                     retry_after = resp.headers.get("Retry-After", "")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise SupernodeDown(f"{type(exc).__name__}: {exc}") from None
+                raise SupernodeDown(describe(exc)) from None
             throttled += status == 429
             if (not (status == 429 or (status == 503 and _is_busy(raw))) or loop.time() > give_up
                     or throttled > THROTTLED_RETRIES):

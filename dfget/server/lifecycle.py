@@ -20,6 +20,7 @@ from aiohttp import web
 from common import logs, wire
 from common.errors import DfError
 
+from ..neterr import describe
 from .app import build_peer_app, runner_kwargs
 from .control import build_control_app
 from .protocol import socket_path
@@ -71,7 +72,7 @@ class Notifier:
                                          headers={"Content-Type": wire.JSON_TYPE}) as resp:
                 await resp.read()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.info("supernode %s%s: %s", base, path, exc)
+            log.info("supernode %s%s: %s", base, path, describe(exc))
 
     async def files_gone(self, entries: list[FileEntry]) -> None:
         """Tell the supernodes which of this host's clients no longer serve: by client id
