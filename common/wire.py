@@ -94,6 +94,9 @@ class RegisterReply(Struct, frozen=True):
     task: TaskInfo
     piece_auth: bool = False  # piece requests need a token; `keys` verify them
     keys: PieceKeys = []
+    # with a peer: the secret its peer server sends (X-Dragonfly-Peer-Secret) when it
+    # speaks for that peer (heartbeat, down) and dfget sends when registering it again
+    peer_secret: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")] | None = None
 
 
 class KeysReply(Struct, frozen=True):

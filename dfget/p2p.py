@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import aiohttp
 
 from common import wire
-from common.errors import DfError, PeerAddressDenied, SupernodeUnavailable, TaskFailed, from_wire
+from common.errors import (
+    DfError,
+    PeerAddressDenied,
+    PeerSecretRefused,
+    SupernodeUnavailable,
+    TaskFailed,
+    from_wire,
+)
 from common.pieces import piece_count, piece_range
 
 from .config import DownloadConfig
@@ -25,6 +32,7 @@ from .supernodes import SupernodeDown, Supernodes
 
 log = logging.getLogger("dfget.p2p")
 PULL_WAIT = 20.0
+SECRET_WAITS = 30  # x 0.1 s: how long another dfget of this host may take to share our peer's secret
 MAX_FAIL_STREAK = 30
 FAILOVER_WAIT = 30.0  # seconds a failover keeps trying while every supernode is down
 
@@ -71,16 +79,35 @@ class P2PSession:
             pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid)
 
     async def _register(self, *, skip_current: bool = False) -> None:
-        try:
-            reply = await self.sn.register(self._register_request(), skip_current=skip_current)
-        except PeerAddressDenied as exc:
-            if self.peer.addr is None:
-                raise
-            # Our peer server's address is not one the supernode lets others dial (e.g.
-            # loopback): download anyway, just without serving.
-            log.warning("downloading without serving: %s", exc.message)
-            self.peer = PeerLink(None, None)
-            reply = await self.sn.register(self._register_request(), skip_current=skip_current)
+        self.sn.peer_secrets.update(await self.peer.secrets())
+        waits = 0
+        while True:
+            try:
+                reply = await self.sn.register(self._register_request(), skip_current=skip_current)
+                break
+            except PeerAddressDenied as exc:
+                if self.peer.addr is None:
+                    raise
+                # Our peer server's address is not one the supernode lets others dial (e.g.
+                # loopback): download anyway, just without serving.
+                log.warning("downloading without serving: %s", exc.message)
+                self.peer = PeerLink(None, None)
+            except PeerSecretRefused as exc:
+                if self.peer.addr is None:
+                    raise
+                if waits < SECRET_WAITS:
+                    # Another dfget of this host registered our peer first and is about
+                    # to hand its secret to the peer server: read it from there.
+                    waits += 1
+                    await asyncio.sleep(0.1)
+                    self.sn.peer_secrets.update(await self.peer.secrets())
+                    continue
+                log.warning("downloading without serving: %s", exc.message)
+                self.peer = PeerLink(None, None)
+        if reply.peer_secret is not None and self.peer.addr is not None:
+            url = self.sn.current.base_url
+            self.sn.peer_secrets[url] = reply.peer_secret
+            await self.peer.peer_secret(url, reply.peer_secret)
         self._adopt(reply)
 
     async def _register_file(self) -> None:

@@ -84,6 +84,23 @@ class PeerLink:
         if self.client is not None:
             await self._do(self.client.remove(task_id))
 
+    async def peer_secret(self, supernode: str, secret: str) -> None:
+        """Our peer's secret at that supernode: the peer server sends it with heartbeats
+        and downs, and later dfgets of this host read it back (secrets)."""
+        if self.client is not None:
+            await self._do(self.client.peer_secret(supernode, secret))
+
+    async def secrets(self) -> dict[str, str]:
+        """What the peer server knows now (another dfget of this host may just have
+        registered it)."""
+        if self.client is None:
+            return {}
+        try:
+            self.info = await self.client.info()
+        except PeerServerError:
+            return dict(self.info.peer_secrets) if self.info else {}
+        return dict(self.info.peer_secrets)
+
     async def back_to_source(self, reason: str) -> None:
         """Counted in the peer server's metrics: this host's downloads that went to the origin."""
         if self.client is not None:

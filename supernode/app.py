@@ -26,6 +26,7 @@ from common.tokens import Signer
 
 from . import api, guard, preheat, ui
 from .auth import KeyRing, PieceGate, load_or_create_key
+from .peerauth import PeerSecrets
 from .cache import PieceCache
 from .cdn import Cdn, CdnSettings
 from .config import Settings
@@ -129,7 +130,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     st = SupernodeState(settings=settings, sn_id=sn_id, policy=settings.origin_policy(), store=store,
                         repo=repo, hub=hub, cache=cache, cdn=cdn, seed=seed, dispatcher=dispatcher,
                         metrics=metrics, download_port=download_port, keyring=keyring,
-                        peer_policy=settings.peer_policy())
+                        peer_policy=settings.peer_policy(), peer_secrets=PeerSecrets(store))
     app[STATE] = st
     dispatcher.on_schedule = st.metrics.schedule.observe
     dispatcher.on_reports = st.metrics.observe_applied

@@ -87,7 +87,7 @@ async def test_reregistering_client_gets_its_in_flight_pieces_again(api: Api, or
     held = {a["piece"] for a in first["assignments"]}
     assert len(held) == 2
     assert (await api.pull(tid, cid, limit=2, wait=0))["assignments"] == []  # both pieces are in flight
-    again = await api.register(origin.url("r.bin"), peer=p, cid=cid)
+    again = await api.register(origin.url("r.bin"), peer=p, cid=cid, secret=reg["peer_secret"])
     assert again["cid"] == cid
     res = await api.pull(tid, cid, limit=2, wait=0)
     assert {a["piece"] for a in res["assignments"]} == held

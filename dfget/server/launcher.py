@@ -24,6 +24,7 @@ from common import wire
 from ..neterr import describe
 from .protocol import (
     BackToSource,
+    PeerSecret,
     Limits,
     MarkVerified,
     MovedFile,
@@ -87,6 +88,9 @@ class ControlClient:
 
     async def trust(self, keys: list[wire.PieceKey]) -> None:
         await self._call("POST", "/keys", TrustKeys(keys))
+
+    async def peer_secret(self, supernode: str, secret: str) -> None:
+        await self._call("POST", "/secrets", PeerSecret(supernode, secret))
 
     async def back_to_source(self, reason: str) -> None:
         await self._call("POST", "/back-to-source", BackToSource(reason))  # type: ignore[arg-type]

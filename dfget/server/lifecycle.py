@@ -21,6 +21,7 @@ from common import logs, wire
 from common.errors import DfError
 
 from ..neterr import describe
+from ..supernodes import PEER_SECRET_HEADER
 from .app import build_peer_app, runner_kwargs
 from .control import build_control_app
 from .protocol import socket_path
@@ -69,10 +70,22 @@ class Notifier:
         assert self.session is not None
         try:
             async with self.session.post(base + path, data=wire.encode(body),
-                                         headers={"Content-Type": wire.JSON_TYPE}) as resp:
-                await resp.read()
+                                         headers=self._headers(base)) as resp:
+                raw = await resp.read()
+                if resp.status == 403:
+                    log.warning("supernode %s%s refused us: %s", base, path, raw[:300].decode(errors="replace"))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.info("supernode %s%s: %s", base, path, describe(exc))
+
+    def _headers(self, base: str) -> dict[str, str]:
+        """Our secret at that supernode, or one from another supernode (likely the same
+        cluster: the list came from one dfget's -n) when it gave us none yet."""
+        headers = {"Content-Type": wire.JSON_TYPE}
+        secrets = self.state.peer_secrets
+        secret = secrets.get(base) or next(iter(secrets.values()), None)
+        if secret is not None:
+            headers[PEER_SECRET_HEADER] = secret
+        return headers
 
     async def files_gone(self, entries: list[FileEntry]) -> None:
         """Tell the supernodes which of this host's clients no longer serve: by client id
