@@ -8,6 +8,7 @@ import os
 import shlex
 from pathlib import Path
 
+from common.hostport import hostport
 from common.wire import PeerAddr, PieceKey
 
 from .notices import notice
@@ -19,7 +20,7 @@ log = logging.getLogger("dfget.peer")
 
 def _started(home: Path, info: ServerInfo, alivetime: float) -> None:
     # It outlives this dfget on purpose (it serves peers), so the user must hear of it.
-    notice(f"started a peer server for {home} (pid {info.pid}, {info.ip}:{info.port}); it serves "
+    notice(f"started a peer server for {home} (pid {info.pid}, {hostport(info.ip, info.port)}); it serves "
            f"this host's files to peers and exits after {alivetime:g} s idle; stop it now with: "
            f"dfget server stop --home {shlex.quote(str(home))}", peer_server_pid=info.pid)
 

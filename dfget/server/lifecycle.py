@@ -20,6 +20,9 @@ from aiohttp import web
 from common import logs, wire
 from common.errors import DfError
 
+from common.hostport import hostport
+from common.listen import listen_socket
+
 from ..neterr import describe
 from ..supernodes import PEER_SECRET_HEADER
 from .app import build_peer_app, runner_kwargs
@@ -183,12 +186,12 @@ async def serve(cfg: ServerConfig) -> None:
         await peer_runner.setup()
         await control_runner.setup()
         try:
-            site = web.TCPSite(peer_runner, cfg.ip, cfg.port, reuse_address=True)
             try:
+                site = web.SockSite(peer_runner, listen_socket(cfg.ip, cfg.port))
                 await site.start()
             except OSError as exc:
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise ListenError(f"cannot listen on {cfg.ip}:{cfg.port} (--ip, --port): {why}") from None
+                raise ListenError(f"cannot listen on {hostport(cfg.ip, cfg.port)} (--ip, --port): {why}") from None
             state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             sock = socket_path(cfg.home)
             with contextlib.suppress(FileNotFoundError):
