@@ -174,7 +174,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
             req = wire.RegisterRequest(url=args.url, peer=peer)
             api = apis[i % len(apis)]  # clients spread over the supernodes
             rep = await register(session, api, wire.encode(req, msgpack=True), stats)
-            cids.append((rep.cid, peer.peer_id, rep.task.task_id, api))
+            cids.append((rep.cid, (peer.peer_id, rep.peer_secret), rep.task.task_id, api))
 
         ids = list(range(args.first, args.first + args.count))
         for k in range(0, len(ids), 50):  # 50 at a time: a crowd arriving, not one by one
@@ -273,11 +273,12 @@ def wait_task_done(api: str, tid: str, timeout: float) -> dict[str, Any]:
     return task  # type: ignore[no-any-return]
 
 
-def _http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _http(method: str, url: str, body: dict[str, Any] | None = None,
+          headers: dict[str, str] | None = None) -> dict[str, Any]:
     import urllib.request
 
     req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
@@ -384,8 +385,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if spy is not None:
             spy.wait(30)
         for r in results:
-            for p in r["peers"]:
-                _http("POST", f"{api}/api/v1/peers/down", {"peer_id": p})
+            for p, secret in r["peers"]:
+                _http("POST", f"{api}/api/v1/peers/down", {"peer_id": p},
+                      {"X-Dragonfly-Peer-Secret": secret} if secret else None)
         if not args.home:
             _http("DELETE", f"{api}/api/v1/tasks/{tid}")
     finally:

@@ -81,11 +81,15 @@ class Sim:
         self.last_error = detail[:300]
 
 
-async def _call(session: Any, stats: Sim, method: str, url: str, body: object, typ: Any) -> tuple[int, Any]:
-    """(status, decoded reply or None). 429 is waited out here; other failures counted."""
+async def _call(session: Any, stats: Sim, method: str, url: str, body: object, typ: Any,
+                secret: str | None = None) -> tuple[int, Any]:
+    """(status, decoded reply or None). 429 is waited out here; other failures counted.
+    `secret`: the peer's, for calls made as that peer (heartbeat, down)."""
     from common import wire
 
     headers = {"Content-Type": wire.MSGPACK_TYPE, "Accept": wire.MSGPACK_TYPE}
+    if secret:
+        headers["X-Dragonfly-Peer-Secret"] = secret
     for _ in range(10):
         try:
             async with session.request(method, url, data=wire.encode(body, msgpack=True), headers=headers) as r:
@@ -142,12 +146,12 @@ async def _sim_client(session: Any, api: str, url: str, idx: int, stop_at: float
                 await _call(session, stats, "POST", f"{api}/api/v1/tasks/{tid}/report",
                             wire.ReportRequest(cid=cid, event="finished"), None)
                 await _call(session, stats, "POST", f"{api}/api/v1/peers/down",
-                            wire.PeerDownRequest(peer.peer_id, [tid]), None)
+                            wire.PeerDownRequest(peer.peer_id, [tid]), None, reg.peer_secret)
                 break
             if time.time() >= next_beat:
                 next_beat += HEARTBEAT
                 await _call(session, stats, "POST", f"{api}/api/v1/peers/heartbeat",
-                            wire.HeartbeatRequest(peer.peer_id), None)
+                            wire.HeartbeatRequest(peer.peer_id), None, reg.peer_secret)
             await asyncio.sleep(think * rnd.uniform(THINK_MIN, 2 - THINK_MIN))
 
 

@@ -65,6 +65,13 @@ class PeerAddressDenied(Forbidden):
     code = "peer_denied_by_policy"
 
 
+class PeerSecretRefused(Forbidden):
+    """A call as a peer (heartbeat, down, registration of a peer id already taken) without
+    that peer's secret (`X-Dragonfly-Peer-Secret`), or with a wrong one."""
+
+    code = "peer_secret_refused"
+
+
 class TooManyRequests(DfError):
     code = "too_many_requests"
     status = 429

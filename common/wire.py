@@ -39,6 +39,12 @@ FailReason = Literal[
     "not_found", "digest_mismatch", "timeout", "refused", "short_body", "long_body", "error"
 ]
 PullState = Literal["continue", "wait", "finished", "failed"]
+# Why a dfget went to the origin itself: a bounded set, so that it can be a metric label.
+#   no_supernode: none answered; p2p_failed: P2P stalled or too many pieces failed;
+#   error: the supernode refused the download for a reason that is not final (e.g. busy);
+#   pattern_source: `-p source` asked for it.
+BackToSourceReason = Literal["no_supernode", "p2p_failed", "error", "pattern_source"]
+BACK_TO_SOURCE_REASONS: tuple[str, ...] = ("no_supernode", "p2p_failed", "error", "pattern_source")
 
 
 class PeerAddr(Struct, frozen=True):
@@ -88,6 +94,9 @@ class RegisterReply(Struct, frozen=True):
     task: TaskInfo
     piece_auth: bool = False  # piece requests need a token; `keys` verify them
     keys: PieceKeys = []
+    # with a peer: the secret its peer server sends (X-Dragonfly-Peer-Secret) when it
+    # speaks for that peer (heartbeat, down) and dfget sends when registering it again
+    peer_secret: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")] | None = None
 
 
 class KeysReply(Struct, frozen=True):
@@ -138,7 +147,9 @@ class PullReply(Struct, frozen=True):
 class ReportRequest(Struct, frozen=True):
     cid: Id32
     reports: Reports = []
-    event: Literal["finished", "aborted"] | None = None
+    # back_to_source: aborted, because this client now downloads from the origin itself
+    event: Literal["finished", "aborted", "back_to_source"] | None = None
+    reason: BackToSourceReason | None = None  # with event back_to_source
 
 
 class DigestsReply(Struct, frozen=True):

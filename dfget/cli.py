@@ -1,5 +1,5 @@
 """The `dfget` command line: `dfget -u URL -o OUT [...]`, `dfget server [...]`,
-`dfget version`.
+`dfget server stop --home DIR`, `dfget version`.
 
 Exit codes (common/errors.py, README "Exit codes"): 0 ok, 1 unexpected, 2 bad
 arguments, 3 no supernode reachable (with --notbs), 4 origin error, 5 integrity,
@@ -26,10 +26,18 @@ from common.errors import (
 )
 
 from . import config as C
+from . import notices
 from .download import download
 from .progress import ProgressBar, Stats
 
 SUBCOMMANDS = ("server", "version")
+DOWNLOAD_EPILOG = """\b
+Other commands:
+  dfget server [OPTIONS]          run this host's peer server in the foreground
+                                  (dfget starts one by itself; see dfget server --help)
+  dfget server stop [--home DIR]  stop the peer server of that home
+  dfget version                   print the version
+"""
 LEVELS = list(logs.LEVELS)
 
 
@@ -40,9 +48,10 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
         raise click.UsageError(str(exc)) from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=DOWNLOAD_EPILOG)
 @click.option("-u", "--url", required=True, help="URL of the file (http or https).")
 @click.option("-o", "--output", default=None, help="Output file (default: last URL segment).")
+@click.option("--create-dirs", is_flag=True, help="Create the output's missing directories (else an error).")
 @click.option("-m", "--md5", default=None, help="Expected md5 of the whole file.")
 @click.option("-i", "--identifier", default=None, help="Identifies the file instead of the md5.")
 @click.option("-n", "--node", default="127.0.0.1:8002", help="Supernodes: host[:port][=weight],...")
@@ -71,7 +80,7 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
               help="Log level on stderr (default: info with --verbose, else error); "
               "debug logs every piece.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
-def download_cmd(url: str, output: str | None, md5: str | None, identifier: str | None, node: str,
+def download_cmd(url: str, output: str | None, create_dirs: bool, md5: str | None, identifier: str | None, node: str,
                  headers: tuple[str, ...], filter_: str | None, locallimit: str, totallimit: str,
                  minrate: str, timeout: str | None, pattern: str, notbs: bool, showbar: bool | None,
                  verbose: bool, home: str, ip: str | None, port: int, as_json: bool, pull_limit: int,
@@ -79,7 +88,7 @@ def download_cmd(url: str, output: str | None, md5: str | None, identifier: str 
                  log_level: str | None, log_json: bool) -> None:
     """Download URL through the supernodes (P2P), back to the origin if that fails."""
     cfg = C.DownloadConfig(
-        url=_cfg(C.check_url, url), output=_cfg(C.default_output, url, output),
+        url=_cfg(C.check_url, url), output=_cfg(C.default_output, url, output), create_dirs=create_dirs,
         home=Path(home).expanduser().absolute(), nodes=_cfg(C.parse_nodes, node),
         md5=_cfg(C.check_md5, md5), identifier=identifier, headers=_cfg(C.parse_headers, headers),
         filter_keys=C.parse_filter(filter_), locallimit=_cfg(C.parse_rate, locallimit, "--locallimit"),
@@ -98,6 +107,7 @@ def download_cmd(url: str, output: str | None, md5: str | None, identifier: str 
 def run(cfg: C.DownloadConfig) -> int:
     logs.setup(cfg.log_level or ("info" if cfg.verbose else "error"), as_json=cfg.log_json,
                text_format="dfget: %(name)s: %(message)s")
+    notices.configure(as_json=cfg.log_json)
     stats = Stats(url=cfg.url, output=str(cfg.output))
     code = EXIT_OK
     try:
@@ -121,7 +131,8 @@ def run(cfg: C.DownloadConfig) -> int:
 
 
 async def _main(cfg: C.DownloadConfig, stats: Stats) -> None:
-    bar = ProgressBar(stats) if cfg.showbar else None
+    caps = [r for r in (cfg.locallimit, cfg.totallimit) if r > 0]
+    bar = ProgressBar(stats, limit=min(caps, default=0)) if cfg.showbar else None
     if bar is not None:
         bar.start()
     try:
@@ -134,7 +145,8 @@ async def _main(cfg: C.DownloadConfig, stats: Stats) -> None:
             await bar.stop()
 
 
-@click.command("server", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("server", context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="Stop a running one with: dfget server stop --home DIR")
 @click.option("--home", default="~/.dfget", show_default=True, help="Working directory; dfget with the same --home uses this server.")
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Address to listen on and advertise.")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="0 = any free port.")
@@ -170,12 +182,33 @@ def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, e
     sys.exit(code)
 
 
+@click.command("stop", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", default="~/.dfget", show_default=True, help="The home whose peer server to stop.")
+def server_stop_cmd(home: str) -> None:
+    """Stop the peer server of this home (the one dfget started, or `dfget server`)."""
+    from .server.launcher import PeerServerError, stop_server
+
+    path = Path(home).expanduser().absolute()
+    try:
+        pid = asyncio.run(stop_server(path))
+    except PeerServerError as exc:
+        click.echo(f"dfget: error: {exc}", err=True)
+        sys.exit(EXIT_GENERIC)
+    if pid is None:
+        click.echo(f"dfget: no peer server runs for {path}", err=True)
+    else:
+        click.echo(f"dfget: stopped the peer server of {path} (pid {pid})", err=True)
+    sys.exit(EXIT_OK)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "version":
         click.echo(f"dfget {__version__}")
         sys.exit(EXIT_OK)
-    if args and args[0] == "server":
+    if args[:2] == ["server", "stop"]:
+        server_stop_cmd.main(args[2:], prog_name="dfget server stop")
+    elif args and args[0] == "server":
         server_cmd.main(args[1:], prog_name="dfget server")
     else:
         download_cmd.main(args, prog_name="dfget")

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from common import units
+from common.hostport import http_base
 
 DEFAULT_NODE_PORT = 8002
 DEFAULT_PULL_LIMIT = 4
@@ -32,8 +33,7 @@ class Node:
 
     @property
     def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_base(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class DownloadConfig:
     url: str
     output: Path
     home: Path
+    create_dirs: bool = False  # --create-dirs: make the output's missing directories
     nodes: tuple[Node, ...] = (Node("127.0.0.1", DEFAULT_NODE_PORT),)
     md5: str | None = None
     identifier: str | None = None
@@ -149,8 +150,9 @@ def local_ip_towards(node: Node) -> str:
     """The address of the interface that routes to the first supernode: what other peers
     can most likely reach (v1's users hit "P2P is not happening" with a wrong IP)."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((node.host, node.port))
+        family, _, _, _, addr = socket.getaddrinfo(node.host, node.port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)  # UDP: no packet is sent, the kernel only picks the route
             return str(s.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
+    except OSError:  # socket.gaierror included
+        return "::1" if ":" in node.host else "127.0.0.1"

@@ -23,10 +23,12 @@ from common.errors import (
     SupernodeUnavailable,
 )
 from common.ratelimit import Throttle
+from common.wire import BackToSourceReason
 
 from . import source
 from .config import DownloadConfig, local_ip_towards
-from .output import PartFile
+from .notices import notice
+from .output import PartFile, disk_errors
 from .p2p import P2PGaveUp, P2PSession
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits
@@ -44,6 +46,19 @@ def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30))
 
 
+def _output_dir(cfg: DownloadConfig) -> None:
+    """Like curl and wget, a missing directory in -o is an error, not created behind the
+    user's back (a typo would scatter files), unless --create-dirs asks for it."""
+    parent = cfg.output.parent
+    if parent.is_dir():
+        return
+    if not cfg.create_dirs:
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise LocalDiskError(f"output directory {parent} {what} (pass --create-dirs to create it)")
+    with disk_errors(f"cannot create {parent}"):
+        parent.mkdir(parents=True, exist_ok=True)
+
+
 def _throttles(cfg: DownloadConfig) -> tuple[Throttle, ...]:
     # --totallimit is host-wide; applied here to this download as well as to the peer
     # server's uploads (an approximation: two concurrent dfgets each get the full rate).
@@ -54,6 +69,7 @@ async def download(cfg: DownloadConfig, stats: Stats) -> None:
     local_tid = taskid.task_id(cfg.url, filter_keys=cfg.filter_keys, md5=cfg.md5,
                                identifier=cfg.identifier)
     stats.task_id = local_tid
+    await asyncio.to_thread(_output_dir, cfg)
     part = PartFile(cfg.output, local_tid)
     throttles = _throttles(cfg)
     try:
@@ -61,48 +77,58 @@ async def download(cfg: DownloadConfig, stats: Stats) -> None:
             if cfg.pattern == "source":
                 await _back_to_source(cfg, session, part, stats, throttles, "pattern source")
                 return
-            reason = await _p2p(cfg, session, part, stats, throttles)
-            if reason is not None:
-                await _back_to_source(cfg, session, part, stats, throttles, reason)
+            why = await _p2p(cfg, session, part, stats, throttles)
+            if why is not None:
+                await _back_to_source(cfg, session, part, stats, throttles, why[1])
     finally:
         part.close()
 
 
 async def _p2p(cfg: DownloadConfig, session: aiohttp.ClientSession, part: PartFile, stats: Stats,
-               throttles: tuple[Throttle, ...]) -> str | None:
-    """None when P2P completed; otherwise why we should go back to source."""
+               throttles: tuple[Throttle, ...]) -> tuple[BackToSourceReason, str] | None:
+    """None when P2P completed; otherwise why we should go back to source (the metric
+    label and the text)."""
     peer = PeerLink(None, None)
     if cfg.serve:
         ip = cfg.ip or local_ip_towards(cfg.nodes[0])
         peer = await PeerLink.start(cfg.home, ip, cfg.port, cfg.totallimit, cfg.alivetime, cfg.expiretime)
     p2p = P2PSession(cfg, session, part, stats, peer, FetchLimits(cfg.minrate, throttles))
+    why: tuple[BackToSourceReason, str] | None = None
     try:
         await p2p.run()
         return None
     except SupernodeUnavailable as exc:
         if cfg.notbs:
             raise
-        return f"no supernode: {exc.message}"
+        why = ("no_supernode", f"no supernode: {exc.message}")
     except P2PGaveUp as exc:
         if cfg.notbs:
             raise P2PFailed(f"P2P failed: {exc}") from None
-        return f"p2p failed: {exc}"
+        why = ("p2p_failed", f"p2p failed: {exc}")
     except _FINAL:
         raise
     except DfError as exc:
         if cfg.notbs:
             raise P2PFailed(f"P2P failed: {exc.code}: {exc.message}") from None
-        return f"{exc.code}: {exc.message}"
+        why = ("error", f"{exc.code}: {exc.message}")
     finally:
+        # The supernode releases what we had in flight, and counts a back-to-source.
+        await p2p.leave(why[0] if why else None)
         if p2p.task is not None and not p2p.complete():
             # Bytes the origin is about to rewrite must not be served meanwhile.
             await peer.remove(p2p.task.task_id)
+        if why is not None:
+            await peer.back_to_source(why[0])
         await peer.close()
+    return why
 
 
 async def _back_to_source(cfg: DownloadConfig, session: aiohttp.ClientSession, part: PartFile,
                           stats: Stats, throttles: tuple[Throttle, ...], reason: str) -> None:
-    log.warning("downloading from the origin: %s", reason)
+    # Always said, whatever the log level: an origin serving a whole swarm is what this
+    # system exists to prevent, and must never happen silently (unless asked for: -p source).
+    if cfg.pattern != "source":
+        notice(f"downloading from the origin: {reason}", back_to_source=reason)
     stats.back_to_source = reason
     # P2P bytes may already sit in the part file; the origin rewrites all of it.
     stats.bytes_from_peers = stats.bytes_from_supernode = stats.bytes_resumed = 0

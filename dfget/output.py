@@ -82,7 +82,6 @@ class PartFile:
         """Open (creating) the file; pre-size it when the length is known so pieces can be
         written anywhere and peers can be served from it at once."""
         with disk_errors(f"cannot create {self.path}"):
-            self.output.parent.mkdir(parents=True, exist_ok=True)
             if self.fd is None:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if length >= 0 and os.fstat(self.fd).st_size != length:

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import aiohttp
 
 from common import wire
-from common.errors import DfError, PeerAddressDenied, SupernodeUnavailable, TaskFailed, from_wire
+from common.errors import (
+    DfError,
+    PeerAddressDenied,
+    PeerSecretRefused,
+    SupernodeUnavailable,
+    TaskFailed,
+    from_wire,
+)
 from common.pieces import piece_count, piece_range
 
 from .config import DownloadConfig
@@ -25,6 +32,7 @@ from .supernodes import SupernodeDown, Supernodes
 
 log = logging.getLogger("dfget.p2p")
 PULL_WAIT = 20.0
+SECRET_WAITS = 30  # x 0.1 s: how long another dfget of this host may take to share our peer's secret
 MAX_FAIL_STREAK = 30
 FAILOVER_WAIT = 30.0  # seconds a failover keeps trying while every supernode is down
 
@@ -71,16 +79,35 @@ class P2PSession:
             pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid)
 
     async def _register(self, *, skip_current: bool = False) -> None:
-        try:
-            reply = await self.sn.register(self._register_request(), skip_current=skip_current)
-        except PeerAddressDenied as exc:
-            if self.peer.addr is None:
-                raise
-            # Our peer server's address is not one the supernode lets others dial (e.g.
-            # loopback): download anyway, just without serving.
-            log.warning("downloading without serving: %s", exc.message)
-            self.peer = PeerLink(None, None)
-            reply = await self.sn.register(self._register_request(), skip_current=skip_current)
+        self.sn.peer_secrets.update(await self.peer.secrets())
+        waits = 0
+        while True:
+            try:
+                reply = await self.sn.register(self._register_request(), skip_current=skip_current)
+                break
+            except PeerAddressDenied as exc:
+                if self.peer.addr is None:
+                    raise
+                # Our peer server's address is not one the supernode lets others dial (e.g.
+                # loopback): download anyway, just without serving.
+                log.warning("downloading without serving: %s", exc.message)
+                self.peer = PeerLink(None, None)
+            except PeerSecretRefused as exc:
+                if self.peer.addr is None:
+                    raise
+                if waits < SECRET_WAITS:
+                    # Another dfget of this host registered our peer first and is about
+                    # to hand its secret to the peer server: read it from there.
+                    waits += 1
+                    await asyncio.sleep(0.1)
+                    self.sn.peer_secrets.update(await self.peer.secrets())
+                    continue
+                log.warning("downloading without serving: %s", exc.message)
+                self.peer = PeerLink(None, None)
+        if reply.peer_secret is not None and self.peer.addr is not None:
+            url = self.sn.current.base_url
+            self.sn.peer_secrets[url] = reply.peer_secret
+            await self.peer.peer_secret(url, reply.peer_secret)
         self._adopt(reply)
 
     async def _register_file(self) -> None:
@@ -123,12 +150,8 @@ class P2PSession:
             await self._resume()
         await self._register_file()
         await self.peer.verified(self.task_id, sorted(self.done))
-        try:
-            await self._loop()
-            await self._finish()
-        except BaseException:
-            await self._abort()
-            raise
+        await self._loop()  # on failure the caller leaves the swarm (leave), saying why
+        await self._finish()
 
     async def _resume(self) -> None:
         """Only pieces whose bytes re-hash to the supernode's digests count as present."""
@@ -325,19 +348,30 @@ class P2PSession:
         with contextlib.suppress(SupernodeDown, DfError):
             await self._final_report("finished")
 
-    async def _abort(self) -> None:
-        if self.cid is None or self.task is None:
+    async def leave(self, back_to_source: wire.BackToSourceReason | None) -> None:
+        """Tell the supernode this client gives up (its in-flight pieces are released), and
+        whether it now goes to the origin itself (counted there by reason). Best effort:
+        a supernode that does not answer within 3 s is not waited for."""
+        if self.cid is None or self.task is None or self.complete():
             return
-        with contextlib.suppress(SupernodeDown, DfError, asyncio.CancelledError):
+        with contextlib.suppress(SupernodeDown, DfError, asyncio.CancelledError, TimeoutError):
             async with asyncio.timeout(3):
+                if back_to_source is not None:
+                    try:
+                        await self._final_report("back_to_source", back_to_source)
+                        return
+                    except DfError as exc:
+                        if exc.code != "bad_request":
+                            raise
+                        # a supernode older than the back_to_source event: plain abort
                 await self._final_report("aborted")
 
-    async def _final_report(self, event: str) -> None:
+    async def _final_report(self, event: str, reason: str | None = None) -> None:
         assert self.cid is not None
         while len(self.reports) > 64:
             await self._send_reports_once()
         await self.sn.report(self.task_id, wire.ReportRequest(
-            cid=self.cid, reports=self.reports, event=event))  # type: ignore[arg-type]
+            cid=self.cid, reports=self.reports, event=event, reason=reason))  # type: ignore[arg-type]
         self.reports = []
 
     async def _send_reports_once(self) -> None:

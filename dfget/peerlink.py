@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
+from common.hostport import hostport
 from common.wire import PeerAddr, PieceKey
 
+from .notices import notice
 from .server.launcher import ControlClient, PeerServerError, ensure_server
 from .server.protocol import RegisterFile, ServerInfo
 
 log = logging.getLogger("dfget.peer")
+
+
+def _started(home: Path, info: ServerInfo, alivetime: float) -> None:
+    # It outlives this dfget on purpose (it serves peers), so the user must hear of it.
+    notice(f"started a peer server for {home} (pid {info.pid}, {hostport(info.ip, info.port)}); it serves "
+           f"this host's files to peers and exits after {alivetime:g} s idle; stop it now with: "
+           f"dfget server stop --home {shlex.quote(str(home))}", peer_server_pid=info.pid)
 
 
 class PeerLink:
@@ -24,7 +34,8 @@ class PeerLink:
     async def start(cls, home: Path, ip: str, port: int, totallimit: int, alivetime: float,
                     expiretime: float) -> PeerLink:
         try:
-            client, info = await ensure_server(home, ip, port, totallimit, alivetime, expiretime)
+            client, info = await ensure_server(home, ip, port, totallimit, alivetime, expiretime,
+                                               on_start=lambda i: _started(home, i, alivetime))
         except (PeerServerError, OSError, TimeoutError) as exc:
             log.warning("peer server unavailable, downloading without serving: %s", exc)
             return cls(None, None)
@@ -73,6 +84,28 @@ class PeerLink:
     async def remove(self, task_id: str) -> None:
         if self.client is not None:
             await self._do(self.client.remove(task_id))
+
+    async def peer_secret(self, supernode: str, secret: str) -> None:
+        """Our peer's secret at that supernode: the peer server sends it with heartbeats
+        and downs, and later dfgets of this host read it back (secrets)."""
+        if self.client is not None:
+            await self._do(self.client.peer_secret(supernode, secret))
+
+    async def secrets(self) -> dict[str, str]:
+        """What the peer server knows now (another dfget of this host may just have
+        registered it)."""
+        if self.client is None:
+            return {}
+        try:
+            self.info = await self.client.info()
+        except PeerServerError:
+            return dict(self.info.peer_secrets) if self.info else {}
+        return dict(self.info.peer_secrets)
+
+    async def back_to_source(self, reason: str) -> None:
+        """Counted in the peer server's metrics: this host's downloads that went to the origin."""
+        if self.client is not None:
+            await self._do(self.client.back_to_source(reason))
 
     async def close(self) -> None:
         client, self.client = self.client, None

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from common import digest
+from common.hostport import http_base
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.ratelimit import Throttle
 from common.tokens import CLIENT_HEADER, TOKEN_HEADER
@@ -50,8 +51,7 @@ class FetchLimits:
 
 
 def piece_url(task_id: str, a: Assignment) -> str:
-    host = f"[{a.source.ip}]" if ":" in a.source.ip else a.source.ip
-    return f"http://{host}:{a.source.port}/peer/file/{task_id}"
+    return f"{http_base(a.source.ip, a.source.port)}/peer/file/{task_id}"
 
 
 def _write_and_hash(part: PartFile, hasher: Any, offset: int, data: memoryview) -> None:

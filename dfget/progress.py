@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
 from common.taskid import redact_url
 from common.units import format_size
+
+from . import notices
 
 
 @dataclass
@@ -68,18 +71,31 @@ class Stats:
 
 
 class ProgressBar:
-    """Redraws one stderr line a few times a second; never touches stdout (--json)."""
+    """Redraws one stderr line a few times a second; never touches stdout (--json).
 
-    def __init__(self, stats: Stats, stream: TextIO = sys.stderr, interval: float = 0.25) -> None:
+    The speed is measured over the last `window` seconds, not between two frames: the
+    rate limiter lets a burst through after a pause, and a 0.25 s sample of it showed
+    23 MiB/s under a 20 MiB/s limit. It is never shown above `limit` (the cap this
+    download runs under, 0 for none). Nothing is drawn until there is something to show
+    (a length, or bytes), so the first frame is never a bare "0 B 0 B/s"."""
+
+    def __init__(self, stats: Stats, stream: TextIO = sys.stderr, interval: float = 0.25,
+                 limit: int = 0, window: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stats = stats
         self.stream = stream
         self.interval = interval
+        self.limit = limit
+        self.window = window
+        self.clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._last = (time.monotonic(), 0)
-        self._rate = 0.0
+        self._samples: deque[tuple[float, int]] = deque([(clock(), 0)])
+        self._frames = 0
+        self.drawn = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="progress-bar")
+        notices.set_before(self.clear)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -89,33 +105,56 @@ class ProgressBar:
             except asyncio.CancelledError:
                 pass
             self._task = None
+            notices.set_before(None)
             self.draw()
-            self.stream.write("\n")
-            self.stream.flush()
+            if self.drawn:
+                self.stream.write("\n")
+                self.stream.flush()
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             self.draw()
 
-    def line(self) -> str:
-        now, done = time.monotonic(), self.stats.done_bytes
-        then, before = self._last
-        if now > then:
-            inst = (done - before) / (now - then)
-            self._rate = inst if self._rate == 0 else 0.7 * self._rate + 0.3 * inst
-        self._last = (now, done)
-        total = self.stats.length
-        rate = f"{format_size(self._rate)}/s"
-        if total > 0:
-            frac = min(done / total, 1.0)
+    def rate(self, now: float, done: int) -> float:
+        samples = self._samples
+        if done < samples[-1][1]:  # the origin rewrites the file from zero
+            samples.clear()
+        samples.append((now, done))
+        while len(samples) > 2 and now - samples[1][0] >= self.window:
+            samples.popleft()
+        t0, d0 = samples[0]
+        rate = (done - d0) / (now - t0) if now > t0 else 0.0
+        return min(rate, float(self.limit)) if self.limit > 0 else rate
+
+    def line(self) -> str | None:
+        now, done, total = self.clock(), self.stats.done_bytes, self.stats.length
+        rate = self.rate(now, done)
+        self._frames += 1
+        speed = f"{format_size(rate)}/s"
+        if total >= 0:  # known (0: an empty file)
+            frac = min(done / total, 1.0) if total else 1.0
             bar = "#" * int(frac * 30)
-            eta = (total - done) / self._rate if self._rate > 0 else float("inf")
+            eta = (total - done) / rate if rate > 0 else float("inf")
             eta_s = "--:--" if eta == float("inf") else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
             return (f"[{bar:<30}] {frac * 100:5.1f}% {format_size(done)}/{format_size(total)} "
-                    f"{rate} ETA {eta_s}")
-        return f"{format_size(done)} {rate}"
+                    f"{speed} ETA {eta_s}")
+        if done == 0:
+            return None  # length unknown, nothing received: nothing worth a frame yet
+        pos = self._frames % 54
+        pos = pos if pos < 27 else 54 - pos  # a marker going to and fro: size unknown
+        return f"[{' ' * pos}<=>{' ' * (27 - pos)}] {format_size(done)} {speed}"
 
     def draw(self) -> None:
-        self.stream.write("\r" + self.line().ljust(79))
+        line = self.line()
+        if line is None:
+            return
+        self.stream.write("\r" + line.ljust(79))
         self.stream.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        """Blank the bar's line so that a notice printed now starts at column 0."""
+        if self.drawn:
+            self.stream.write("\r" + " " * 79 + "\r")
+            self.stream.flush()

@@ -24,6 +24,7 @@ from common.errors import (
 )
 from common.ratelimit import Throttle
 
+from .neterr import describe
 from .output import PartFile
 
 log = logging.getLogger("dfget.source")
@@ -84,7 +85,7 @@ async def _once(session: aiohttp.ClientSession, url: str, headers: dict[str, str
             md5 = hashlib.md5(usedforsecurity=False) if want_md5 else None
             received = await _stream(resp, part, md5, throttles, on_bytes)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ConnectionError) as exc:
-        raise _Retryable(OriginUnavailable(f"origin: {type(exc).__name__}: {exc}")) from None
+        raise _Retryable(OriginUnavailable(f"origin: {describe(exc)}")) from None
     if declared is not None and received < declared:
         raise _Retryable(OriginShortBody(f"origin sent {received} of {declared} bytes"))
     if declared is None:

@@ -18,6 +18,7 @@ from common import wire
 from common.errors import DfError, SupernodeUnavailable, from_wire
 
 from .config import Node
+from .neterr import describe
 
 log = logging.getLogger("dfget.supernode")
 T = TypeVar("T")
@@ -25,6 +26,7 @@ API_TIMEOUT = 5.0  # v1's dfget -> supernode timeout
 REGISTER_TIMEOUT = 20.0  # the supernode waits up to 10 s for the origin's first answer
 _RETRY_CODES = {"store_unavailable", "busy", "supernode_unavailable", "internal"}
 MAX_RETRY_AFTER = 5.0
+PEER_SECRET_HEADER = "X-Dragonfly-Peer-Secret"  # supernode/peerauth.py
 THROTTLED_RETRIES = 5  # 429 answers (this client's own rate) waited out before the error goes up
 # An overloaded supernode answers 429 or 503 busy with Retry-After: it is alive, so it is
 # asked again (after the delay it names, jittered so that a crowd does not come back in
@@ -55,6 +57,8 @@ class Supernodes:
         self.index = 0
         self.busy_at = -1e9  # monotonic time a supernode last answered "busy, come back later"
         self.busy_waits = 0  # such answers waited out (the --json report's busy_waits)
+        # supernode base URL -> our peer's secret there (see supernode/peerauth.py)
+        self.peer_secrets: dict[str, str] = {}
 
     @property
     def current(self) -> Node:
@@ -78,7 +82,8 @@ class Supernodes:
                 i = (first + k) % count
                 try:
                     reply = await self._call(self.nodes[i], "POST", "/api/v1/tasks", req,
-                                             wire.RegisterReply, REGISTER_TIMEOUT)
+                                             wire.RegisterReply, REGISTER_TIMEOUT,
+                                             self._secret_header(self.nodes[i]) if req.peer else None)
                 except SupernodeDown as exc:
                     log.info("supernode %s: %s", self.nodes[i].base_url, exc)
                     errors.append(f"{self.nodes[i].base_url}: {exc}")
@@ -97,6 +102,10 @@ class Supernodes:
             delay = min(delay * 2, BUSY_DELAY_MAX)
             first = self.index
 
+    def _secret_header(self, node: Node) -> dict[str, str] | None:
+        secret = self.peer_secrets.get(node.base_url) or next(iter(self.peer_secrets.values()), None)
+        return {PEER_SECRET_HEADER: secret} if secret else None
+
     async def pull(self, task_id: str, req: wire.PullRequest) -> wire.PullReply:
         return await self._call(self.current, "POST", f"/api/v1/tasks/{task_id}/pull", req,
                                 wire.PullReply, req.wait + API_TIMEOUT * 2)
@@ -109,9 +118,9 @@ class Supernodes:
                                 wire.DigestsReply, API_TIMEOUT)
 
     async def _call(self, node: Node, method: str, path: str, body: object,
-                    typ: type[T] | None, timeout: float) -> T:
+                    typ: type[T] | None, timeout: float, extra: dict[str, str] | None = None) -> T:
         data = wire.encode(body) if body is not None else None
-        headers = {"Content-Type": wire.JSON_TYPE, "Accept": wire.JSON_TYPE}
+        headers = {"Content-Type": wire.JSON_TYPE, "Accept": wire.JSON_TYPE, **(extra or {})}
         loop = asyncio.get_running_loop()
         give_up = loop.time() + BUSY_BUDGET
         throttled = 0
@@ -123,7 +132,7 @@ class Supernodes:
                     status = resp.status
                     retry_after = resp.headers.get("Retry-After", "")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise SupernodeDown(f"{type(exc).__name__}: {exc}") from None
+                raise SupernodeDown(describe(exc)) from None
             throttled += status == 429
             if (not (status == 429 or (status == 503 and _is_busy(raw))) or loop.time() > give_up
                     or throttled > THROTTLED_RETRIES):

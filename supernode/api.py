@@ -14,7 +14,7 @@ from aiohttp import web
 from common import __version__, errors, wire
 from common.taskid import filter_url, is_task_id, new_id, redact_url, task_id as make_task_id
 
-from . import guard, origin
+from . import guard, origin, peerauth
 from .auth import admin_only
 from .repo import PeerInfo, TaskMeta
 from .state import STATE, SupernodeState
@@ -131,8 +131,11 @@ async def register(request: web.Request) -> web.Response:
     req = await body(request, wire.RegisterRequest)
     if req.range is not None and not _RANGE_RE.match(req.range):
         raise errors.BadRequest("range must be bytes=START-[END]")
+    peer_secret = None
     if req.peer is not None:
         _check_peer(st, req.peer)
+        peer_secret = await _peer_secrets(st).for_registration(
+            req.peer.peer_id, request.headers.get(peerauth.HEADER))
     meta = await open_task(st, req.url, headers=dict(req.headers), md5=req.md5, identifier=req.identifier,
                            filter_keys=list(req.filter), range_=req.range)
     tid = meta.task_id
@@ -161,7 +164,8 @@ async def register(request: web.Request) -> web.Response:
     log.info("registered %s for task %s (%s) state=%s", cid[:8], tid[:12], redact_url(req.url), meta.status)
     keys = await st.keyring.current() if st.settings.piece_auth and st.keyring is not None else []
     return reply(request, wire.RegisterReply(cid=cid, supernode_id=st.sn_id, task=meta.info(),
-                                             piece_auth=st.settings.piece_auth, keys=keys))
+                                             piece_auth=st.settings.piece_auth, keys=keys,
+                                             peer_secret=peer_secret))
 
 
 def _gone(request: web.Request) -> bool:
@@ -188,8 +192,12 @@ async def report(request: web.Request) -> web.Response:
     req = await body(request, wire.ReportRequest)
     done = await st.dispatcher.report(tid, req.cid, list(req.reports)) if req.reports else 0
     await st.metrics.observe_reports(st.repo, tid, req.cid, req.reports)
-    if req.event == "aborted":
+    if req.event in ("aborted", "back_to_source"):
         await st.repo.release(tid, req.cid)
+    if req.event == "back_to_source" and await st.repo.peer_of(tid, req.cid) is not None:
+        # only a client registered here counts (anyone can post; nobody can inflate it)
+        st.metrics.back_to_source.labels(req.reason or "error").inc()
+        log.info("client %s of task %s went back to source: %s", req.cid[:8], tid[:12], req.reason)
     await st.repo.touch(tid)
     return reply(request, {"done": done})
 
@@ -255,9 +263,15 @@ async def piece_keys(request: web.Request) -> web.Response:
     return reply(request, wire.KeysReply(piece_auth=st.settings.piece_auth, keys=keys))
 
 
+def _peer_secrets(st: SupernodeState) -> peerauth.PeerSecrets:
+    assert st.peer_secrets is not None  # app.py always builds one
+    return st.peer_secrets
+
+
 async def heartbeat(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     req = await body(request, wire.HeartbeatRequest)
+    await _peer_secrets(st).check(req.peer_id, request.headers.get(peerauth.HEADER))
     known = await st.repo.heartbeat(req.peer_id)
     st.metrics.seen_peer(req.peer_id)
     return reply(request, {"ok": True, "known": known})
@@ -266,6 +280,7 @@ async def heartbeat(request: web.Request) -> web.Response:
 async def peer_down(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
     req = await body(request, wire.PeerDownRequest)
+    await _peer_secrets(st).check(req.peer_id, request.headers.get(peerauth.HEADER))
     tasks = list(req.tasks) if req.tasks is not None else await st.repo.host_tasks(req.peer_id)
     only = set(req.clients) if req.clients is not None and req.tasks is not None else None
     removed = 0

@@ -20,12 +20,15 @@ from pathlib import Path
 from aiohttp import web
 
 from common import errors
+from common.hostport import hostport, http_base
+from common.listen import listen_socket
 from common.ratelimit import Throttle
 from common.taskid import is_short_id, new_id
 from common.tokens import Signer
 
 from . import api, guard, preheat, ui
 from .auth import KeyRing, PieceGate, load_or_create_key
+from .peerauth import PeerSecrets
 from .cache import PieceCache
 from .cdn import Cdn, CdnSettings
 from .config import Settings
@@ -108,9 +111,8 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     seed_runner = web.AppRunner(seed.app(), handle_signals=False, access_log=None,
                                 **guard.runner_kwargs(settings.header_timeout))
     await seed_runner.setup()
-    seed_site = web.TCPSite(seed_runner, settings.listen, settings.download_port)
     try:
-        await _listen(seed_site, "--download-port", settings.listen, settings.download_port)
+        await _listen(seed_runner, "--download-port", settings.listen, settings.download_port)
     except BaseException:  # nothing after this point started yet: close what did
         await seed_runner.cleanup()
         await origin.close()
@@ -129,7 +131,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     st = SupernodeState(settings=settings, sn_id=sn_id, policy=settings.origin_policy(), store=store,
                         repo=repo, hub=hub, cache=cache, cdn=cdn, seed=seed, dispatcher=dispatcher,
                         metrics=metrics, download_port=download_port, keyring=keyring,
-                        peer_policy=settings.peer_policy())
+                        peer_policy=settings.peer_policy(), peer_secrets=PeerSecrets(store))
     app[STATE] = st
     dispatcher.on_schedule = st.metrics.schedule.observe
     dispatcher.on_reports = st.metrics.observe_applied
@@ -185,12 +187,14 @@ class ListenError(Exception):
     """A port this supernode was told to listen on cannot be had."""
 
 
-async def _listen(site: web.TCPSite, flag: str, host: str, port: int) -> None:
+async def _listen(runner: web.AppRunner, flag: str, host: str, port: int) -> None:
+    """`--listen ::` is dual stack (common/listen.py)."""
     try:
+        site = web.SockSite(runner, listen_socket(host, port))
         await site.start()
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ListenError(f"cannot listen on {host}:{port} ({flag}): {why}") from None
+        raise ListenError(f"cannot listen on {hostport(host, port)} ({flag}): {why}") from None
 
 
 async def serve(settings: Settings) -> None:
@@ -202,15 +206,14 @@ async def serve(settings: Settings) -> None:
                            **guard.runner_kwargs(settings.header_timeout))
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.listen, settings.port)
-        await _listen(site, "--port", settings.listen, settings.port)
+        await _listen(runner, "--port", settings.listen, settings.port)
     except BaseException:
         await runner.cleanup()  # the store, the seed and their tasks, already started
         raise
     st = app[STATE]
     port = runner.addresses[0][1]
-    log.info("supernode %s ready: api http://%s:%d download port %d store %s", st.sn_id[:8],
-             settings.public_ip(), port, st.download_port, "redis" if settings.redis_url else "embedded")
+    log.info("supernode %s ready: api %s download port %d store %s", st.sn_id[:8],
+             http_base(settings.public_ip(), port), st.download_port, "redis" if settings.redis_url else "embedded")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,7 +36,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--port", dict(type=int, default=8002, show_default=True, help="API port.")),
     ("--download-port", dict(type=int, default=8001, show_default=True, help="Port serving CDN pieces to peers.")),
-    ("--listen", dict(default="0.0.0.0", show_default=True, help="Address to bind both ports on.")),
+    ("--listen", dict(default="0.0.0.0", show_default=True, help="Address to bind both ports on; :: = every IPv4 and IPv6 address (dual stack).")),
     ("--advertise-ip", dict(default="", help="IP peers use to reach this supernode (default: detected).")),
     ("--home", dict(default=str(Path.home() / ".supernode"), show_default=True, help="Piece cache and state directory.")),
     ("--redis-url", dict(default=None, help="redis://, rediss://, redis+sentinel://, redis+cluster://; default: embedded in-process store.")),

@@ -128,5 +128,16 @@ def alive(peer_id: str) -> str:
     return f"{PREFIX}:alive:{peer_id}"
 
 
+# Per-peer secrets (supernode/peerauth.py): the cluster-wide HMAC key they derive from,
+# and the mark that a peer id is taken (its secret was handed out), re-armed on every
+# authenticated call.
+PEER_SECRET_KEY = f"{PREFIX}:peer-secret-key"
+PEER_CLAIM_TTL_MS = TASK_KEY_TTL_MS
+
+
+def peer_claim(peer_id: str) -> str:
+    return f"{PREFIX}:claim:{peer_id}"
+
+
 def supernode(sn_id: str) -> str:
     return f"{PREFIX}:sn:{sn_id}"

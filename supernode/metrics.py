@@ -87,12 +87,17 @@ class Metrics:
         self.seed_uploads = gauge("supernode_seed_uploads_active", "CDN uploads in progress")
         self.auth_refused = counter("supernode_auth_refused", "Requests refused for a missing or bad token",
                                     ["kind", "reason"])
+        self.back_to_source = counter(
+            "supernode_back_to_source",
+            "Clients registered here that went to the origin themselves, by reason", ["reason"])
         self.tasks = gauge("supernode_tasks", "Tasks in the store (all supernodes)")
         self.tasks_active = gauge("supernode_tasks_active", "Tasks accessed within the last minute")
         self.peers = gauge("supernode_peers_active",
                            "Peer servers that registered or sent a heartbeat here recently")
         for source in ("origin", "cdn", "peer"):
             self.bytes.labels(source)
+        for reason in wire.BACK_TO_SOURCE_REASONS:
+            self.back_to_source.labels(reason)
         self._shapes: dict[str, _Shape] = {}
         self._counted: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._peers_seen: dict[str, float] = {}

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .dispatch import Dispatcher
     from .events import EventHub
     from .metrics import Metrics
+    from .peerauth import PeerSecrets
     from .repo import Repo
     from .seed import Seed
     from .store import Store
@@ -38,6 +39,7 @@ class SupernodeState:
     download_port: int = 0
     keyring: KeyRing | None = None
     peer_policy: AddressPolicy | None = None
+    peer_secrets: PeerSecrets | None = None
 
 
 STATE: web.AppKey[SupernodeState] = web.AppKey("supernode_state", SupernodeState)

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from common import digest
+from common.hostport import http_base
 from common.netpolicy import AddressPolicy
 from common.pieces import piece_range
 from common.tokens import CLIENT_HEADER, TOKEN_HEADER, Signer
@@ -124,7 +125,7 @@ class PeerCopier:
 
     async def _piece_from(self, session: aiohttp.ClientSession, info: PeerInfo, task_id: str,
                           start: int, end: int, auth: dict[str, str]) -> bytes | None:
-        url = f"http://{info.ip}:{info.port}/peer/file/{task_id}"
+        url = f"{http_base(info.ip, info.port)}/peer/file/{task_id}"
         size = end - start + 1
         try:
             async with asyncio.timeout(size / self.min_rate + 10):

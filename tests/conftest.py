@@ -7,8 +7,10 @@ Helpers (also importable: `from conftest import free_port, make_file, ProcessRun
   ProcessRunner(cmd, log_path, ready_url=..., ...) context manager around a process
 
 Fixtures:
-  redis_url        REDIS_URL (db FLUSHDB-ed first) or None (use fakeredis); fails in CI
-                   (CI=true) when REDIS_URL is missing
+  redis_url        REDIS_URL (db FLUSHDB-ed first) or None (use the embedded store); fails
+                   in CI (CI=true) when REDIS_URL is missing. Mark a test `redis` when it
+                   needs the real one: it is then skipped without REDIS_URL (one line says
+                   how to run it) and fails in CI.
   origin           a running `python -m bench.origin` (OriginProc) on a temp dir
   origin_factory   origin_factory(rate=0) -> another OriginProc
   supernode        supernode(redis_url=DEFAULT, extra_args=()) -> SupernodeProc
@@ -320,16 +322,36 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 
+# The one line a newcomer needs to run what was skipped for want of a real Redis.
+REDIS_HOWTO = "REDIS_URL=redis://127.0.0.1:6379/9 .venv/bin/python -m pytest -q -m redis"
+REDIS_SKIP = f"needs a real Redis: run with {REDIS_HOWTO}"
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    # marked tests that never ask for redis_url must not pass silently on fakeredis in CI
-    if item.get_closest_marker("redis") and in_ci() and not os.environ.get("REDIS_URL"):
-        pytest.fail("CI=true but REDIS_URL is not set: redis tests need the real Redis",
-                    pytrace=False)
+    """A test marked `redis` runs on the real Redis at REDIS_URL or not at all: without it
+    the test is skipped with the one line that runs it, and fails when CI=true. Such a test
+    never silently falls back to the embedded store (two supernodes would not share it)."""
+    if item.get_closest_marker("redis") and not os.environ.get("REDIS_URL"):
+        if in_ci():
+            pytest.fail("CI=true but REDIS_URL is not set: redis tests need the real Redis",
+                        pytrace=False)
+        pytest.skip(REDIS_SKIP)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and REDIS_HOWTO in str(r.longrepr[2])]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} test(s) need a real Redis and were skipped; run them with: "
+            f"{REDIS_HOWTO}")
 
 
 @pytest.fixture
 def redis_url() -> str | None:
-    """The real Redis (its db flushed first) or None: then use fakeredis."""
+    """The real Redis (its db flushed first), or None: then the test runs on the embedded
+    store. Tests marked `redis` always get the real one (see pytest_runtest_setup)."""
     url = os.environ.get("REDIS_URL") or None
     if url is None:
         if in_ci():
@@ -526,7 +548,8 @@ def log_trap() -> Iterator[LogTrap]:
 
 @pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
 def store_url(request: pytest.FixtureRequest) -> str | None:
-    """Run the test twice: on the embedded store and on the real Redis (REDIS_URL)."""
+    """Run the test twice: on the embedded store and on the real Redis (REDIS_URL; that
+    half is skipped without it)."""
     if request.param == "embedded":
         return None
     return request.getfixturevalue("redis_url")  # type: ignore[no-any-return]

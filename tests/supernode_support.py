@@ -29,20 +29,29 @@ def peer(port: int = 15001, ip: str = "127.0.0.1") -> dict[str, Any]:
     return {"peer_id": new_id(), "ip": ip, "port": port}
 
 
+def as_peer(secret: str | None) -> dict[str, str] | None:
+    """Headers of a call made as a peer (supernode/peerauth.py)."""
+    return {"X-Dragonfly-Peer-Secret": secret} if secret else None
+
+
 @dataclass
 class Api:
     client: Any  # aiohttp TestClient
 
-    async def post(self, path: str, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
-        resp = await self.client.post(path, json=body)
+    async def post(self, path: str, body: dict[str, Any], status: int = 200,
+                   headers: dict[str, str] | None = None) -> dict[str, Any]:
+        resp = await self.client.post(path, json=body, headers=headers)
         data = await resp.json()
         assert resp.status == status, (resp.status, data)
         return data  # type: ignore[no-any-return]
 
-    async def register(self, url: str, status: int = 200, **extra: Any) -> dict[str, Any]:
+    async def register(self, url: str, status: int = 200, secret: str | None = None,
+                       **extra: Any) -> dict[str, Any]:
+        """`secret`: the peer's (X-Dragonfly-Peer-Secret), needed from its second
+        registration on."""
         body = {"url": url, "peer": extra.pop("peer", peer())}
         body.update(extra)
-        return await self.post("/api/v1/tasks", body, status)
+        return await self.post("/api/v1/tasks", body, status, headers=as_peer(secret))
 
     async def pull(self, tid: str, cid: str, **extra: Any) -> dict[str, Any]:
         return await self.post(f"/api/v1/tasks/{tid}/pull", {"cid": cid, "wait": 5, **extra})

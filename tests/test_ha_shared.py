@@ -18,12 +18,6 @@ MIB = 1 << 20
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(autouse=True)
-def _shared_redis(redis_url: str | None) -> None:
-    if redis_url is None:  # in CI the redis_url fixture has already failed the test
-        pytest.skip("several supernodes share a store only on a real Redis: run with REDIS_URL=redis://127.0.0.1:6379/9")
-
-
 def _nodes(sns: list, first: int) -> list[str]:  # type: ignore[type-arg]
     order = sns[first:] + sns[:first]
     return [f"127.0.0.1:{s.port}" for s in order]

@@ -67,8 +67,7 @@ async def _fetched(api: Api, tid: str) -> None:
 
 @pytest.fixture
 async def api(aiohttp_client, tmp_path, redis_url) -> Api:  # type: ignore[no-untyped-def]
-    if redis_url is None:
-        pytest.skip("needs a real Redis shared with the test: run with REDIS_URL=redis://127.0.0.1:6379/9")
+    assert redis_url, "used only by tests marked redis"
     client = await aiohttp_client(app_for(settings_for(tmp_path / "sn", redis_url)))
     return Api(client)
 
@@ -88,7 +87,7 @@ async def test_reregistering_client_gets_its_in_flight_pieces_again(api: Api, or
     held = {a["piece"] for a in first["assignments"]}
     assert len(held) == 2
     assert (await api.pull(tid, cid, limit=2, wait=0))["assignments"] == []  # both pieces are in flight
-    again = await api.register(origin.url("r.bin"), peer=p, cid=cid)
+    again = await api.register(origin.url("r.bin"), peer=p, cid=cid, secret=reg["peer_secret"])
     assert again["cid"] == cid
     res = await api.pull(tid, cid, limit=2, wait=0)
     assert {a["piece"] for a in res["assignments"]} == held
@@ -133,8 +132,7 @@ async def test_a_late_renewal_takes_back_a_lease_nobody_took_and_stops_if_someon
     from supernode import keys
     from supernode.state import STATE
 
-    if redis_url is None:
-        pytest.skip("needs a real Redis shared with the test: run with REDIS_URL=redis://127.0.0.1:6379/9")
+    assert redis_url, "used only by tests marked redis"
     client = await aiohttp_client(app_for(settings_for(tmp_path / "sn", redis_url, lease_ttl=1.0)))
     api, st = Api(client), client.server.app[STATE]
     origin = origin_factory(rate=1 * MIB)

@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 from conftest import file_bytes
-from supernode_support import Api, app_for, download_all, peer, settings_for
+from supernode_support import Api, app_for, as_peer, download_all, peer, settings_for
 
 from supernode.app import STATE
 
@@ -290,7 +290,7 @@ async def test_peer_down_leaves_every_holder_set(api: Api, origin) -> None:
     a = await api.register(origin.url("q.bin"), peer=p)
     tid = a["task"]["task_id"]
     await download_all(api, tid, a["cid"], 5 * MIB)
-    await api.post("/api/v1/peers/down", {"peer_id": p["peer_id"]})
+    await api.post("/api/v1/peers/down", {"peer_id": p["peer_id"]}, headers=as_peer(a["peer_secret"]))
     b = await api.register(origin.url("q.bin"))
     res = await api.pull(tid, b["cid"], limit=2)
     assert res["assignments"] and all(x["source"]["kind"] == "cdn" for x in res["assignments"])
@@ -305,8 +305,9 @@ async def test_peer_down_naming_clients_keeps_another_download_of_the_same_task(
     old = await api.register(origin.url("r.bin"), peer=p)
     tid = old["task"]["task_id"]
     await download_all(api, tid, old["cid"], 5 * MIB)
-    new = await api.register(origin.url("r.bin"), peer=p)  # same host, next download
-    down = await api.post("/api/v1/peers/down", {"peer_id": p["peer_id"], "tasks": [tid], "clients": [old["cid"]]})
+    new = await api.register(origin.url("r.bin"), peer=p, secret=old["peer_secret"])  # same host, next download
+    down = await api.post("/api/v1/peers/down", {"peer_id": p["peer_id"], "tasks": [tid], "clients": [old["cid"]]},
+                          headers=as_peer(old["peer_secret"]))
     assert down["removed"] == 1
     res = await api.pull(tid, new["cid"], limit=2)  # still a client of the task
     assert res["state"] == "continue" and res["assignments"]

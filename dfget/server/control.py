@@ -3,7 +3,10 @@ files, mark pieces verified, report the final path, remove files, change the lim
 
 Routes: GET /info; GET /files; POST /files (RegisterFile);
 POST /files/{task_id}/verified (MarkVerified); POST /files/{task_id}/moved (MovedFile);
-DELETE /files/{task_id}; POST /limits (Limits); POST /keys (TrustKeys); POST /shutdown.
+DELETE /files/{task_id}; POST /limits (Limits); POST /keys (TrustKeys);
+POST /secrets (PeerSecret: this peer's secret at a supernode, sent with heartbeats and
+downs); POST /back-to-source (BackToSource: a download of this host went to the origin, counted
+in the metrics); POST /shutdown.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from common.errors import BadRequest
 from common.taskid import is_task_id
 from common.wire import decode
 
-from .protocol import Limits, MarkVerified, MovedFile, RegisterFile, ServerInfo, TrustKeys
+from .protocol import BackToSource, Limits, MarkVerified, PeerSecret, MovedFile, RegisterFile, ServerInfo, TrustKeys
 from .state import ServerState
 from .table import FileEntry
 
@@ -55,7 +58,7 @@ async def info(request: web.Request) -> web.Response:
     s = request.app[STATE]
     return _json(ServerInfo(peer_id=s.peer_id, ip=s.config.ip, port=s.port, pid=os.getpid(),
                             version=__version__, totallimit=int(s.throttle.bucket.rate),
-                            auth_refused=dict(s.auth_refused)))
+                            auth_refused=dict(s.auth_refused), peer_secrets=dict(s.peer_secrets)))
 
 
 async def list_files(request: web.Request) -> web.Response:
@@ -122,6 +125,21 @@ async def trust_keys(request: web.Request) -> web.Response:
     return _json({"ok": True})
 
 
+async def peer_secret(request: web.Request) -> web.Response:
+    body = await _body(request, PeerSecret)
+    s = request.app[STATE]
+    if len(s.peer_secrets) >= 256 and body.supernode not in s.peer_secrets:
+        raise web.HTTPRequestEntityTooLarge(max_size=256, actual_size=len(s.peer_secrets) + 1)
+    s.peer_secrets[body.supernode] = body.secret
+    return _json({"ok": True})
+
+
+async def back_to_source(request: web.Request) -> web.Response:
+    body = await _body(request, BackToSource)
+    request.app[STATE].metrics.back_to_source.labels(body.reason).inc()
+    return _json({"ok": True})
+
+
 async def shutdown(request: web.Request) -> web.Response:
     request.app[STATE].stop.set()
     return _json({"ok": True})
@@ -152,5 +170,7 @@ def build_control_app(state: ServerState, notify: Notify) -> web.Application:
     r.add_delete("/files/{task_id}", remove)
     r.add_post("/limits", limits)
     r.add_post("/keys", trust_keys)
+    r.add_post("/secrets", peer_secret)
+    r.add_post("/back-to-source", back_to_source)
     r.add_post("/shutdown", shutdown)
     return app

@@ -4,13 +4,16 @@ a detached process; then talk to it over its Unix socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
 import aiohttp
@@ -18,7 +21,10 @@ import msgspec
 
 from common import wire
 
+from ..neterr import describe
 from .protocol import (
+    BackToSource,
+    PeerSecret,
     Limits,
     MarkVerified,
     MovedFile,
@@ -59,7 +65,7 @@ class ControlClient:
                 if resp.status != 200:
                     raise PeerServerError(f"{method} {path}: HTTP {resp.status} {raw[:200]!r}")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise PeerServerError(f"{method} {path}: {exc}") from None
+            raise PeerServerError(f"{method} {path}: {describe(exc)}") from None
         return msgspec.json.decode(raw, type=typ) if typ is not None else None  # type: ignore[return-value]
 
     async def info(self) -> ServerInfo:
@@ -83,8 +89,75 @@ class ControlClient:
     async def trust(self, keys: list[wire.PieceKey]) -> None:
         await self._call("POST", "/keys", TrustKeys(keys))
 
+    async def peer_secret(self, supernode: str, secret: str) -> None:
+        await self._call("POST", "/secrets", PeerSecret(supernode, secret))
+
+    async def back_to_source(self, reason: str) -> None:
+        await self._call("POST", "/back-to-source", BackToSource(reason))  # type: ignore[arg-type]
+
     async def shutdown(self) -> None:
         await self._call("POST", "/shutdown")
+
+
+async def stop_server(home: Path, timeout: float = 10.0) -> int | None:
+    """Stop the peer server of this home: ask it over its control socket, then SIGTERM
+    the pid it gave (it answered on our socket, so it is ours) if it has not exited
+    within `timeout`. The pid it had, or None when none runs. PeerServerError when one
+    holds the home's lock but does not answer."""
+    client = ControlClient(home)
+    try:
+        try:
+            info = await client.info()
+        except PeerServerError:
+            if _lock_held(home):
+                raise PeerServerError(f"a peer server holds {home / 'server.lock'} but does not answer "
+                                      f"on {client.path}") from None
+            return None
+        with contextlib.suppress(PeerServerError):
+            await client.shutdown()
+    finally:
+        await client.close()
+    for sig in (None, signal.SIGTERM):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info.pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _lock_held(home) and not _alive(info.pid):
+                return info.pid
+            await asyncio.sleep(0.05)
+    raise PeerServerError(f"the peer server (pid {info.pid}) did not stop")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:  # gone (or no /proc: fall back to signal 0)
+        if not Path("/proc/self").exists():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return False
+    return state != "Z"
+
+
+def _lock_held(home: Path) -> bool:
+    """Whether a server holds this home's lock (lifecycle.server_lock) right now."""
+    try:
+        fd = os.open(home / "server.lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _spawn(home: Path, ip: str, port: int, totallimit: int, alivetime: float, expiretime: float) -> subprocess.Popen[bytes]:
@@ -105,9 +178,11 @@ def _launch_lock(home: Path) -> int:
 
 
 async def ensure_server(home: Path, ip: str, port: int, totallimit: int, alivetime: float,
-                        expiretime: float) -> tuple[ControlClient, ServerInfo]:
-    """Reuse the running server or start one; concurrent dfgets serialize on a lock so
-    only one of them starts it."""
+                        expiretime: float,
+                        on_start: Callable[[ServerInfo], None] | None = None,
+                        ) -> tuple[ControlClient, ServerInfo]:
+    """Reuse the running server or start one (then `on_start` is called with it);
+    concurrent dfgets serialize on a lock so only one of them starts it."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     client = ControlClient(home)
     try:
@@ -126,10 +201,14 @@ async def ensure_server(home: Path, ip: str, port: int, totallimit: int, aliveti
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             try:
-                return client, await client.info()
+                info = await client.info()
             except PeerServerError:
                 if proc.poll() is not None:
                     break
+            else:
+                if on_start is not None:
+                    on_start(info)
+                return client, info
         await client.close()
         raise PeerServerError(f"the peer server did not start; see {home / 'logs' / 'server.log'}")
     finally:

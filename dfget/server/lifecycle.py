@@ -20,6 +20,11 @@ from aiohttp import web
 from common import logs, wire
 from common.errors import DfError
 
+from common.hostport import hostport
+from common.listen import listen_socket
+
+from ..neterr import describe
+from ..supernodes import PEER_SECRET_HEADER
 from .app import build_peer_app, runner_kwargs
 from .control import build_control_app
 from .protocol import socket_path
@@ -68,10 +73,22 @@ class Notifier:
         assert self.session is not None
         try:
             async with self.session.post(base + path, data=wire.encode(body),
-                                         headers={"Content-Type": wire.JSON_TYPE}) as resp:
-                await resp.read()
+                                         headers=self._headers(base)) as resp:
+                raw = await resp.read()
+                if resp.status == 403:
+                    log.warning("supernode %s%s refused us: %s", base, path, raw[:300].decode(errors="replace"))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.info("supernode %s%s: %s", base, path, exc)
+            log.info("supernode %s%s: %s", base, path, describe(exc))
+
+    def _headers(self, base: str) -> dict[str, str]:
+        """Our secret at that supernode, or one from another supernode (likely the same
+        cluster: the list came from one dfget's -n) when it gave us none yet."""
+        headers = {"Content-Type": wire.JSON_TYPE}
+        secrets = self.state.peer_secrets
+        secret = secrets.get(base) or next(iter(secrets.values()), None)
+        if secret is not None:
+            headers[PEER_SECRET_HEADER] = secret
+        return headers
 
     async def files_gone(self, entries: list[FileEntry]) -> None:
         """Tell the supernodes which of this host's clients no longer serve: by client id
@@ -169,12 +186,12 @@ async def serve(cfg: ServerConfig) -> None:
         await peer_runner.setup()
         await control_runner.setup()
         try:
-            site = web.TCPSite(peer_runner, cfg.ip, cfg.port, reuse_address=True)
             try:
+                site = web.SockSite(peer_runner, listen_socket(cfg.ip, cfg.port))
                 await site.start()
             except OSError as exc:
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise ListenError(f"cannot listen on {cfg.ip}:{cfg.port} (--ip, --port): {why}") from None
+                raise ListenError(f"cannot listen on {hostport(cfg.ip, cfg.port)} (--ip, --port): {why}") from None
             state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             sock = socket_path(cfg.home)
             with contextlib.suppress(FileNotFoundError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from common.wire import BACK_TO_SOURCE_REASONS
+
 # why a piece request was not served (bounded label values)
 ERRORS = ("bad_request", "not_found", "range_not_satisfiable", "timeout", "aborted")
 
@@ -27,6 +29,11 @@ class PeerMetrics:
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.auth_refused = Counter("dfget_peer_auth_refused", "Piece requests refused for their token",
                                     ["reason"], registry=r)
+        self.back_to_source = Counter(
+            "dfget_peer_back_to_source", "Downloads of this host that went to the origin, by reason",
+            ["reason"], registry=r)
+        for reason in BACK_TO_SOURCE_REASONS:
+            self.back_to_source.labels(reason)
         self.active = Gauge("dfget_peer_uploads_active", "Uploads in progress", registry=r)
         self.files = Gauge("dfget_peer_files", "Files this server offers", registry=r)
         for reason in ERRORS:

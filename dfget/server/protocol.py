@@ -14,7 +14,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from common.wire import Id32, PieceKeys, PieceNo, TaskId
+from common.wire import BackToSourceReason, Id32, PieceKeys, PieceNo, TaskId
 
 SOCKET_NAME = "peer.sock"
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
@@ -31,6 +31,9 @@ class ServerInfo(Struct, frozen=True):
     version: str
     totallimit: int
     auth_refused: dict[str, int] = {}  # piece requests refused, by reason (common/tokens.py)
+    # supernode base URL -> this peer's secret there (RegisterReply.peer_secret), so that
+    # every dfget of this host registers the peer with it
+    peer_secrets: dict[str, str] = {}
 
 
 class RegisterFile(Struct, frozen=True):
@@ -56,6 +59,15 @@ class MarkVerified(Struct, frozen=True):
 
 class MovedFile(Struct, frozen=True):
     path: AbsPath
+
+
+class PeerSecret(Struct, frozen=True):
+    supernode: BaseUrl
+    secret: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+
+
+class BackToSource(Struct, frozen=True):
+    reason: BackToSourceReason
 
 
 class Limits(Struct, frozen=True):

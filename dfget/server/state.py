@@ -49,6 +49,7 @@ class ServerState:
     # Every supernode any file was registered with: told at shutdown even if its files
     # are already gone from the table.
     known_supernodes: set[str] = field(default_factory=set)
+    peer_secrets: dict[str, str] = field(default_factory=dict)  # supernode URL -> our secret there
     metrics: PeerMetrics = field(default_factory=PeerMetrics)
     keys: TrustedKeys = field(default_factory=TrustedKeys)
     auth_refused: collections.Counter[str] = field(default_factory=collections.Counter)

@@ -44,8 +44,9 @@ async def origin(tmp_path: Path) -> AsyncIterator[_Origin]:
         yield _Origin(server)
 
 
-async def _registered(api: Api, origin, name: str, size: int) -> tuple[dict[str, object], str, str]:  # type: ignore[no-untyped-def]
-    """A client registered on a task whose CDN copy is complete."""
+async def _registered(api: Api, origin, name: str, size: int) -> tuple[tuple[dict[str, object], str], str, str]:  # type: ignore[no-untyped-def]
+    """A client registered on a task whose CDN copy is complete: ((its peer, the peer's
+    secret), task id, client id)."""
     origin.put_random(name, size, seed=size)
     me = peer()
     reg = await api.register(origin.url(name), peer=me)
@@ -53,7 +54,7 @@ async def _registered(api: Api, origin, name: str, size: int) -> tuple[dict[str,
     for _ in range(500):
         resp = await api.client.get(f"/api/v1/tasks/{tid}")
         if (await resp.json())["task"]["status"] == "success":
-            return me, tid, cid
+            return (me, reg["peer_secret"]), tid, cid
         await asyncio.sleep(0.02)
     raise AssertionError("the CDN did not finish the file")
 
@@ -62,10 +63,10 @@ async def _registered(api: Api, origin, name: str, size: int) -> tuple[dict[str,
 async def test_registering_again_under_own_cid_releases_its_assignments(api: Api, origin) -> None:  # type: ignore[no-untyped-def]
     # scenario 2: after a supernode restart the client's four in-flight assignments stayed
     # claimed until their deadlines (~94 s), so it got nothing and timed out
-    me, tid, cid = await _registered(api, origin, "r.bin", 24 * MIB)
+    (me, secret), tid, cid = await _registered(api, origin, "r.bin", 24 * MIB)
     first = await api.pull(tid, cid, limit=4)
     assert len(first["assignments"]) == 4
-    again = await api.register(origin.url("r.bin"), peer=me, cid=cid)
+    again = await api.register(origin.url("r.bin"), peer=me, cid=cid, secret=secret)
     assert again["cid"] == cid
     second = await api.pull(tid, cid, limit=4, wait=0)
     assert len(second["assignments"]) == 4, second
@@ -129,8 +130,9 @@ class _Http:
     def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
         self.session, self.base = session, base
 
-    async def post(self, path: str, json: object) -> aiohttp.ClientResponse:
-        return await self.session.post(self.base + path, json=json)
+    async def post(self, path: str, json: object,
+                   headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        return await self.session.post(self.base + path, json=json, headers=headers)
 
     async def get(self, path: str) -> aiohttp.ClientResponse:
         return await self.session.get(self.base + path)
