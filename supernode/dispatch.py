@@ -65,7 +65,7 @@ class _Round:
     decisions before took of it (source loads, CDN copies)."""
 
     __slots__ = ("view", "meta", "count", "now", "counts", "pending_only", "cdn_open", "sources",
-                 "copy_limit", "order", "taken", "length", "free", "all_mask", "held")
+                 "copy_limit", "order", "taken", "length", "free", "all_mask", "held", "addrs")
 
     def __init__(self, view: TaskView, meta: TaskMeta, count: int, now: int) -> None:
         self.view, self.meta, self.count, self.now = view, meta, count, now
@@ -80,6 +80,7 @@ class _Round:
         self.free: list[str] | None = None  # view.free as a list, when decisions go source first
         self.all_mask = 0  # one byte per piece (scheduler.assign_free)
         self.held: dict[str, int] = {}  # source -> its pieces as such a mask
+        self.addrs: dict[str, PeerInfo] = {}  # the peers decided on, as they were then
 
     def holdings(self, sid: str) -> int:
         mask = self.held.get(sid)
@@ -274,22 +275,27 @@ class Dispatcher:
             if state is not None:
                 reply: wire.PullReply | None = wire.PullReply(state, info, done=done)
             else:
-                reply = await self._reply(task_id, view, meta, ask.cid, decisions, set(res), info, done)
+                reply = await self._reply(task_id, view, meta, ask.cid, decisions, set(res), info, done,
+                                          rnd.addrs if rnd is not None else {})
             if not ask.fut.done():
                 ask.fut.set_result((reply, done))
 
     async def _reply(self, task_id: str, view: TaskView, meta: TaskMeta, cid: str,
                      decisions: list[tuple[int, str, str]], claimed: set[int], info: wire.TaskInfo,
-                     done: int) -> wire.PullReply | None:
+                     done: int, rnd_addrs: dict[str, PeerInfo]) -> wire.PullReply | None:
         """The assignments of the claimed decisions, with one piece token for them all."""
         picked: list[tuple[int, int, int, wire.Source, str]] = []
+        addrs = rnd_addrs
         for piece, sid, kind in decisions:
             if piece not in claimed:
                 continue
-            peer = view.clients.get(sid)
-            addr = peer.info if peer is not None else None
+            # The address as the decision saw it: a source that left since (a peer server
+            # retiring an old download's client) is still named, so that the client finds
+            # out at once and reports it, instead of waiting out the assignment's
+            # deadline for a piece it was never told about.
+            addr = addrs.get(sid)
             if kind != "cdn" and addr is None:
-                continue  # left between the claim and now: its assignment expires unused
+                continue  # not a client even when decided (cannot happen: decisions name clients)
             src = await self._source(sid, kind, addr)
             start, end = self._range(meta.length, meta.piece_size, piece)
             # bound to the server that will check it: a peer server knows its peer id, a
@@ -431,6 +437,10 @@ class Dispatcher:
             if kind == "cdn":
                 counts[d.piece] += 1  # one more copy for the decisions after this one
             decisions.append((d.piece, d.source, kind))
+            if kind != "cdn":
+                peer = rnd.view.clients.get(d.source)
+                if peer is not None and peer.info is not None:
+                    rnd.addrs[d.source] = peer.info
             items.append((d.piece, d.source, kind, deadline, 0 if cdn_only else max_copies))
         return decisions, items
 
