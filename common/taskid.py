@@ -3,6 +3,11 @@
 A task id names one file version cluster-wide: sha256 over a salted, canonical
 description (filtered URL without credentials, md5 or identifier, optional Range).
 Signed URLs whose signature keys are listed in `--filter` therefore map to one task.
+
+A content-addressed identifier (`sha256:<64 hex>`, an OCI/registry blob digest) names
+the bytes themselves: its task id comes from the identifier alone, so the same blob from
+two repositories, tags or registries is one task. Whoever fetches it must check the
+bytes against the digest (the supernode's CDN does, and so does dfdaemon).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 _SALT = b"dragonfly-py/task/v1\x00"
 _HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_CONTENT_ID = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 MAX_URL_LEN = 8192
 
 
@@ -42,6 +48,8 @@ def task_id(
     identifier: str | None = None,
     range_header: str | None = None,
 ) -> str:
+    if identifier and not md5 and not range_header and is_content_identifier(identifier):
+        return hashlib.sha256(_SALT + b"content\x00" + identifier.encode() + _SALT).hexdigest()
     h = hashlib.sha256(_SALT)
     h.update(filter_url(url, filter_keys).encode())
     h.update(b"\x00")
@@ -51,6 +59,21 @@ def task_id(
         h.update(range_header.encode())
     h.update(_SALT)
     return h.hexdigest()
+
+
+def is_content_identifier(identifier: str | None) -> bool:
+    """`sha256:<64 lower-case hex>`: an identifier that is the digest of the bytes."""
+    return bool(identifier) and bool(_CONTENT_ID.match(identifier or ""))
+
+
+def task_key(url: str, filter_keys: list[str] | tuple[str, ...] = (), identifier: str | None = None,
+             md5: str | None = None, range_header: str | None = None) -> str:
+    """What a registration must agree on with the task already registered under its id:
+    the filtered URL, or for a content-addressed identifier the identifier (any URL
+    serving those bytes is the same task)."""
+    if identifier and not md5 and not range_header and is_content_identifier(identifier):
+        return identifier
+    return filter_url(url, filter_keys)
 
 
 def redact_url(url: str) -> str:

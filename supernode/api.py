@@ -12,7 +12,8 @@ from typing import TypeVar
 from aiohttp import web
 
 from common import __version__, errors, wire
-from common.taskid import filter_url, is_task_id, new_id, redact_url, task_id as make_task_id
+from common.taskid import is_task_id, new_id, redact_url, task_key
+from common.taskid import task_id as make_task_id
 
 from . import guard, origin, peerauth
 from .auth import admin_only
@@ -103,7 +104,7 @@ async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md
     await origin.check_resolvable(url, st.policy)
     tid = make_task_id(url, filter_keys=filter_keys, md5=md5, identifier=identifier, range_header=range_)
     state, _ = await st.repo.register_task(
-        tid, url=url, url_key=filter_url(url, filter_keys), md5=md5 or "",
+        tid, url=url, url_key=task_key(url, filter_keys, identifier, md5, range_), md5=md5 or "",
         identifier=identifier or "", range_=range_ or "", headers=headers,
         fail_interval_ms=int(st.settings.fail_access_interval * 1000),
     )

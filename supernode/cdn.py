@@ -28,7 +28,7 @@ from common import digest, errors
 from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.ratelimit import Throttle
-from common.taskid import redact_url
+from common.taskid import is_content_identifier, redact_url
 
 from . import keys, takeover
 from .cache import CacheEntry, PieceCache
@@ -69,6 +69,16 @@ def _write_and_hash(fd: int, hasher: Any, offset: int, chunks: list[bytes]) -> N
     n = os.pwritev(fd, chunks, offset)
     if n < total:
         os.pwrite(fd, b"".join(chunks)[n:], offset + n)
+
+
+def _sha256_file(path: os.PathLike[str] | str, length: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = length
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
 def _hash_range(fd: int, offset: int, size: int) -> str:
@@ -605,6 +615,15 @@ class Cdn:
                 resp.release()
 
     async def _finish(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
+        if is_content_identifier(meta.identifier):
+            # The task is named by the digest of its bytes (a registry blob): a URL that
+            # served other bytes must not poison the task for every URL sharing the digest.
+            want = meta.identifier.split(":", 1)[1]
+            got = await asyncio.to_thread(_sha256_file, self.cache.data_path(meta.task_id), entry.length)
+            if got != want:
+                self.cache.remove(meta.task_id)
+                raise errors.ContentDigestMismatch(
+                    f"{redact_url(meta.url)} sent bytes hashing to sha256:{got}, not {meta.identifier}")
         entry.complete = True
         self.cache.save(entry)
         fields: dict[str, object] = dict(
