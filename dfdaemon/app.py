@@ -1,0 +1,269 @@
+"""The aiohttp shell of dfdaemon: the registry mirror (blob GETs through the swarm, the
+rest passed through to the registry unchanged) and /metrics. Decisions live in routes.py,
+the swarm fetch in blobs.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from common.errors import DfError, IntegrityError, OriginError
+from dfget.config import DownloadConfig, Node
+from dfget.download import download
+from dfget.server.launcher import ControlClient
+
+from . import routes
+from .blobs import CHUNK, BlobFetch, Downloader, blob_paths
+from .metrics import Metrics
+
+log = logging.getLogger("dfdaemon")
+
+
+@dataclass
+class Settings:
+    home: Path
+    nodes: tuple[Node, ...]
+    ip: str
+    registry: str | None = None  # http(s)://host[:port], no trailing slash
+    peer_port: int = 0
+    locallimit: int = 0
+    rules: tuple[routes.Rule, ...] = ()
+    alivetime: float = 300.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, downloader: Downloader = download) -> None:
+        self.s = settings
+        self.metrics = Metrics()
+        self.fetches: dict[str, BlobFetch] = {}
+        self.downloader = downloader
+        self.session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, _app: web.Application) -> None:
+        self.session = aiohttp.ClientSession(
+            auto_decompress=False, trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60))
+
+    async def stop(self, _app: web.Application) -> None:
+        for f in list(self.fetches.values()):
+            if f.task is not None:
+                f.task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *(f.task for f in self.fetches.values() if f.task),
+                             return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    # --- entry ---------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route = routes.classify(request.method, request.path)
+        try:
+            resp = await self._dispatch(request, route)
+        except web.HTTPException as exc:
+            self.metrics.requests.labels(route.kind, str(exc.status)).inc()
+            raise
+        self.metrics.requests.labels(route.kind, str(resp.status)).inc()
+        return resp
+
+    async def _dispatch(self, request: web.Request, route: routes.Route) -> web.StreamResponse:
+        if route.kind == "metrics":
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if route.kind == "ping":
+            return web.Response(text="ok\n")
+        if route.kind in ("not_found", "proxy") or self.s.registry is None:
+            return _registry_error(404, "NOT_FOUND", "not a registry API path")
+        if route.kind == "blob":
+            return await self.blob(request, route)
+        return await self.passthrough(request, "registry")
+
+    # --- pass-through --------------------------------------------------------------------
+    async def passthrough(self, request: web.Request, label: str, base: str | None = None) -> web.StreamResponse:
+        """The request as the client sent it, to the registry; its answer as the registry
+        sent it (status, WWW-Authenticate, redirects, body), streamed."""
+        assert self.session is not None
+        url = (base or self.s.registry or "") + request.raw_path
+        headers = routes.forward_headers(list(request.headers.items()), drop=("Host",))
+        data = request.content.iter_chunked(CHUNK) if request.body_exists else None
+        try:
+            up = await self.session.request(request.method, url, headers=headers, data=data,
+                                            allow_redirects=False)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("registry unreachable for %s %s: %s", request.method, request.path, type(exc).__name__)
+            return _registry_error(502, "UNAVAILABLE", "the upstream registry did not answer")
+        try:
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            for k, v in routes.forward_headers(list(up.headers.items())):
+                resp.headers.add(k, v)
+            await resp.prepare(request)
+            if request.method != "HEAD":
+                async for chunk in up.content.iter_chunked(CHUNK):
+                    await resp.write(chunk)
+                    self.metrics.sent.labels(label).inc(len(chunk))
+            await resp.write_eof()
+            return resp
+        finally:
+            up.release()
+
+    # --- blobs ---------------------------------------------------------------------------
+    async def blob(self, request: web.Request, route: routes.Route) -> web.StreamResponse:
+        hexd = route.hex
+        _, cached = blob_paths(self.s.home, hexd)
+        if hexd not in self.fetches and cached.is_file():
+            self.metrics.blobs.labels("cache").inc()
+            self.metrics.blob_bytes.labels("cache").inc(cached.stat().st_size)
+            return web.FileResponse(cached, headers=_blob_headers(route.digest))
+        fetch = self.fetches.get(hexd)
+        if fetch is None:
+            fetch = self._new_fetch(request, route)
+        length = await fetch.wait_length()
+        if length < 0:
+            return await self._not_from_swarm(request, route, fetch.error)
+        return await self._stream(request, route, fetch, length)
+
+    def _new_fetch(self, request: web.Request, route: routes.Route) -> BlobFetch:
+        out, _ = blob_paths(self.s.home, route.hex)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        headers = {}
+        if "Authorization" in request.headers:  # the CDN needs it for the origin fetch
+            headers["Authorization"] = request.headers["Authorization"]
+        cfg = DownloadConfig(
+            url=f"{self.s.registry}{request.path}", output=out, home=self.s.home, nodes=self.s.nodes,
+            identifier=route.digest, headers=headers, locallimit=self.s.locallimit, ip=self.s.ip,
+            port=self.s.peer_port, alivetime=self.s.alivetime)
+        fetch = BlobFetch(cfg, route.hex, self.downloader)
+        self.fetches[route.hex] = fetch
+        fetch.start()
+        self.metrics.active.inc()
+        t = asyncio.create_task(self._settle(fetch))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return fetch
+
+    async def _settle(self, fetch: BlobFetch) -> None:
+        """After a fetch: a verified blob enters the cache; anything else is removed from
+        disk and from the peer server, so it is never served again."""
+        assert fetch.task is not None
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(fetch.task)
+            st = fetch.stats
+            for source, n in (("peer", st.bytes_from_peers), ("supernode", st.bytes_from_supernode),
+                              ("origin", st.bytes_from_origin)):
+                if n:
+                    self.metrics.blob_bytes.labels(source).inc(n)
+            if st.back_to_source:
+                self.metrics.back_to_source.labels("swarm_failed").inc()
+                log.warning("blob %s fetched from the registry, not the swarm: %s", fetch.hex[:12],
+                            st.back_to_source)
+            out, cached = blob_paths(self.s.home, fetch.hex)
+            if fetch.state == "ok":
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.link(out, cached)
+                self.metrics.blobs.labels("swarm").inc()
+                return
+            if fetch.state == "bad":
+                self.metrics.digest_mismatch.inc()
+                log.error("blob sha256:%s: %s; discarded", fetch.hex[:12],
+                          fetch.error.message if isinstance(fetch.error, DfError) else fetch.error)
+            self.metrics.blobs.labels(fetch.state).inc()
+            with contextlib.suppress(OSError):
+                out.unlink()
+            client = ControlClient(self.s.home)
+            try:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.remove(fetch.task_id), 5)
+            finally:
+                await client.close()
+        finally:
+            fetch.close()
+            self.metrics.active.dec()
+            if self.fetches.get(fetch.hex) is fetch:
+                del self.fetches[fetch.hex]
+
+    async def _not_from_swarm(self, request: web.Request, route: routes.Route,
+                              error: BaseException | None) -> web.StreamResponse:
+        if isinstance(error, IntegrityError):
+            return _registry_error(502, "BLOB_UNKNOWN", f"blob {route.digest} failed verification")
+        if isinstance(error, OriginError):
+            # The registry refused or failed: its own answer (401 + challenge, 404...) is
+            # what the client must see, so ask it directly.
+            reason = getattr(error, "code", "origin_error")
+        else:
+            reason = type(error).__name__ if not isinstance(error, DfError) else error.code
+        self.metrics.back_to_source.labels(reason).inc()
+        log.warning("blob %s: swarm could not serve it (%s); passing the request to the registry",
+                    route.digest[:19], reason)
+        return await self.passthrough(request, "blob_direct")
+
+    async def _stream(self, request: web.Request, route: routes.Route, fetch: BlobFetch,
+                      length: int) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=_blob_headers(route.digest))
+        resp.content_length = length
+        await resp.prepare(request)
+        fd: int | None = None
+        sent = 0
+
+        def limit() -> int:
+            # the last byte waits for the whole-blob digest check
+            return fetch.hashed if fetch.state == "ok" else min(fetch.hashed, length - 1)
+
+        try:
+            while True:
+                await fetch.wait(lambda: limit() > sent)
+                if fetch.state in ("bad", "failed"):
+                    log.warning("blob %s: aborting the response after %d bytes: %s", route.digest[:19],
+                                sent, fetch.error)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
+                end = limit()
+                if end <= sent:
+                    if fetch.state == "ok" and sent >= length:
+                        break
+                    continue
+                if fd is None:
+                    fd = fetch.reader_fd()
+                while sent < end:
+                    data = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - sent), sent)
+                    if not data:
+                        raise OSError("short read")
+                    await resp.write(data)
+                    sent += len(data)
+                    self.metrics.sent.labels("blob").inc(len(data))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        await resp.write_eof()
+        return resp
+
+
+def _blob_headers(digest: str) -> dict[str, str]:
+    return {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest,
+            "ETag": f'"{digest}"', "Accept-Ranges": "none"}
+
+
+def _registry_error(status: int, code: str, message: str) -> web.Response:
+    body = json.dumps({"errors": [{"code": code, "message": message}]})
+    return web.Response(status=status, text=body, content_type="application/json")
+
+
+def make_app(daemon: Daemon) -> web.Application:
+    app = web.Application(client_max_size=1 << 20)
+    app.on_startup.append(daemon.start)
+    app.on_cleanup.append(daemon.stop)
+    app.router.add_route("*", "/{tail:.*}", daemon.handle)
+    return app
