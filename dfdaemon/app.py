@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -175,10 +176,15 @@ class Daemon:
                     os.link(out, cached)
                 self.metrics.blobs.labels("swarm").inc()
                 return
-            if fetch.state == "bad":
+            err = fetch.error
+            why = err.message if isinstance(err, DfError) else repr(err)
+            if fetch.state == "bad" or isinstance(err, IntegrityError):
+                # ours (the whole blob) or the supernode's (its CDN checked the digest)
                 self.metrics.digest_mismatch.inc()
-                log.error("blob sha256:%s: %s; discarded", fetch.hex[:12],
-                          fetch.error.message if isinstance(fetch.error, DfError) else fetch.error)
+                log.error("blob sha256:%s failed its digest check, discarded, not cached: %s",
+                          fetch.hex[:12], why)
+            else:
+                log.warning("blob sha256:%s: fetch failed: %s", fetch.hex[:12], why)
             self.metrics.blobs.labels(fetch.state).inc()
             with contextlib.suppress(OSError):
                 out.unlink()
@@ -196,18 +202,68 @@ class Daemon:
 
     async def _not_from_swarm(self, request: web.Request, route: routes.Route,
                               error: BaseException | None) -> web.StreamResponse:
-        if isinstance(error, IntegrityError):
-            return _registry_error(502, "BLOB_UNKNOWN", f"blob {route.digest} failed verification")
+        reason = error.code if isinstance(error, DfError) else type(error).__name__
+        self.metrics.back_to_source.labels(reason).inc()
         if isinstance(error, OriginError):
             # The registry refused or failed: its own answer (401 + challenge, 404...) is
-            # what the client must see, so ask it directly.
-            reason = getattr(error, "code", "origin_error")
-        else:
-            reason = type(error).__name__ if not isinstance(error, DfError) else error.code
-        self.metrics.back_to_source.labels(reason).inc()
-        log.warning("blob %s: swarm could not serve it (%s); passing the request to the registry",
+            # what the client must see, so the request goes to it as sent.
+            log.warning("blob %s: the registry refused it through the swarm (%s); passing the request "
+                        "through", route.digest[:19], reason)
+            return await self.passthrough(request, "blob_direct")
+        log.warning("blob %s: the swarm cannot serve it (%s); fetching it directly from the registry",
                     route.digest[:19], reason)
-        return await self.passthrough(request, "blob_direct")
+        return await self._direct_blob(request, route)
+
+    async def _direct_blob(self, request: web.Request, route: routes.Route) -> web.StreamResponse:
+        """The blob straight from the registry (redirects followed), checked against its
+        digest on the way: the last byte is held back until it matched, a mismatch aborts
+        the response. Not cached: the swarm did not vouch for it."""
+        assert self.session is not None
+        url = (self.s.registry or "") + request.raw_path
+        headers = routes.forward_headers(list(request.headers.items()), drop=("Host", "Range", "If-Range"))
+        try:
+            up = await self.session.get(url, headers=headers, allow_redirects=True, max_redirects=5)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("registry unreachable for %s: %s", route.digest[:19], type(exc).__name__)
+            return _registry_error(502, "UNAVAILABLE", "the upstream registry did not answer")
+        try:
+            if up.status != 200 or up.content_length is None:
+                resp = web.StreamResponse(status=up.status if up.status != 200 else 502, reason=up.reason)
+                if up.status != 200:
+                    for k, v in routes.forward_headers(list(up.headers.items())):
+                        resp.headers.add(k, v)
+                    await resp.prepare(request)
+                    async for chunk in up.content.iter_chunked(CHUNK):
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                    return resp
+                return _registry_error(502, "BLOB_UNKNOWN", "the registry sent a blob without a length")
+            length = up.content_length
+            resp = web.StreamResponse(status=200, headers=_blob_headers(route.digest))
+            resp.content_length = length
+            await resp.prepare(request)
+            h = hashlib.sha256()
+            held = b""
+            async for chunk in up.content.iter_chunked(CHUNK):
+                h.update(chunk)
+                data, held = held + chunk[:-1], chunk[-1:]
+                if data:
+                    await resp.write(data)
+                    self.metrics.sent.labels("blob_direct").inc(len(data))
+            self.metrics.blob_bytes.labels("direct").inc(length)
+            if h.hexdigest() != route.hex:
+                self.metrics.digest_mismatch.inc()
+                log.error("blob sha256:%s from the registry failed its digest check; response aborted",
+                          route.hex[:12])
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+            await resp.write(held)
+            await resp.write_eof()
+            self.metrics.blobs.labels("direct").inc()
+            return resp
+        finally:
+            up.release()
 
     async def _stream(self, request: web.Request, route: routes.Route, fetch: BlobFetch,
                       length: int) -> web.StreamResponse:

@@ -7,6 +7,7 @@ with CI=true."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -67,12 +68,15 @@ async def stack(tmp_path: Path, supernode: Callable[..., object]) -> AsyncIterat
         registry.stop()
 
 
+_PULLS = itertools.count()
+
+
 def _random_layers(n: int, size: int) -> list[bytes]:
     return [os.urandom(size) for _ in range(n)]
 
 
 async def _pull_all(s: Stack, daemons: list[DaemonProc], name: str, tag: str) -> list[Path]:
-    outs = [s.tmp / f"pulled-{d.ip}-{name.replace('/', '_')}-{tag}" for d in daemons]
+    outs = [s.tmp / f"pulled-{d.ip}-{name.replace('/', '_')}-{tag}-{next(_PULLS)}" for d in daemons]
     results = await asyncio.gather(*(s.skopeo.pull(d.hostport, name, tag, o) for d, o in zip(daemons, outs)))
     for d, (rc, out) in zip(daemons, results):
         assert rc == 0, f"skopeo through {d.hostport}: {out}\n{d.runner.log_tail()}"
@@ -116,3 +120,82 @@ async def test_three_hosts_pull_through_the_swarm_registry_sends_each_layer_once
     for d in daemons:
         for h in image.blob_hexes:
             assert (d.home / "dfdaemon" / "blobs" / "sha256" / h).is_file()
+
+
+async def test_a_new_host_pulls_again_without_registry_blob_traffic(stack: Stack) -> None:
+    image = await stack.push("team/app", "v2", _random_layers(3, 4 * MIB))
+    first = stack.daemon()
+    _check_layout((await _pull_all(stack, [first], "team/app", "v2"))[0], image)
+    sent = stack.proxy.layer_traffic()
+    assert sent == sum(map(len, image.layers)) + len(image.config)
+    newcomer = stack.daemon()  # its own home: nothing cached on this host
+    _check_layout((await _pull_all(stack, [newcomer], "team/app", "v2"))[0], image)
+    assert stack.proxy.layer_traffic() == sent  # no blob byte from the registry
+    m = await newcomer.metrics()
+    got = metric(m, "dfdaemon_blob_bytes_total", source="peer") + metric(
+        m, "dfdaemon_blob_bytes_total", source="supernode")
+    assert got == sent and metric(m, "dfdaemon_blob_bytes_total", source="origin") == 0
+    # and the first host answers again from its own cache
+    _check_layout((await _pull_all(stack, [first], "team/app", "v2"))[0], image)
+    assert metric(await first.metrics(), "dfdaemon_blobs_total", result="cache") == 4
+    assert stack.proxy.layer_traffic() == sent
+
+
+async def test_two_repositories_sharing_a_layer_fetch_it_once(stack: Stack) -> None:
+    shared = os.urandom(8 * MIB)
+    a = await stack.push("one/base", "v1", [shared, os.urandom(MIB)])
+    b = await stack.push("two/other", "latest", [os.urandom(MIB), shared])
+    h = sha256(shared)
+    d1, d2 = stack.daemon(), stack.daemon()
+    out_a, out_b = await asyncio.gather(_pull_all(stack, [d1], "one/base", "v1"),
+                                        _pull_all(stack, [d2], "two/other", "latest"))
+    _check_layout(out_a[0], a)
+    _check_layout(out_b[0], b)
+    assert stack.proxy.blob_bytes[h] == len(shared), stack.proxy.blob_gets
+    assert stack.proxy.blob_gets[h] == 1
+    for other in (sha256(a.layers[1]), sha256(b.layers[0])):
+        assert stack.proxy.blob_bytes[other] == MIB
+
+
+async def test_a_corrupted_blob_fails_the_pull_and_is_not_cached(stack: Stack) -> None:
+    image = await stack.push("team/bad", "v1", _random_layers(2, 4 * MIB))
+    bad = image.layer_hexes[1]
+    stack.proxy.corrupt.add(bad)
+    d = stack.daemon()
+    out = stack.tmp / "pulled-bad"
+    rc, text = await stack.skopeo.pull(d.hostport, "team/bad", "v1", out)
+    assert rc != 0, text
+    cache = d.home / "dfdaemon" / "blobs" / "sha256"
+    assert not (cache / bad).exists()
+    assert not (d.home / "dfdaemon" / "downloads" / bad).exists()
+    m = await d.metrics()
+    assert metric(m, "dfdaemon_blobs_total", result="bad") + metric(
+        m, "dfdaemon_blobs_total", result="failed") >= 1, m
+    assert metric(m, "dfdaemon_digest_mismatch_total") >= 1
+    assert "failed its digest check" in d.runner.log_tail(200)  # reported
+    # the registry is repaired: the same blob is fetched again (nothing bad was kept)
+    stack.proxy.corrupt.clear()
+    before = stack.proxy.blob_gets[bad]
+    rc, text = await stack.skopeo.pull(d.hostport, "team/bad", "v1", stack.tmp / "pulled-good")
+    assert rc == 0, text + d.runner.log_tail()
+    _check_layout(stack.tmp / "pulled-good", image)
+    assert stack.proxy.blob_gets[bad] > before
+
+
+async def test_a_401_from_the_registry_reaches_the_client_unchanged(stack: Stack) -> None:
+    import aiohttp
+
+    image = await stack.push("locked/app", "v1", _random_layers(1, MIB))
+    stack.proxy.auth_required.add("locked/app")
+    d = stack.daemon()
+    rc, text = await stack.skopeo.pull(d.hostport, "locked/app", "v1", stack.tmp / "pulled-locked")
+    assert rc != 0
+    assert "authentication required" in text or "unauthorized" in text.lower(), text
+    challenge = CountingProxy.CHALLENGE.format("locked/app")
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v2/locked/app/manifests/v1", f"/v2/locked/app/blobs/sha256:{image.layer_hexes[0]}"):
+            async with s.get(f"http://{d.hostport}{path}") as r:
+                assert r.status == 401, path
+                assert r.headers["WWW-Authenticate"] == challenge
+                assert (await r.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    assert stack.proxy.blob_bytes[image.layer_hexes[0]] == 0
