@@ -85,6 +85,17 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+# Request headers that carry credentials: kept out of Redis, logs and listings.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def split_credentials(headers: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(headers safe to store, credential headers to keep in memory only)."""
+    plain = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+    secret = {k: v for k, v in headers.items() if k.lower() in CREDENTIAL_HEADERS}
+    return plain, secret
+
+
 def new_id() -> str:
     """A fresh 32-hex id (client ids, peer ids, supernode ids)."""
     return secrets.token_hex(16)

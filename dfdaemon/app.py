@@ -206,10 +206,11 @@ class Daemon:
         self.metrics.back_to_source.labels(reason).inc()
         if isinstance(error, OriginError):
             # The registry refused or failed: its own answer (401 + challenge, 404...) is
-            # what the client must see, so the request goes to it as sent.
-            log.warning("blob %s: the registry refused it through the swarm (%s); passing the request "
-                        "through", route.digest[:19], reason)
-            return await self.passthrough(request, "blob_direct")
+            # what the client must see; _direct_blob relays any non-200 answer unchanged
+            # (and still checks a 200's bytes against the digest).
+            log.warning("blob %s: the registry refused it through the swarm (%s); asking it directly",
+                        route.digest[:19], reason)
+            return await self._direct_blob(request, route)
         log.warning("blob %s: the swarm cannot serve it (%s); fetching it directly from the registry",
                     route.digest[:19], reason)
         return await self._direct_blob(request, route)

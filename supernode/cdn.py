@@ -111,6 +111,21 @@ class Cdn:
         self.bytes_fetched = 0
         self.repair = CacheRepair(self)
         self.copier = takeover.PeerCopier(repo, origin.policy, settings.min_rate)
+        # task id -> credential headers of its registrations (memory only, see api.open_task)
+        self.credentials: dict[str, dict[str, str]] = {}
+
+    def remember_credentials(self, task_id: str, headers: dict[str, str]) -> None:
+        """The latest registration's credentials for the origin fetch of this task (kept
+        until the fetch here ends; a fetch taken over by another supernode has none)."""
+        if headers:
+            self.credentials[task_id] = headers
+            if len(self.credentials) > 10_000:  # bounded: drop the oldest
+                self.credentials.pop(next(iter(self.credentials)))
+
+    def origin_headers(self, meta: TaskMeta) -> dict[str, str]:
+        h = dict(meta.headers)
+        h.update(self.credentials.get(meta.task_id, {}))
+        return h
 
     async def ensure(self, meta: TaskMeta) -> None:
         """Start the fetch here if the task needs one and nobody holds its lease; if
@@ -225,6 +240,7 @@ class Cdn:
             keeper.cancel()
             with contextlib.suppress(BaseException):
                 await keeper
+            self.credentials.pop(task_id, None)
             entry = self.cache.entries.get(task_id)
             if entry is not None:
                 with contextlib.suppress(OSError):
@@ -290,7 +306,7 @@ class Cdn:
         tid = meta.task_id
         published = await self.repo.digests(tid)
         entry = self.cache.load(tid)
-        headers = dict(meta.headers)
+        headers = self.origin_headers(meta)
         if meta.range:
             headers["Range"] = meta.range
             entry = None  # ranged tasks are refetched whole; their validators are per range
@@ -597,7 +613,7 @@ class Cdn:
             if first is None:
                 return
             lo, hi = first * ps, min(b * ps, entry.length) - 1
-            h = dict(meta.headers)
+            h = self.origin_headers(meta)
             h["Range"], h["If-Range"] = f"bytes={lo}-{hi}", entry.etag or entry.last_modified
             resp = await self.origin.open(meta.url, h)
             try:

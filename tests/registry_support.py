@@ -123,7 +123,10 @@ class CountingProxy:
     corrupt: set[str] = field(default_factory=set)  # hexes whose bytes are altered
     auth_required: set[str] = field(default_factory=set)  # repository names answering 401
     auth_seen: list[str] = field(default_factory=list)  # Authorization headers received
+    redirect_blobs: bool = False  # blob GETs answer 307 to "object storage" on 127.0.0.2
+    storage_auth: list[str | None] = field(default_factory=list)  # Authorization seen there
     port: int = 0
+    storage_port: int = 0
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
 
@@ -142,6 +145,9 @@ class CountingProxy:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        storage = web.TCPSite(self._runner, "127.0.0.2", 0)
+        await storage.start()
+        self.storage_port = storage._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
 
     async def stop(self) -> None:
@@ -163,10 +169,22 @@ class CountingProxy:
                     {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}, status=401,
                     headers={"WWW-Authenticate": self.CHALLENGE.format(name)})
         m = _BLOB.match(request.path)
+        if request.host.startswith("127.0.0.2"):
+            if not request.path.startswith("/storage/"):
+                return web.Response(status=404)
+            # object storage: a signed URL, no registry credentials wanted
+            self.storage_auth.append(request.headers.get("Authorization"))
+            m = _BLOB.match(request.path[len("/storage"):])
+            if request.query.get("sig") != "s1gned" or m is None:
+                return web.Response(status=403)
+            request = request.clone(rel_url=request.path[len("/storage"):])
+        elif m and request.method == "GET" and self.redirect_blobs:
+            return web.Response(status=307, headers={
+                "Location": f"http://127.0.0.2:{self.storage_port}/storage{request.path}?sig=s1gned"})
         # a list, not a dict: clients send several Accept headers and all must reach the registry
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "connection")]
         body = await request.read()
-        async with self._session.request(request.method, self.upstream + request.raw_path, headers=headers,
+        async with self._session.request(request.method, self.upstream + str(request.rel_url), headers=headers,
                                          data=body or None, allow_redirects=False) as up:
             data = await up.read()
             if m and request.method == "GET" and up.status == 200:

@@ -7,6 +7,7 @@ with CI=true."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Callable
@@ -51,13 +52,13 @@ class Stack:
         return image
 
 
-@pytest.fixture
-async def stack(tmp_path: Path, supernode: Callable[..., object]) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def _stack(tmp_path: Path, supernode: Callable[..., object], redis_url: str | None) -> AsyncIterator[Stack]:
     require_tools()
     registry = Registry(tmp_path / "registry")
     await asyncio.to_thread(registry.start)
     proxy = await CountingProxy(registry.url).start()
-    sn = await asyncio.to_thread(supernode, None)
+    sn = await asyncio.to_thread(supernode, redis_url)
     s = Stack(tmp_path, registry, proxy, Skopeo(tmp_path / "skopeo"), sn.port, [])  # type: ignore[attr-defined]
     try:
         yield s
@@ -66,6 +67,12 @@ async def stack(tmp_path: Path, supernode: Callable[..., object]) -> AsyncIterat
             await d.stop()
         await proxy.stop()
         registry.stop()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, supernode: Callable[..., object]) -> AsyncIterator[Stack]:
+    async with _stack(tmp_path, supernode, None) as s:
+        yield s
 
 
 _PULLS = itertools.count()
@@ -199,3 +206,72 @@ async def test_a_401_from_the_registry_reaches_the_client_unchanged(stack: Stack
                 assert r.headers["WWW-Authenticate"] == challenge
                 assert (await r.json())["errors"][0]["code"] == "UNAUTHORIZED"
     assert stack.proxy.blob_bytes[image.layer_hexes[0]] == 0
+
+
+@pytest.mark.redis
+async def test_the_clients_authorization_reaches_the_registry_never_redis_logs_or_metrics(
+        tmp_path: Path, supernode: Callable[..., object], redis_url: str) -> None:
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    secret = "Bearer s3cr3t-t0ken-" + os.urandom(8).hex()
+    async with _stack(tmp_path, supernode, redis_url) as s:
+        image = await s.push("private/app", "v1", _random_layers(1, 2 * MIB))
+        s.proxy.auth_required.add("private/app")
+        d = s.daemon()
+        path = f"/v2/private/app/blobs/sha256:{image.layer_hexes[0]}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{d.hostport}{path}", headers={"Authorization": secret}) as r:
+                assert r.status == 200 and await r.read() == image.layers[0]
+            metrics = await (await http.get(f"http://{d.hostport}/metrics")).text()
+        assert secret in s.proxy.auth_seen  # the origin fetch carried the client's credentials
+        assert s.proxy.blob_gets[image.layer_hexes[0]] == 1  # through the swarm, not a bypass
+        r = aioredis.from_url(redis_url)
+        try:
+            dump = []
+            async for key in r.scan_iter(count=1000):
+                kind = (await r.type(key)).decode()
+                if kind == "hash":
+                    dump.append(repr(await r.hgetall(key)))
+                elif kind == "string":
+                    dump.append(repr(await r.get(key)))
+                elif kind == "set":
+                    dump.append(repr(await r.smembers(key)))
+                elif kind == "zset":
+                    dump.append(repr(await r.zrange(key, 0, -1)))
+                elif kind == "list":
+                    dump.append(repr(await r.lrange(key, 0, -1)))
+                elif kind == "stream":
+                    dump.append(repr(await r.xrange(key)))
+                dump.append(repr(key))
+        finally:
+            await r.aclose()
+        assert dump, "the supernode wrote nothing to Redis?"
+        token = secret.split()[1]
+        assert not [x for x in dump if token in x]
+        assert token not in metrics
+        assert token not in d.runner.log_tail(10_000)
+        for log in tmp_path.rglob("*.log"):
+            assert token not in log.read_text(errors="replace"), log
+
+
+async def test_a_307_to_object_storage_is_followed_without_the_registry_credentials(stack: Stack) -> None:
+    import aiohttp
+
+    image = await stack.push("cdn/app", "v1", _random_layers(2, 2 * MIB))
+    stack.proxy.redirect_blobs = True
+    d = stack.daemon()
+    outs = await _pull_all(stack, [d], "cdn/app", "v1")
+    _check_layout(outs[0], image)
+    for h, blob in zip(image.blob_hexes, image.layers + [image.config]):
+        assert stack.proxy.blob_bytes[h] == len(blob)  # fetched once, from the storage
+    assert stack.proxy.storage_auth and all(a is None for a in stack.proxy.storage_auth)
+    # with credentials: they go to the registry, not to the signed URL
+    other = await stack.push("cdn/app", "v2", _random_layers(1, MIB))
+    n = len(stack.proxy.storage_auth)
+    async with aiohttp.ClientSession() as http:
+        url = f"http://{d.hostport}/v2/cdn/app/blobs/sha256:{other.layer_hexes[0]}"
+        async with http.get(url, headers={"Authorization": "Bearer reg-token"}) as r:
+            assert r.status == 200 and await r.read() == other.layers[0]
+    assert "Bearer reg-token" in stack.proxy.auth_seen
+    assert stack.proxy.storage_auth[n:] == [None]
