@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +19,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.errors import DfError, IntegrityError, OriginError
+from common.netpolicy import AddressPolicy
+from common.taskid import redact_url
+from common.taskid import task_id as make_task_id
 from dfget.config import DownloadConfig, Node
 from dfget.download import download
 from dfget.server.launcher import ControlClient
 
 from . import routes
+from .front import Front
 from .blobs import CHUNK, BlobFetch, Downloader, blob_paths
 from .metrics import Metrics
 
@@ -39,7 +44,9 @@ class Settings:
     locallimit: int = 0
     rules: tuple[routes.Rule, ...] = ()
     alivetime: float = 300.0
-    extra: dict[str, object] = field(default_factory=dict)
+    # where the HTTP proxy (and CONNECT) may connect: by default not loopback, link-local
+    # (cloud metadata), unspecified or multicast (common.netpolicy)
+    proxy_policy: AddressPolicy = field(default_factory=AddressPolicy)
 
 
 class Daemon:
@@ -69,7 +76,8 @@ class Daemon:
 
     # --- entry ---------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = routes.classify(request.method, request.path)
+        absolute = request._message.url.is_absolute()  # absolute-form: we are the HTTP proxy
+        route = routes.classify(request.method, request.path, absolute=absolute)
         try:
             resp = await self._dispatch(request, route)
         except web.HTTPException as exc:
@@ -84,18 +92,20 @@ class Daemon:
                                 headers={"Content-Type": CONTENT_TYPE_LATEST})
         if route.kind == "ping":
             return web.Response(text="ok\n")
-        if route.kind in ("not_found", "proxy") or self.s.registry is None:
+        if route.kind == "proxy":
+            return await self.proxy(request)
+        if route.kind == "not_found" or self.s.registry is None:
             return _registry_error(404, "NOT_FOUND", "not a registry API path")
         if route.kind == "blob":
             return await self.blob(request, route)
         return await self.passthrough(request, "registry")
 
     # --- pass-through --------------------------------------------------------------------
-    async def passthrough(self, request: web.Request, label: str, base: str | None = None) -> web.StreamResponse:
+    async def passthrough(self, request: web.Request, label: str, url: str | None = None) -> web.StreamResponse:
         """The request as the client sent it, to the registry; its answer as the registry
         sent it (status, WWW-Authenticate, redirects, body), streamed."""
         assert self.session is not None
-        url = (base or self.s.registry or "") + request.raw_path
+        url = url or (self.s.registry or "") + request.raw_path
         headers = routes.forward_headers(list(request.headers.items()), drop=("Host",))
         data = request.content.iter_chunked(CHUNK) if request.body_exists else None
         try:
@@ -118,8 +128,56 @@ class Daemon:
         finally:
             up.release()
 
+    # --- HTTP proxy ----------------------------------------------------------------------
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """An absolute-form request: GETs a rule sends through the swarm (registry blobs by
+        their digest, anything else by URL), everything else forwarded as is."""
+        url = str(request._message.url)
+        decision = routes.proxy_decision(request.method, url, self.s.rules)
+        if decision in ("refuse", "tunnel"):
+            return web.Response(status=400, text="only http and https URLs are proxied\n")
+        target = request._message.url
+        if not await self._permitted(target.host or "", target.port or 80):
+            return web.Response(status=403, text="destination refused by dfdaemon's proxy policy\n")
+        if decision == "direct":
+            return await self.passthrough(request, "proxy_direct", url=url)
+        route = routes.classify("GET", target.path)
+        if route.kind == "blob":
+            return await self.blob(request, route, origin=str(target.with_fragment(None)))
+        tid = make_task_id(url)
+        fetch = self.fetches.get(tid) or self._new_fetch(request, url, None, tid)
+        length = await fetch.wait_length()
+        if length < 0:
+            reason = fetch.error.code if isinstance(fetch.error, DfError) else type(fetch.error).__name__
+            self.metrics.back_to_source.labels(reason).inc()
+            log.warning("proxy %s: the swarm cannot serve it (%s); forwarding", redact_url(url)[:200], reason)
+            return await self.passthrough(request, "proxy_direct", url=url)
+        return await self._stream(request, None, fetch, length)
+
+    async def _permitted(self, host: str, port: int) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return True  # it will fail to connect, with its own error
+        return all(self.s.proxy_policy.permits(str(ai[4][0])) for ai in infos)
+
+    async def open_tunnel(self, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """CONNECT's far end: host:port, checked against the proxy policy."""
+        host, sep, port_s = target.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise ValueError(target)
+        if not await self._permitted(host, int(port_s)):
+            raise PermissionError("destination refused by the proxy policy")
+        self.metrics.requests.labels("connect", "200").inc()
+        return await asyncio.wait_for(asyncio.open_connection(host, int(port_s)), 10)
+
     # --- blobs ---------------------------------------------------------------------------
-    async def blob(self, request: web.Request, route: routes.Route) -> web.StreamResponse:
+    async def blob(self, request: web.Request, route: routes.Route, origin: str | None = None) -> web.StreamResponse:
+        """A content-addressed blob through the swarm; `origin` is its URL (default: the
+        mirror's registry and the request's path)."""
+        origin = origin or f"{self.s.registry}{request.path}"
         hexd = route.hex
         _, cached = blob_paths(self.s.home, hexd)
         if hexd not in self.fetches and cached.is_file():
@@ -128,24 +186,26 @@ class Daemon:
             return web.FileResponse(cached, headers=_blob_headers(route.digest))
         fetch = self.fetches.get(hexd)
         if fetch is None:
-            fetch = self._new_fetch(request, route)
+            fetch = self._new_fetch(request, origin, route.digest, route.hex)
         length = await fetch.wait_length()
         if length < 0:
-            return await self._not_from_swarm(request, route, fetch.error)
-        return await self._stream(request, route, fetch, length)
+            return await self._not_from_swarm(request, route, fetch.error, origin)
+        return await self._stream(request, route.digest, fetch, length)
 
-    def _new_fetch(self, request: web.Request, route: routes.Route) -> BlobFetch:
-        out, _ = blob_paths(self.s.home, route.hex)
+    def _new_fetch(self, request: web.Request, url: str, identifier: str | None, key: str) -> BlobFetch:
+        """Start a swarm download of `url`; `identifier` a content digest (then `key` is
+        its hex and the bytes are checked against it) or None (a URL task, key = its id)."""
+        out, _ = blob_paths(self.s.home, key)
         out.parent.mkdir(parents=True, exist_ok=True)
         headers = {}
         if "Authorization" in request.headers:  # the CDN needs it for the origin fetch
             headers["Authorization"] = request.headers["Authorization"]
         cfg = DownloadConfig(
-            url=f"{self.s.registry}{request.path}", output=out, home=self.s.home, nodes=self.s.nodes,
-            identifier=route.digest, headers=headers, locallimit=self.s.locallimit, ip=self.s.ip,
+            url=url, output=out, home=self.s.home, nodes=self.s.nodes,
+            identifier=identifier, headers=headers, locallimit=self.s.locallimit, ip=self.s.ip,
             port=self.s.peer_port, alivetime=self.s.alivetime)
-        fetch = BlobFetch(cfg, route.hex, self.downloader)
-        self.fetches[route.hex] = fetch
+        fetch = BlobFetch(cfg, key if identifier else None, self.downloader)
+        self.fetches[key] = fetch
         fetch.start()
         self.metrics.active.inc()
         t = asyncio.create_task(self._settle(fetch))
@@ -167,9 +227,12 @@ class Daemon:
                     self.metrics.blob_bytes.labels(source).inc(n)
             if st.back_to_source:
                 self.metrics.back_to_source.labels("swarm_failed").inc()
-                log.warning("blob %s fetched from the registry, not the swarm: %s", fetch.hex[:12],
+                log.warning("blob %s fetched from the registry, not the swarm: %s", fetch.key[:12],
                             st.back_to_source)
-            out, cached = blob_paths(self.s.home, fetch.hex)
+            out, cached = blob_paths(self.s.home, fetch.key)
+            if fetch.state == "ok" and fetch.hex is None:  # a proxied URL: the supernode caches it
+                self.metrics.blobs.labels("proxy_swarm").inc()
+                return
             if fetch.state == "ok":
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 with contextlib.suppress(FileExistsError):
@@ -182,9 +245,9 @@ class Daemon:
                 # ours (the whole blob) or the supernode's (its CDN checked the digest)
                 self.metrics.digest_mismatch.inc()
                 log.error("blob sha256:%s failed its digest check, discarded, not cached: %s",
-                          fetch.hex[:12], why)
+                          fetch.key[:12], why)
             else:
-                log.warning("blob sha256:%s: fetch failed: %s", fetch.hex[:12], why)
+                log.warning("blob sha256:%s: fetch failed: %s", fetch.key[:12], why)
             self.metrics.blobs.labels(fetch.state).inc()
             with contextlib.suppress(OSError):
                 out.unlink()
@@ -197,11 +260,11 @@ class Daemon:
         finally:
             fetch.close()
             self.metrics.active.dec()
-            if self.fetches.get(fetch.hex) is fetch:
-                del self.fetches[fetch.hex]
+            if self.fetches.get(fetch.key) is fetch:
+                del self.fetches[fetch.key]
 
     async def _not_from_swarm(self, request: web.Request, route: routes.Route,
-                              error: BaseException | None) -> web.StreamResponse:
+                              error: BaseException | None, origin: str) -> web.StreamResponse:
         reason = error.code if isinstance(error, DfError) else type(error).__name__
         self.metrics.back_to_source.labels(reason).inc()
         if isinstance(error, OriginError):
@@ -210,17 +273,16 @@ class Daemon:
             # (and still checks a 200's bytes against the digest).
             log.warning("blob %s: the registry refused it through the swarm (%s); asking it directly",
                         route.digest[:19], reason)
-            return await self._direct_blob(request, route)
+            return await self._direct_blob(request, route, origin)
         log.warning("blob %s: the swarm cannot serve it (%s); fetching it directly from the registry",
                     route.digest[:19], reason)
-        return await self._direct_blob(request, route)
+        return await self._direct_blob(request, route, origin)
 
-    async def _direct_blob(self, request: web.Request, route: routes.Route) -> web.StreamResponse:
+    async def _direct_blob(self, request: web.Request, route: routes.Route, url: str) -> web.StreamResponse:
         """The blob straight from the registry (redirects followed), checked against its
         digest on the way: the last byte is held back until it matched, a mismatch aborts
         the response. Not cached: the swarm did not vouch for it."""
         assert self.session is not None
-        url = (self.s.registry or "") + request.raw_path
         headers = routes.forward_headers(list(request.headers.items()), drop=("Host", "Range", "If-Range"))
         try:
             up = await self.session.get(url, headers=headers, allow_redirects=True, max_redirects=5)
@@ -266,9 +328,10 @@ class Daemon:
         finally:
             up.release()
 
-    async def _stream(self, request: web.Request, route: routes.Route, fetch: BlobFetch,
+    async def _stream(self, request: web.Request, digest: str | None, fetch: BlobFetch,
                       length: int) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers=_blob_headers(route.digest))
+        headers = _blob_headers(digest) if digest else {"Content-Type": "application/octet-stream"}
+        resp = web.StreamResponse(status=200, headers=headers)
         resp.content_length = length
         await resp.prepare(request)
         fd: int | None = None
@@ -282,7 +345,7 @@ class Daemon:
             while True:
                 await fetch.wait(lambda: limit() > sent)
                 if fetch.state in ("bad", "failed"):
-                    log.warning("blob %s: aborting the response after %d bytes: %s", route.digest[:19],
+                    log.warning("%s: aborting the response after %d bytes: %s", digest or "download",
                                 sent, fetch.error)
                     if request.transport is not None:
                         request.transport.abort()
@@ -300,7 +363,7 @@ class Daemon:
                         raise OSError("short read")
                     await resp.write(data)
                     sent += len(data)
-                    self.metrics.sent.labels("blob").inc(len(data))
+                    self.metrics.sent.labels("blob" if digest else "proxy_swarm").inc(len(data))
         finally:
             if fd is not None:
                 os.close(fd)
@@ -316,6 +379,21 @@ def _blob_headers(digest: str) -> dict[str, str]:
 def _registry_error(status: int, code: str, message: str) -> web.Response:
     body = json.dumps({"errors": [{"code": code, "message": message}]})
     return web.Response(status=status, text=body, content_type="application/json")
+
+
+async def serve(daemon: Daemon, sock: socket.socket) -> tuple[web.AppRunner, asyncio.Server]:
+    """Run the app on a bound socket behind the CONNECT-aware front (front.py)."""
+    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False)
+    await runner.setup()
+    assert runner.server is not None
+    http = runner.server
+
+    def tunnelled(up: int, down: int) -> None:
+        daemon.metrics.sent.labels("connect").inc(down)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Front(http, daemon.open_tunnel, tunnelled), sock=sock)
+    return runner, server
 
 
 def make_app(daemon: Daemon) -> web.Application:

@@ -29,9 +29,10 @@ Downloader = Callable[[DownloadConfig, Stats], Awaitable[None]]
 
 
 class BlobFetch:
-    def __init__(self, cfg: DownloadConfig, hexd: str, downloader: Downloader) -> None:
+    def __init__(self, cfg: DownloadConfig, hexd: str | None, downloader: Downloader) -> None:
         self.cfg = cfg
-        self.hex = hexd
+        self.hex = hexd  # the content digest's hex, or None for a URL task (no whole check)
+        self.key = hexd or make_task_id(cfg.url, identifier=cfg.identifier)
         self.task_id = make_task_id(cfg.url, identifier=cfg.identifier)
         self.stats = Stats(url=cfg.url, output=str(cfg.output), on_piece=self._on_piece)
         self._download = downloader
@@ -84,7 +85,7 @@ class BlobFetch:
             self._fd = os.open(self.cfg.output, os.O_RDONLY)
             await self._hash_to(self.length)
             got = self._hasher.hexdigest()
-            if got != self.hex:
+            if self.hex is not None and got != self.hex:
                 self.state = "bad"
                 self.error = ContentDigestMismatch(f"blob bytes hash to sha256:{got}, not sha256:{self.hex}")
             else:

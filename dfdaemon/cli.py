@@ -6,17 +6,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import click
-from aiohttp import web
-
 from common import logs
 from common.listen import listen_socket
+from common.netpolicy import AddressPolicy
 from dfget.config import ConfigError, local_ip_towards, parse_nodes, parse_rate
 
 from . import routes
-from .app import Daemon, Settings, make_app
+from .app import Daemon, Settings, serve
 
 log = logging.getLogger("dfdaemon")
 DEFAULT_PORT = 65001
@@ -47,24 +47,28 @@ def _registry(value: str | None) -> str | None:
 @click.option("--rule", "rules", multiple=True,
               help="proxy rule: REGEX (through the swarm) or direct:REGEX; first match wins "
                    f"[default: {routes.DEFAULT_P2P_RULE}]")
+@click.option("--proxy-allow", "proxy_allow", multiple=True,
+              help="CIDR the HTTP proxy and CONNECT may reach despite the default deny of loopback, "
+                   "link-local, unspecified and multicast (e.g. 127.0.0.0/8 for tests)")
 @click.option("-s", "--locallimit", default="0", show_default=True, help="download rate limit (0: none)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json", is_flag=True, help="one JSON object per log line")
 def main(registry: str | None, port: int, listen: str, nodes: str, home: str, ip: str | None,
-         peer_port: int, rules: tuple[str, ...], locallimit: str, log_level: str, log_json: bool) -> None:
+         peer_port: int, rules: tuple[str, ...], proxy_allow: tuple[str, ...], locallimit: str, log_level: str, log_json: bool) -> None:
     """Registry mirror (/v2/...) and HTTP proxy: blob GETs through the P2P swarm."""
     try:
         node_list = parse_nodes(nodes)
         limit = parse_rate(locallimit, "--locallimit")
         rule_list = routes.parse_rules(list(rules) or [routes.DEFAULT_P2P_RULE])
+        policy = AddressPolicy.build(allow=list(proxy_allow))
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     reg = _registry(registry)
     logs.setup(log_level, as_json=log_json, text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(home=Path(home).expanduser().absolute(), nodes=node_list,
                         ip=ip or local_ip_towards(node_list[0]), registry=reg, peer_port=peer_port,
-                        locallimit=limit, rules=rule_list)
+                        locallimit=limit, rules=rule_list, proxy_policy=policy)
     try:
         sock = listen_socket(listen, port)
     except OSError as exc:
@@ -72,14 +76,10 @@ def main(registry: str | None, port: int, listen: str, nodes: str, home: str, ip
     asyncio.run(_serve(settings, sock))
 
 
-async def _serve(settings: Settings, sock: object) -> None:
+async def _serve(settings: Settings, sock: socket.socket) -> None:
     daemon = Daemon(settings)
-    app = make_app(daemon)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.SockSite(runner, sock)  # type: ignore[arg-type]
-    await site.start()
-    host, port = sock.getsockname()[:2]  # type: ignore[attr-defined]
+    runner, server = await serve(daemon, sock)
+    host, port = sock.getsockname()[:2]
     log.info("dfdaemon listening on %s:%d (registry %s, home %s, peer ip %s)", host, port,
              settings.registry or "-", settings.home, settings.ip)
     stop = asyncio.Event()
@@ -89,5 +89,6 @@ async def _serve(settings: Settings, sock: object) -> None:
     try:
         await stop.wait()
     finally:
+        server.close()
         with contextlib.suppress(Exception):
             await runner.cleanup()

@@ -239,14 +239,14 @@ def blobs_in_layout(layout: Path) -> dict[str, bytes]:
 
 
 class DaemonProc:
-    def __init__(self, root: Path, k: int, registry: str, supernode_port: int) -> None:
+    def __init__(self, root: Path, k: int, registry: str, supernode_port: int, *extra: str) -> None:
         self.ip = f"127.0.0.{10 + k}"
         self.port = free_port(self.ip)
         self.home = root / f"host{k}"
         self.home.mkdir(parents=True, exist_ok=True)
         self.runner = ProcessRunner(
             [PY, "-m", "dfdaemon", "--registry", registry, "--listen", self.ip, "--port", str(self.port),
-             "--ip", self.ip, "--home", str(self.home), "-n", f"127.0.0.1:{supernode_port}"],
+             "--ip", self.ip, "--home", str(self.home), "-n", f"127.0.0.1:{supernode_port}", *extra],
             self.home / "dfdaemon.log", ready_url=f"http://{self.ip}:{self.port}/_ping", cwd=REPO_ROOT)
 
     @property

@@ -15,7 +15,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from dfdaemon.app import Daemon, Settings, make_app
+from common.listen import listen_socket
+from dfdaemon.app import Daemon, Settings, serve
 from dfget.config import Node
 
 SECRET_FILE = "root:x:0:0"
@@ -81,13 +82,14 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     # no supernode on this port: nothing here may reach the swarm anyway
     daemon = Daemon(Settings(home=home, nodes=(Node("127.0.0.1", 9),), ip="127.0.0.1",
                              registry=f"http://127.0.0.1:{reg.port}"))
-    srv = TestServer(make_app(daemon), host="127.0.0.1")
-    await srv.start_server()
+    sock = listen_socket("127.0.0.1", 0)
+    runner, server = await serve(daemon, sock)  # the daemon's own listener: front + app
     try:
-        yield World(home, daemon, srv.port, seen)
+        yield World(home, daemon, sock.getsockname()[1], seen)
     finally:
         from dfget_support import stop_server
-        await srv.close()
+        server.close()
+        await runner.cleanup()
         await reg.close()
         await stop_server(home)
 
@@ -163,6 +165,23 @@ async def test_absolute_form_to_metadata_is_not_served(world: World) -> None:
     status, body = await world.get("http://169.254.169.254/latest/meta-data/")
     assert status is not None and status >= 400
     assert not [p for p in world.seen if "meta-data" in p]
+    await _still_serves(world)
+
+
+@pytest.mark.parametrize("junk", [
+    b"CONNECT\r\n\r\n",
+    b"CONNECT  HTTP/1.1\r\n\r\n",
+    b"CONNECT 169.254.169.254:80 HTTP/1.1\r\n\r\n",
+    b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n",  # loopback is denied by default
+    b"CONNECT [::1]:22 HTTP/1.1\r\n\r\n",
+    b"CONNECT 0.0.0.0:1 HTTP/1.1\r\n\r\n",
+    b"CONNECT host:99999 HTTP/1.1\r\n\r\n",
+    b"CONNECT host HTTP/1.1\r\n\r\n",
+    b"CONNECT " + b"a" * 40_000,
+])
+async def test_hostile_connect_is_refused(world: World, junk: bytes) -> None:
+    answer = await raw(world.port, junk, timeout=25)
+    assert status_of(answer) in (400, 403, 431), answer[:200]
     await _still_serves(world)
 
 
