@@ -226,7 +226,9 @@ class Daemon:
                 if n:
                     self.metrics.blob_bytes.labels(source).inc(n)
             if st.back_to_source:
-                self.metrics.back_to_source.labels("swarm_failed").inc()
+                # dfget's reasons: "no supernode: ...", "p2p failed: ...", "<error code>: ..."
+                label = st.back_to_source.split(":", 1)[0].strip().replace(" ", "_")[:40]
+                self.metrics.back_to_source.labels(label).inc()
                 log.warning("blob %s fetched from the registry, not the swarm: %s", fetch.key[:12],
                             st.back_to_source)
             out, cached = blob_paths(self.s.home, fetch.key)
