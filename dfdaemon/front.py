@@ -30,6 +30,14 @@ class Front(asyncio.Protocol):
         self.client_reader: asyncio.StreamReader | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def pause_writing(self) -> None:  # the client reads slower than the far end sends
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -116,6 +124,7 @@ class Front(asyncio.Protocol):
             while data := await far_r.read(1 << 16):
                 self.transport.write(data)
                 sent[1] += len(data)
+                await self.can_write.wait()
             with contextlib.suppress(OSError, RuntimeError):
                 self.transport.write_eof()
 
@@ -136,6 +145,7 @@ class Front(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.can_write.set()
         if self.timer is not None:
             self.timer.cancel()
         if self.client_reader is not None:

@@ -174,9 +174,15 @@ async def test_a_corrupted_blob_fails_the_pull_and_is_not_cached(stack: Stack) -
     rc, text = await stack.skopeo.pull(d.hostport, "team/bad", "v1", out)
     assert rc != 0, text
     cache = d.home / "dfdaemon" / "blobs" / "sha256"
+    # the daemon discards the blob as it aborts the response: give it a moment (bounded)
+    for _ in range(100):
+        m = await d.metrics()
+        if not (d.home / "dfdaemon" / "downloads" / bad).exists() and metric(
+                m, "dfdaemon_blob_fetches_active") == 0:
+            break
+        await asyncio.sleep(0.05)
     assert not (cache / bad).exists()
     assert not (d.home / "dfdaemon" / "downloads" / bad).exists()
-    m = await d.metrics()
     assert metric(m, "dfdaemon_blobs_total", result="bad") + metric(
         m, "dfdaemon_blobs_total", result="failed") >= 1, m
     assert metric(m, "dfdaemon_digest_mismatch_total") >= 1
