@@ -123,6 +123,7 @@ class CountingProxy:
     corrupt: set[str] = field(default_factory=set)  # hexes whose bytes are altered
     auth_required: set[str] = field(default_factory=set)  # repository names answering 401
     auth_seen: list[str] = field(default_factory=list)  # Authorization headers received
+    blob_rate: float = 0.0  # bytes/s for each blob GET's body (0: as fast as it goes)
     redirect_blobs: bool = False  # blob GETs answer 307 to "object storage" on 127.0.0.2
     storage_auth: list[str | None] = field(default_factory=list)  # Authorization seen there
     port: int = 0
@@ -186,6 +187,8 @@ class CountingProxy:
         body = await request.read()
         async with self._session.request(request.method, self.upstream + str(request.rel_url), headers=headers,
                                          data=body or None, allow_redirects=False) as up:
+            if m and request.method == "GET" and up.status == 200 and self.blob_rate > 0:
+                return await self._trickle(request, up, m.group(2))
             data = await up.read()
             if m and request.method == "GET" and up.status == 200:
                 hexd = m.group(2)
@@ -197,6 +200,21 @@ class CountingProxy:
                 "content-length", "transfer-encoding", "connection", "content-encoding"))
             return web.Response(status=up.status, body=data if request.method != "HEAD" else None,
                                 headers=out)
+
+
+    async def _trickle(self, request: web.Request, up: aiohttp.ClientResponse, hexd: str) -> web.StreamResponse:
+        """A blob body at `blob_rate`, in 256 KiB steps (a slow registry or CDN)."""
+        self.blob_gets[hexd] += 1
+        resp = web.StreamResponse(status=200, headers=CIMultiDict(
+            (k, v) for k, v in up.headers.items() if k.lower() not in ("transfer-encoding", "connection")))
+        await resp.prepare(request)
+        step = 256 << 10
+        async for chunk in up.content.iter_chunked(step):
+            await asyncio.sleep(len(chunk) / self.blob_rate)
+            self.blob_bytes[hexd] += len(chunk)
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
 
 class Skopeo:

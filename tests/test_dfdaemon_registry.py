@@ -304,3 +304,28 @@ async def test_without_a_supernode_the_blob_comes_from_the_registry_logged_and_c
                    "dfdaemon_back_to_source_total", "dfdaemon_digest_mismatch_total", "dfdaemon_blobs_total",
                    "dfdaemon_blob_fetches_active"):
         assert any(k.startswith(family) for k in m), family
+
+
+async def test_the_client_gets_the_first_bytes_long_before_the_blob_is_complete(stack: Stack) -> None:
+    import time
+
+    import aiohttp
+
+    image = await stack.push("slow/app", "v1", [os.urandom(16 * MIB)])  # 4 pieces of 4 MiB
+    stack.proxy.blob_rate = 4 * MIB  # about 4 s for the whole blob from the registry
+    d = stack.daemon()
+    path = f"/v2/slow/app/blobs/sha256:{image.layer_hexes[0]}"
+    got = bytearray()
+    first = None
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{d.hostport}{path}") as r:
+            assert r.status == 200 and r.headers["Docker-Content-Digest"] == f"sha256:{image.layer_hexes[0]}"
+            async for chunk in r.content.iter_chunked(1 << 16):
+                if first is None:
+                    first = time.monotonic() - t0
+                got += chunk
+    total = time.monotonic() - t0
+    assert bytes(got) == image.layers[0]
+    assert total > 3.0  # the registry's pace
+    assert first is not None and first < total / 2, (first, total)  # streamed, not stored first
