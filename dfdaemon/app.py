@@ -43,7 +43,8 @@ class Settings:
     peer_port: int = 0
     locallimit: int = 0
     rules: tuple[routes.Rule, ...] = ()
-    alivetime: float = 300.0
+    alivetime: float = 24 * 3600.0
+    expiretime: float = 24 * 3600.0
     # where the HTTP proxy (and CONNECT) may connect: by default not loopback, link-local
     # (cloud metadata), unspecified or multicast (common.netpolicy)
     proxy_policy: AddressPolicy = field(default_factory=AddressPolicy)
@@ -203,7 +204,7 @@ class Daemon:
         cfg = DownloadConfig(
             url=url, output=out, home=self.s.home, nodes=self.s.nodes,
             identifier=identifier, headers=headers, locallimit=self.s.locallimit, ip=self.s.ip,
-            port=self.s.peer_port, alivetime=self.s.alivetime)
+            port=self.s.peer_port, alivetime=self.s.alivetime, expiretime=self.s.expiretime)
         fetch = BlobFetch(cfg, key if identifier else None, self.downloader)
         self.fetches[key] = fetch
         fetch.start()

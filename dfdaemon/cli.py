@@ -13,7 +13,7 @@ import click
 from common import logs
 from common.listen import listen_socket
 from common.netpolicy import AddressPolicy
-from dfget.config import ConfigError, local_ip_towards, parse_nodes, parse_rate
+from dfget.config import ConfigError, local_ip_towards, parse_duration, parse_nodes, parse_rate
 
 from . import routes
 from .app import Daemon, Settings, serve
@@ -50,25 +50,34 @@ def _registry(value: str | None) -> str | None:
 @click.option("--proxy-allow", "proxy_allow", multiple=True,
               help="CIDR the HTTP proxy and CONNECT may reach despite the default deny of loopback, "
                    "link-local, unspecified and multicast (e.g. 127.0.0.0/8 for tests)")
+@click.option("--alivetime", default="24h", show_default=True,
+              help="peer server started by dfdaemon: exit after this long idle")
+@click.option("--expiretime", default="24h", show_default=True,
+              help="peer server started by dfdaemon: stop serving a layer unread this long (dfget's "
+                   "default is 3m; a host should give back its image layers for longer)")
 @click.option("-s", "--locallimit", default="0", show_default=True, help="download rate limit (0: none)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json", is_flag=True, help="one JSON object per log line")
 def main(registry: str | None, port: int, listen: str, nodes: str, home: str, ip: str | None,
-         peer_port: int, rules: tuple[str, ...], proxy_allow: tuple[str, ...], locallimit: str, log_level: str, log_json: bool) -> None:
+         peer_port: int, rules: tuple[str, ...], proxy_allow: tuple[str, ...], alivetime: str, expiretime: str,
+         locallimit: str, log_level: str, log_json: bool) -> None:
     """Registry mirror (/v2/...) and HTTP proxy: blob GETs through the P2P swarm."""
     try:
         node_list = parse_nodes(nodes)
         limit = parse_rate(locallimit, "--locallimit")
         rule_list = routes.parse_rules(list(rules) or [routes.DEFAULT_P2P_RULE])
         policy = AddressPolicy.build(allow=list(proxy_allow))
+        alive = parse_duration(alivetime, "--alivetime")
+        expire = parse_duration(expiretime, "--expiretime")
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     reg = _registry(registry)
     logs.setup(log_level, as_json=log_json, text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(home=Path(home).expanduser().absolute(), nodes=node_list,
                         ip=ip or local_ip_towards(node_list[0]), registry=reg, peer_port=peer_port,
-                        locallimit=limit, rules=rule_list, proxy_policy=policy)
+                        locallimit=limit, rules=rule_list, proxy_policy=policy,
+                        alivetime=alive, expiretime=expire)
     try:
         sock = listen_socket(listen, port)
     except OSError as exc:

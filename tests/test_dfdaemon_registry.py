@@ -143,6 +143,8 @@ async def test_a_new_host_pulls_again_without_registry_blob_traffic(stack: Stack
     got = metric(m, "dfdaemon_blob_bytes_total", source="peer") + metric(
         m, "dfdaemon_blob_bytes_total", source="supernode")
     assert got == sent and metric(m, "dfdaemon_blob_bytes_total", source="origin") == 0
+    # the first host's peer server kept serving the layers after its pull
+    assert metric(m, "dfdaemon_blob_bytes_total", source="peer") > 0
     # and the first host answers again from its own cache
     _check_layout((await _pull_all(stack, [first], "team/app", "v2"))[0], image)
     assert metric(await first.metrics(), "dfdaemon_blobs_total", result="cache") == 4
