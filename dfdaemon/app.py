@@ -44,6 +44,7 @@ class Settings:
     locallimit: int = 0
     rules: tuple[routes.Rule, ...] = ()
     alivetime: float = 24 * 3600.0
+    max_fetches: int = 64  # swarm downloads at once; more blob requests get 429
     expiretime: float = 24 * 3600.0
     # where the HTTP proxy (and CONNECT) may connect: by default not loopback, link-local
     # (cloud metadata), unspecified or multicast (common.netpolicy)
@@ -146,7 +147,11 @@ class Daemon:
         if route.kind == "blob":
             return await self.blob(request, route, origin=str(target.with_fragment(None)))
         tid = make_task_id(url)
-        fetch = self.fetches.get(tid) or self._new_fetch(request, url, None, tid)
+        fetch = self.fetches.get(tid)
+        if fetch is None:
+            if len(self.fetches) >= self.s.max_fetches:
+                return self._too_many()
+            fetch = self._new_fetch(request, url, None, tid)
         length = await fetch.wait_length()
         if length < 0:
             reason = fetch.error.code if isinstance(fetch.error, DfError) else type(fetch.error).__name__
@@ -187,11 +192,20 @@ class Daemon:
             return web.FileResponse(cached, headers=_blob_headers(route.digest))
         fetch = self.fetches.get(hexd)
         if fetch is None:
+            if len(self.fetches) >= self.s.max_fetches:
+                return self._too_many()
             fetch = self._new_fetch(request, origin, route.digest, route.hex)
         length = await fetch.wait_length()
         if length < 0:
             return await self._not_from_swarm(request, route, fetch.error, origin)
         return await self._stream(request, route.digest, fetch, length)
+
+    def _too_many(self) -> web.Response:
+        """A flood of distinct blob requests cannot start unbounded swarm downloads (each
+        one a task and an origin fetch on the supernode)."""
+        resp = _registry_error(429, "TOOMANYREQUESTS", "too many blob downloads in progress on this host")
+        resp.headers["Retry-After"] = "1"
+        return resp
 
     def _new_fetch(self, request: web.Request, url: str, identifier: str | None, key: str) -> BlobFetch:
         """Start a swarm download of `url`; `identifier` a content digest (then `key` is

@@ -55,13 +55,15 @@ def _registry(value: str | None) -> str | None:
 @click.option("--expiretime", default="24h", show_default=True,
               help="peer server started by dfdaemon: stop serving a layer unread this long (dfget's "
                    "default is 3m; a host should give back its image layers for longer)")
+@click.option("--max-fetches", default=64, show_default=True, type=click.IntRange(1, 10_000),
+              help="blob downloads through the swarm at once; more requests get 429 with Retry-After")
 @click.option("-s", "--locallimit", default="0", show_default=True, help="download rate limit (0: none)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json", is_flag=True, help="one JSON object per log line")
 def main(registry: str | None, port: int, listen: str, nodes: str, home: str, ip: str | None,
          peer_port: int, rules: tuple[str, ...], proxy_allow: tuple[str, ...], alivetime: str, expiretime: str,
-         locallimit: str, log_level: str, log_json: bool) -> None:
+         max_fetches: int, locallimit: str, log_level: str, log_json: bool) -> None:
     """Registry mirror (/v2/...) and HTTP proxy: blob GETs through the P2P swarm."""
     try:
         node_list = parse_nodes(nodes)
@@ -77,7 +79,7 @@ def main(registry: str | None, port: int, listen: str, nodes: str, home: str, ip
     settings = Settings(home=Path(home).expanduser().absolute(), nodes=node_list,
                         ip=ip or local_ip_towards(node_list[0]), registry=reg, peer_port=peer_port,
                         locallimit=limit, rules=rule_list, proxy_policy=policy,
-                        alivetime=alive, expiretime=expire)
+                        alivetime=alive, expiretime=expire, max_fetches=max_fetches)
     try:
         sock = listen_socket(listen, port)
     except OSError as exc:

@@ -185,6 +185,16 @@ async def test_hostile_connect_is_refused(world: World, junk: bytes) -> None:
     await _still_serves(world)
 
 
+async def test_a_flood_of_blob_requests_cannot_start_unbounded_downloads(world: World) -> None:
+    world.daemon.s.max_fetches = 0  # as if every slot were taken
+    for k in range(20):
+        status, body = await world.get(f"/v2/x/blobs/sha256:{k:064x}")
+        assert status == 429 and b"TOOMANYREQUESTS" in body and b"Retry-After: 1" in body
+        status, _ = await world.get(f"http://127.0.0.1:9/files/{k}.bin")  # the proxy too
+        assert status is not None and status >= 400
+    await _still_serves(world)
+
+
 async def test_many_connections_at_once_then_still_serving(world: World) -> None:
     hello = client_hello()
     answers = await asyncio.gather(*(raw(world.port, hello if i % 2 else b"GET /v2/ HTTP/1.1\r\n\r\n")
