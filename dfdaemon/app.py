@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import yarl
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -302,8 +303,11 @@ class Daemon:
         assert self.session is not None
         headers = routes.forward_headers(list(request.headers.items()), drop=("Host", "Range", "If-Range"))
         try:
-            up = await self.session.get(url, headers=headers, allow_redirects=True, max_redirects=5)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            up = await self._follow(url, headers)
+        except PermissionError as exc:
+            log.warning("blob %s: %s", route.digest[:19], exc)
+            return _registry_error(502, "DENIED", "the registry redirected to a refused address")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("registry unreachable for %s: %s", route.digest[:19], type(exc).__name__)
             return _registry_error(502, "UNAVAILABLE", "the upstream registry did not answer")
         try:
@@ -344,6 +348,28 @@ class Daemon:
             return resp
         finally:
             up.release()
+
+    async def _follow(self, url: str, headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
+        """GET following up to 5 redirects by hand: a hop leaving the first URL's origin
+        (a registry's 307 to object storage) loses the credentials and must pass the
+        proxy's address policy, like any other fetch dfdaemon makes for a client."""
+        assert self.session is not None
+        first = routes.origin_of(url)
+        for _ in range(6):
+            if routes.origin_of(url) != first:
+                target = yarl.URL(url)
+                if not await self._permitted(target.host or "", target.port or 80):
+                    raise PermissionError(f"redirect to {target.host} refused by the address policy")
+                headers = [(k, v) for k, v in headers if k.lower() not in routes.CREDENTIAL_HEADERS]
+            up = await self.session.get(url, headers=headers, allow_redirects=False)
+            if up.status not in (301, 302, 303, 307, 308) or "Location" not in up.headers:
+                return up
+            location = up.headers["Location"]
+            up.release()
+            url = str(yarl.URL(url).join(yarl.URL(location)))
+            if yarl.URL(url).scheme not in ("http", "https"):
+                raise ValueError("redirect to a non-http(s) URL")
+        raise ValueError("too many redirects")
 
     async def _stream(self, request: web.Request, digest: str | None, fetch: BlobFetch,
                       length: int) -> web.StreamResponse:

@@ -100,6 +100,20 @@ def proxy_decision(method: str, url: str, rules: tuple[Rule, ...]) -> Literal["p
     return "direct"
 
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: what 'same origin' compares."""
+    p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        port = None
+    scheme = p.scheme.lower()
+    return scheme, (p.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
 # Hop-by-hop headers (RFC 9110 7.6.1) are the proxy's own and never forwarded.
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",

@@ -201,3 +201,49 @@ async def test_many_connections_at_once_then_still_serving(world: World) -> None
                                      for i in range(100)))
     assert len(answers) == 100
     await _still_serves(world)
+
+
+async def test_direct_fetch_redirects_lose_credentials_and_obey_the_address_policy(tmp_path: Path) -> None:
+    """The daemon's own fetch from the registry (its fallback path): a 307 to another
+    origin gets no Authorization, and a hop to a refused address is not made."""
+    from common.netpolicy import AddressPolicy
+
+    seen: list[tuple[str, str | None]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append((request.host, request.headers.get("Authorization")))
+        if request.path.startswith("/v2/"):
+            target = request.query.get("to", "127.0.0.2")
+            return web.Response(status=307, headers={"Location": f"http://{target}:{port}/storage?sig=1"})
+        return web.Response(body=b"blob")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = listen_socket("0.0.0.0", 0)
+    port = sock.getsockname()[1]
+    site = web.SockSite(runner, sock)
+    await site.start()
+    home = tmp_path / "home"
+    try:
+        for policy, allowed in ((AddressPolicy.build(allow=["127.0.0.0/8"]), True), (AddressPolicy(), False)):
+            daemon = Daemon(Settings(home=home, nodes=(Node("127.0.0.1", 9),), ip="127.0.0.1",
+                                     registry=f"http://127.0.0.1:{port}", proxy_policy=policy))
+            await daemon.start(web.Application())
+            seen.clear()
+            try:
+                if allowed:
+                    up = await daemon._follow(f"http://127.0.0.1:{port}/v2/x/blobs/sha256:{'a' * 64}",
+                                              [("Authorization", "Bearer tok"), ("Accept", "*/*")])
+                    assert up.status == 200 and await up.read() == b"blob"
+                    up.release()
+                    assert seen == [(f"127.0.0.1:{port}", "Bearer tok"), (f"127.0.0.2:{port}", None)]
+                else:
+                    with pytest.raises(PermissionError):
+                        await daemon._follow(f"http://127.0.0.1:{port}/v2/x?to=169.254.169.254", [])
+                    assert seen == [(f"127.0.0.1:{port}", None)]  # the metadata hop was not made
+            finally:
+                await daemon.stop(web.Application())
+    finally:
+        await runner.cleanup()

@@ -78,3 +78,10 @@ def test_forward_headers_drops_hop_by_hop_and_keeps_repeats() -> None:
         ("Transfer-Encoding", "chunked"), ("Proxy-Authorization", "Basic x"), ("Host", "h"),
         ("Authorization", "Bearer t")], drop=("host",))
     assert got == [("Accept", "a"), ("Accept", "b"), ("Authorization", "Bearer t")]
+
+
+def test_origin_of() -> None:
+    assert routes.origin_of("http://Reg:80/v2/") == routes.origin_of("http://reg/x") == ("http", "reg", 80)
+    assert routes.origin_of("https://reg/x") == ("https", "reg", 443)
+    assert routes.origin_of("http://reg:5000/x") != routes.origin_of("http://reg/x")
+    assert routes.origin_of("http://reg:99999/x")[2] == 80  # a bad port is no port
