@@ -332,3 +332,15 @@ async def test_the_client_gets_the_first_bytes_long_before_the_blob_is_complete(
     assert bytes(got) == image.layers[0]
     assert total > 3.0  # the registry's pace
     assert first is not None and first < total / 2, (first, total)  # streamed, not stored first
+
+
+def test_missing_tools_fail_in_ci_and_skip_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    import registry_support
+
+    monkeypatch.setattr(registry_support.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="docker-registry and skopeo not installed"):
+        registry_support.require_tools()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        registry_support.require_tools()
