@@ -164,6 +164,13 @@ class IntegrityError(DfError):
     exit_code = 5
 
 
+class ContentDigestMismatch(IntegrityError):
+    """The bytes do not hash to the content-addressed identifier (`sha256:<hex>`) the task
+    is named by: never cached, never served."""
+
+    code = "content_digest_mismatch"
+
+
 # --- infrastructure -------------------------------------------------------------------
 class StoreError(DfError):
     """Redis (or the embedded store) did not answer."""

@@ -3,6 +3,11 @@
 A task id names one file version cluster-wide: sha256 over a salted, canonical
 description (filtered URL without credentials, md5 or identifier, optional Range).
 Signed URLs whose signature keys are listed in `--filter` therefore map to one task.
+
+A content-addressed identifier (`sha256:<64 hex>`, an OCI/registry blob digest) names
+the bytes themselves: its task id comes from the identifier alone, so the same blob from
+two repositories, tags or registries is one task. Whoever fetches it must check the
+bytes against the digest (the supernode's CDN does, and so does dfdaemon).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 _SALT = b"dragonfly-py/task/v1\x00"
 _HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_CONTENT_ID = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 MAX_URL_LEN = 8192
 
 
@@ -42,6 +48,8 @@ def task_id(
     identifier: str | None = None,
     range_header: str | None = None,
 ) -> str:
+    if identifier and not md5 and not range_header and is_content_identifier(identifier):
+        return hashlib.sha256(_SALT + b"content\x00" + identifier.encode() + _SALT).hexdigest()
     h = hashlib.sha256(_SALT)
     h.update(filter_url(url, filter_keys).encode())
     h.update(b"\x00")
@@ -53,6 +61,21 @@ def task_id(
     return h.hexdigest()
 
 
+def is_content_identifier(identifier: str | None) -> bool:
+    """`sha256:<64 lower-case hex>`: an identifier that is the digest of the bytes."""
+    return bool(identifier) and bool(_CONTENT_ID.match(identifier or ""))
+
+
+def task_key(url: str, filter_keys: list[str] | tuple[str, ...] = (), identifier: str | None = None,
+             md5: str | None = None, range_header: str | None = None) -> str:
+    """What a registration must agree on with the task already registered under its id:
+    the filtered URL, or for a content-addressed identifier the identifier (any URL
+    serving those bytes is the same task)."""
+    if identifier and not md5 and not range_header and is_content_identifier(identifier):
+        return identifier
+    return filter_url(url, filter_keys)
+
+
 def redact_url(url: str) -> str:
     """The URL with any `user:pass@` removed: safe for logs and listings."""
     parts = urlsplit(url)
@@ -60,6 +83,17 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# Request headers that carry credentials: kept out of Redis, logs and listings.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def split_credentials(headers: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(headers safe to store, credential headers to keep in memory only)."""
+    plain = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+    secret = {k: v for k, v in headers.items() if k.lower() in CREDENTIAL_HEADERS}
+    return plain, secret
 
 
 def new_id() -> str:

@@ -167,6 +167,7 @@ class P2PSession:
             self.done.add(n)
             self.stats.pieces_resumed += 1
             self.stats.bytes_resumed += end - start + 1
+            self.stats.piece_ready(n, start, end)
             self.reports.append(wire.Report(piece=n, result="have"))
         log.info("resume: %d of %d pieces on disk re-verified", len(good), count)
 
@@ -285,6 +286,7 @@ class P2PSession:
         self.last_progress = time.monotonic()
         self.done.add(a.piece)
         self.stats.add_piece(a.source.kind, nbytes)
+        self.stats.piece_ready(a.piece, a.start, a.end)
         # The peer server learns of the piece before the supernode sends anyone to us.
         await self.peer.verified(self.task_id, [a.piece], self.task.length if self.task else None)
         result = "ok" if flight.generation == self.generation else "have"

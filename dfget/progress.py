@@ -35,6 +35,14 @@ class Stats:
     supernode: str | None = None
     failovers: int = 0
     peer_failures: Counter[str] = field(default_factory=Counter)
+    # Called with (piece, start, end) once a piece's bytes are verified in the part file
+    # (fetched or re-checked on resume): lets an in-process caller (dfdaemon) stream the
+    # file's verified prefix while the download runs.
+    on_piece: Callable[[int, int, int], None] | None = field(default=None, repr=False, compare=False)
+
+    def piece_ready(self, piece: int, start: int, end: int) -> None:
+        if self.on_piece is not None:
+            self.on_piece(piece, start, end)
 
     @property
     def done_bytes(self) -> int:

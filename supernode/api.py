@@ -12,7 +12,8 @@ from typing import TypeVar
 from aiohttp import web
 
 from common import __version__, errors, wire
-from common.taskid import filter_url, is_task_id, new_id, redact_url, task_id as make_task_id
+from common.taskid import is_task_id, new_id, redact_url, split_credentials, task_key
+from common.taskid import task_id as make_task_id
 
 from . import guard, origin, peerauth
 from .auth import admin_only
@@ -102,8 +103,12 @@ async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md
     origin.check_url(url, st.policy)
     await origin.check_resolvable(url, st.policy)
     tid = make_task_id(url, filter_keys=filter_keys, md5=md5, identifier=identifier, range_header=range_)
+    # Credentials (a registry's bearer token, cookies) stay in this supernode's memory for
+    # its CDN fetch: never in Redis in clear, where listings and every supernode read them.
+    headers, credentials = split_credentials(headers)
+    st.cdn.remember_credentials(tid, credentials)
     state, _ = await st.repo.register_task(
-        tid, url=url, url_key=filter_url(url, filter_keys), md5=md5 or "",
+        tid, url=url, url_key=task_key(url, filter_keys, identifier, md5, range_), md5=md5 or "",
         identifier=identifier or "", range_=range_ or "", headers=headers,
         fail_interval_ms=int(st.settings.fail_access_interval * 1000),
     )

@@ -28,7 +28,7 @@ from common import digest, errors
 from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.ratelimit import Throttle
-from common.taskid import redact_url
+from common.taskid import is_content_identifier, redact_url
 
 from . import keys, takeover
 from .cache import CacheEntry, PieceCache
@@ -71,6 +71,16 @@ def _write_and_hash(fd: int, hasher: Any, offset: int, chunks: list[bytes]) -> N
         os.pwrite(fd, b"".join(chunks)[n:], offset + n)
 
 
+def _sha256_file(path: os.PathLike[str] | str, length: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = length
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
 def _hash_range(fd: int, offset: int, size: int) -> str:
     return digest.of(os.pread(fd, size, offset))
 
@@ -101,6 +111,21 @@ class Cdn:
         self.bytes_fetched = 0
         self.repair = CacheRepair(self)
         self.copier = takeover.PeerCopier(repo, origin.policy, settings.min_rate)
+        # task id -> credential headers of its registrations (memory only, see api.open_task)
+        self.credentials: dict[str, dict[str, str]] = {}
+
+    def remember_credentials(self, task_id: str, headers: dict[str, str]) -> None:
+        """The latest registration's credentials for the origin fetch of this task (kept
+        until the fetch here ends; a fetch taken over by another supernode has none)."""
+        if headers:
+            self.credentials[task_id] = headers
+            if len(self.credentials) > 10_000:  # bounded: drop the oldest
+                self.credentials.pop(next(iter(self.credentials)))
+
+    def origin_headers(self, meta: TaskMeta) -> dict[str, str]:
+        h = dict(meta.headers)
+        h.update(self.credentials.get(meta.task_id, {}))
+        return h
 
     async def ensure(self, meta: TaskMeta) -> None:
         """Start the fetch here if the task needs one and nobody holds its lease; if
@@ -215,6 +240,7 @@ class Cdn:
             keeper.cancel()
             with contextlib.suppress(BaseException):
                 await keeper
+            self.credentials.pop(task_id, None)
             entry = self.cache.entries.get(task_id)
             if entry is not None:
                 with contextlib.suppress(OSError):
@@ -280,7 +306,7 @@ class Cdn:
         tid = meta.task_id
         published = await self.repo.digests(tid)
         entry = self.cache.load(tid)
-        headers = dict(meta.headers)
+        headers = self.origin_headers(meta)
         if meta.range:
             headers["Range"] = meta.range
             entry = None  # ranged tasks are refetched whole; their validators are per range
@@ -587,7 +613,7 @@ class Cdn:
             if first is None:
                 return
             lo, hi = first * ps, min(b * ps, entry.length) - 1
-            h = dict(meta.headers)
+            h = self.origin_headers(meta)
             h["Range"], h["If-Range"] = f"bytes={lo}-{hi}", entry.etag or entry.last_modified
             resp = await self.origin.open(meta.url, h)
             try:
@@ -605,6 +631,15 @@ class Cdn:
                 resp.release()
 
     async def _finish(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
+        if is_content_identifier(meta.identifier):
+            # The task is named by the digest of its bytes (a registry blob): a URL that
+            # served other bytes must not poison the task for every URL sharing the digest.
+            want = meta.identifier.split(":", 1)[1]
+            got = await asyncio.to_thread(_sha256_file, self.cache.data_path(meta.task_id), entry.length)
+            if got != want:
+                self.cache.remove(meta.task_id)
+                raise errors.ContentDigestMismatch(
+                    f"{redact_url(meta.url)} sent bytes hashing to sha256:{got}, not {meta.identifier}")
         entry.complete = True
         self.cache.save(entry)
         fields: dict[str, object] = dict(

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from common import errors
 from common.netpolicy import AddressPolicy
-from common.taskid import redact_url
+from common.taskid import CREDENTIAL_HEADERS, redact_url
 
 log = logging.getLogger("supernode.origin")
 
@@ -171,16 +171,30 @@ class OriginClient:
                 if not location:
                     raise errors.OriginStatus(f"redirect without Location from {redact_url(url)}", detail={"status": str(resp.status)})
                 try:
-                    url = urljoin(url, location)
+                    target = urljoin(url, location)
                 except ValueError:
                     raise errors.OriginStatus(f"malformed redirect from {redact_url(url)}",
                                               detail={"status": str(resp.status)}) from None
+                if _origin_of(target) != _origin_of(url):
+                    # Credentials belong to the origin that asked for them, not to where it
+                    # sends us (a registry's 307 to object storage with a signed URL).
+                    hdrs = {k: v for k, v in hdrs.items() if k.lower() not in CREDENTIAL_HEADERS}
+                url = target
                 continue
             if resp.status in (200, 206, 304):
                 return resp
             resp.release()
             raise status_error(resp.status, url)
         raise errors.OriginStatus(f"more than {self.settings.max_redirects} redirects", detail={"status": "310"})
+
+
+def _origin_of(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        port = None
+    return p.scheme.lower(), (p.hostname or "").lower(), port or {"http": 80, "https": 443}.get(p.scheme.lower())
 
 
 def validators(resp: Any) -> tuple[str, str]:

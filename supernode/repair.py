@@ -157,7 +157,7 @@ class CacheRepair:
 
     async def _range(self, meta: TaskMeta, entry: CacheEntry, n: int) -> bytes:
         start, end = piece_range(n, entry.length, entry.piece_size)
-        headers = dict(meta.headers)
+        headers = self.cdn.origin_headers(meta)
         headers["Range"] = f"bytes={start}-{end}"
         if entry.etag or entry.last_modified:
             headers["If-Range"] = entry.etag or entry.last_modified

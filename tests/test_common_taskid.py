@@ -92,3 +92,20 @@ def test_new_id() -> None:
 def test_id_validators(value, task, short) -> None:
     assert is_task_id(value) is task
     assert is_short_id(value) is short
+
+
+def test_content_identifier_names_the_task_whatever_the_url() -> None:
+    from common.taskid import is_content_identifier, task_key
+
+    ident = "sha256:" + "ab" * 32
+    a = task_id("http://r1:5000/v2/lib/a/blobs/" + ident, identifier=ident)
+    b = task_id("https://r2/v2/other/blobs/" + ident + "?sig=1", identifier=ident)
+    assert a == b and is_task_id(a)
+    assert task_key("http://r1/x", (), ident) == task_key("http://r2/y", (), ident) == ident
+    # anything that is not exactly a sha256 digest keeps the URL in the id
+    for other in ("sha256:" + "AB" * 32, "sha256:" + "ab" * 31, "md5:" + "ab" * 16, "v1"):
+        assert not is_content_identifier(other)
+        assert task_id("http://r1/x", identifier=other) != task_id("http://r2/x", identifier=other)
+        assert task_key("http://r1/x", (), other) == "http://r1/x"
+    # md5 or a range keep the old derivation (a range of a blob is not the blob)
+    assert task_id("http://r1/x", identifier=ident, range_header="bytes=0-1") != a

@@ -30,6 +30,8 @@ from dfget import config as dfget_config
 from dfget.cli import download_cmd, server_cmd
 from dfget.server.app import build_peer_app
 from dfget.server.state import ServerConfig, ServerState
+from dfdaemon import routes as dfdaemon_routes
+from dfdaemon.cli import main as dfdaemon_cmd
 from supernode import configref
 from supernode.app import create_app
 from supernode.cache import PieceCache
@@ -214,6 +216,19 @@ def parse_dfget(inv: Invocation) -> dict[str, Any]:
     return params
 
 
+def parse_dfdaemon(inv: Invocation) -> dict[str, Any]:
+    """dfdaemon's flags through its real click command, checked as its main() would."""
+    try:
+        params = dfdaemon_cmd.make_context("dfdaemon", inv.argv[1:]).params
+        params["nodes"] = dfget_config.parse_nodes(params["nodes"])
+        dfdaemon_routes.parse_rules(list(params["rules"]))
+    except (click.ClickException, dfget_config.ConfigError, ValueError) as exc:
+        raise AssertionError(f"{inv.where}: {inv.argv}: {exc}") from None
+    assert params["registry"], f"{inv.where}: a mirror needs --registry"
+    assert dfdaemon_routes.classify("GET", "/_ping").kind == "ping"
+    return params
+
+
 def parse_origin(inv: Invocation, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """`python -m bench.origin ...` through its own argument parser (not started)."""
     seen: list[Any] = []
@@ -353,6 +368,10 @@ def test_every_command_parses_with_the_real_flags(tmp_path: Path, monkeypatch: p
             assert not ipaddress.ip_address(cfg.ip).is_loopback, f"{inv.where}: --ip must be reachable by peers"
         elif inv.program == "dfget":
             parse_dfget(inv)
+        elif inv.program == "dfdaemon":
+            p = parse_dfdaemon(inv)
+            assert p["port"] != 0 and str(p["home"]) == "/var/lib/dfget", f"{inv.where}: port, home"
+            ipaddress.ip_address(p["ip"])
         elif inv.argv[:3] == ["python", "-m", "bench.origin"]:
             parse_origin(inv, tmp_path, monkeypatch)
         else:
@@ -361,6 +380,7 @@ def test_every_command_parses_with_the_real_flags(tmp_path: Path, monkeypatch: p
     where = {w.split(" ")[0] for ws in checked.values() for w in ws}
     assert {"compose", "kubernetes", "systemd", "Dockerfile"} <= where, checked
     assert len(checked["supernode"]) >= 5 and len(checked["dfget server"]) >= 5, checked
+    assert {w.split(" ")[0] for w in checked["dfdaemon"]} == {"compose", "kubernetes", "systemd"}, checked
 
 
 def test_supernode_env_vars_and_config_keys_exist() -> None:
@@ -417,16 +437,24 @@ def test_compose_lines_up_with_the_code(tmp_path: Path, monkeypatch: pytest.Monk
     services = doc["services"]
     subnets = [ipaddress.ip_network(c["subnet"]) for net in doc["networks"].values()
                for c in net["ipam"]["config"]]
-    ips = {name: _compose_ip(name, svc) for name, svc in services.items()}
+    # services in another's network namespace (dfdaemon beside its peer) have its address
+    ips = {name: _compose_ip(name, svc) for name, svc in services.items() if "network_mode" not in svc}
     assert len(set(ips.values())) == len(ips), "two services share an address"
     for name, ip in ips.items():
         assert any(ipaddress.ip_address(ip) in n for n in subnets), f"compose {name}: {ip} outside the subnet"
     assert "redis" in services and services["redis"]["image"].startswith("redis:")
     supernodes: dict[str, Settings] = {}
     peers: dict[str, ServerConfig] = {}
+    mirrors: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     origin = None
     for name, svc, inv in compose_invocations():
         host, port, path = _healthcheck_url(inv.where, svc)
+        if inv.program == "dfdaemon":
+            p = parse_dfdaemon(inv)
+            assert host == "127.0.0.1" and port == p["port"] and p["listen"] in ("0.0.0.0", "127.0.0.1")
+            assert dfdaemon_routes.classify("GET", path).kind == "ping", f"{inv.where}: healthcheck {path}"
+            mirrors[name] = (svc, p)
+            continue
         if inv.program == "supernode":
             s = supernodes[name] = parse_supernode(inv, tmp_path, monkeypatch)
             assert s.advertise_ip == ips[name], f"{inv.where}: --advertise-ip is not its address"
@@ -450,6 +478,20 @@ def test_compose_lines_up_with_the_code(tmp_path: Path, monkeypatch: pytest.Monk
             assert host == "127.0.0.1" and port == origin.port and serves(routes["origin"], path)
             origin.files = re.findall(re.escape(origin.dir.rstrip("/")) + r"/([\w.\-]+)", script)
     assert len(supernodes) >= 2 and len(peers) >= 3 and origin is not None
+    # one dfdaemon per peer host, in its network namespace, on its home, with its --ip
+    assert len(mirrors) == len(peers), sorted(mirrors)
+    for name, (svc, p) in mirrors.items():
+        mode = svc.get("network_mode", "")
+        assert mode.startswith("service:") and mode[8:] in peers, f"compose {name}: network_mode {mode}"
+        peer = peers[mode[8:]]
+        assert p["ip"] == peer.ip and str(p["home"]) == str(peer.home), f"compose {name}: --ip/--home"
+        peer_vols = {v.split(":")[1]: v.split(":")[0] for v in services[mode[8:]].get("volumes", [])}
+        vols = {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])}
+        assert vols.get(str(peer.home)) == peer_vols[str(peer.home)], f"compose {name}: not the peer's home"
+        assert [str(x).rsplit(":", 1)[1] for x in services[mode[8:]].get("ports", [])] == [str(p["port"])]
+        assert urlsplit(p["registry"]).hostname in services, f"compose {name}: --registry is no service"
+        for node in p["nodes"]:
+            assert node.host in supernodes and node.port == supernodes[node.host].port
     assert len({s.redis_url for s in supernodes.values()}) == 1, "the supernodes must share one Redis"
     for s in supernodes.values():
         assert s.home != Path.home() / ".supernode"
@@ -512,6 +554,20 @@ def test_kubernetes_lines_up_with_the_code(tmp_path: Path, monkeypatch: pytest.M
                     "supernode reads as settings: set enableServiceLinks: false")
             assert s.home.is_absolute() and any(
                 m["mountPath"] == str(s.home) for m in c.get("volumeMounts", [])), f"{inv.where}: --home volume"
+        elif inv.program == "dfdaemon":
+            kinds.add("dfdaemon")
+            p = parse_dfdaemon(inv)
+            app_of = {p["port"]: "dfdaemon"}
+            assert w["kind"] == "DaemonSet" and pod.get("hostNetwork") is True, f"{inv.where}: per node, host net"
+            assert p["ip"] == FIELD_REFS["status.hostIP"], f"{inv.where}: --ip must be status.hostIP"
+            assert [(q["containerPort"], q.get("hostPort", q["containerPort"])) for q in c["ports"]] == [
+                (p["port"], p["port"])], f"{inv.where}: ports"
+            peer = [parse_dfget_server(i, monkeypatch) for ww, _, i in k8s_invocations()
+                    if ww["metadata"]["name"] == w["metadata"]["name"] and i.program == "dfget server"]
+            assert len(peer) == 1 and peer[0].home == Path(p["home"]), f"{inv.where}: beside its peer server"
+            assert any(m["mountPath"] == str(p["home"]) for m in c.get("volumeMounts", []))
+            host = p["nodes"][0].host.split(".")[0]
+            assert host in {o["metadata"]["name"] for o in services}, f"{inv.where}: -n is no Service"
         elif inv.program == "dfget server":
             kinds.add("dfget server")
             cfg = parse_dfget_server(inv, monkeypatch)
@@ -528,8 +584,11 @@ def test_kubernetes_lines_up_with_the_code(tmp_path: Path, monkeypatch: pytest.M
             assert get, f"{inv.where}: no {probe} httpGet"
             port = _port_number(c, get["port"])
             assert port in app_of, f"{inv.where}: {probe} on port {port}, which serves nothing"
-            assert serves(routes[app_of[port]], get["path"]), f"{inv.where}: {probe} {get['path']} is no route"
-    assert kinds == {"supernode", "dfget server"}
+            if app_of[port] == "dfdaemon":
+                assert dfdaemon_routes.classify("GET", get["path"]).kind == "ping", f"{inv.where}: {probe}"
+            else:
+                assert serves(routes[app_of[port]], get["path"]), f"{inv.where}: {probe} {get['path']} is no route"
+    assert kinds == {"supernode", "dfget server", "dfdaemon"}
 
     # Every Service selects a workload and targets ports it really exposes.
     for svc in services:
@@ -584,7 +643,7 @@ def test_images_are_the_same_everywhere() -> None:
     others = {img.split(":")[0]: img for _, img in refs if not _is_ours(img)}
     for base in others:
         assert len({img for _, img in refs if img.split(":")[0] == base}) == 1, f"{base} differs"
-    assert set(others) == {"redis"}
+    assert set(others) == {"redis", "registry"}  # registry: compose's upstream for the dfdaemon mirrors
 
 
 def test_dockerfile_copies_what_exists_and_exposes_the_ports(tmp_path: Path,
@@ -599,16 +658,22 @@ def test_dockerfile_copies_what_exists_and_exposes_the_ports(tmp_path: Path,
     defaults = parse_supernode(Invocation("defaults", ["supernode"]), tmp_path, monkeypatch)
     peer_ports = {parse_dfget_server(i, monkeypatch).port for _, _, i in compose_invocations()
                   if i.program == "dfget server"}
-    assert exposed == {defaults.port, defaults.download_port} | peer_ports
+    mirror_ports = {parse_dfdaemon(i)["port"] for _, _, i in compose_invocations() if i.program == "dfdaemon"}
+    assert exposed == {defaults.port, defaults.download_port} | peer_ports | mirror_ports
 
 
 def test_systemd_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     units = sorted(p.name for p in SYSTEMD.glob("*.service"))
-    assert units == ["dfget-server.service", "supernode.service"]
+    assert units == ["dfdaemon.service", "dfget-server.service", "supernode.service"]
     for name in units:
         u = unit(name)
         inv = systemd_invocation(name)
-        home = (parse_supernode(inv, tmp_path, monkeypatch).home if inv.program == "supernode"
-                else parse_dfget_server(inv, monkeypatch).home)
+        if inv.program == "supernode":
+            home = parse_supernode(inv, tmp_path, monkeypatch).home
+        elif inv.program == "dfdaemon":
+            home = parse_dfdaemon(inv)["home"]
+            assert "dfget-server.service" in " ".join(u["After"]), f"{name}: after its peer server"
+        else:
+            home = parse_dfget_server(inv, monkeypatch).home
         assert [str(home)] == [f"/var/lib/{d}" for d in u["StateDirectory"]], f"{name}: --home is not its state dir"
         assert u["KillSignal"] == ["SIGTERM"]
