@@ -171,10 +171,37 @@ def _spawn(home: Path, ip: str, port: int, totallimit: int, alivetime: float, ex
                                 start_new_session=True, close_fds=True)
 
 
-def _launch_lock(home: Path) -> int:
+def _launch_lock(home: Path, deadline: float) -> int:
+    """The home's launch lock, waited for until `deadline` (monotonic) at most: a thread
+    blocked in flock() for ever cannot be cancelled, and it kept a process from exiting
+    (asyncio waits for its executor's threads at shutdown)."""
     fd = os.open(home / "launch.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise PeerServerError(f"another dfget has been starting the peer server of {home} "
+                                      f"for over {START_TIMEOUT:g} s") from None
+            time.sleep(0.02)
+
+
+async def _acquire_launch_lock(home: Path) -> int:
+    """The lock from a worker thread; if we are cancelled meanwhile, the lock the thread
+    still gets is released at once (a leaked one would block every later start)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(_launch_lock, home, time.monotonic() + START_TIMEOUT))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_close_acquired)
+        raise
+
+
+def _close_acquired(fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        os.close(fut.result())
 
 
 async def ensure_server(home: Path, ip: str, port: int, totallimit: int, alivetime: float,
@@ -189,7 +216,7 @@ async def ensure_server(home: Path, ip: str, port: int, totallimit: int, aliveti
         return client, await client.info()
     except PeerServerError:
         pass
-    fd = await asyncio.wait_for(asyncio.to_thread(_launch_lock, home), START_TIMEOUT)
+    fd = await _acquire_launch_lock(home)
     try:
         try:
             return client, await client.info()
