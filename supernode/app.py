@@ -26,23 +26,24 @@ from common.ratelimit import Throttle
 from common.taskid import is_short_id, new_id
 from common.tokens import Signer
 
-from . import api, guard, preheat, ui
+from .api import guard, preheat, ui
+from .api import handlers as api
 from .auth import KeyRing, PieceGate, load_or_create_key
-from .peerauth import PeerSecrets
-from .cache import PieceCache
-from .cdn import Cdn, CdnSettings
+from .api.peerauth import PeerSecrets
+from .cdn.cache import PieceCache
+from .cdn.fetch import Cdn, CdnSettings
 from .config import Settings
-from .dispatch import Dispatcher
-from .events import EventHub
-from .views import Views
+from .scheduling.dispatch import Dispatcher
+from .store.events import EventHub
+from .scheduling.views import Views
 from .gc import announce_loop, gc_loop
 from .metrics import Metrics
-from .origin import OriginClient, OriginSettings
-from .repo import Repo
-from .scheduler import Limits
-from .seed import Seed
+from .cdn.origin import OriginClient, OriginSettings
+from .store.repo import Repo
+from .scheduling.policy import Limits
+from .cdn.seed import Seed
 from .state import STATE, SupernodeState
-from .store import Store, connect
+from .store.connection import Store, connect
 
 log = logging.getLogger("supernode")
 

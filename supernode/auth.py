@@ -37,10 +37,10 @@ from cryptography.hazmat.primitives.serialization import (
 
 from common import errors, tokens, wire
 
-from . import keys
+from .store import keys
 from .gc import raise_if_cancelled
 from .state import STATE
-from .store import translate
+from .store.connection import translate
 
 log = logging.getLogger("supernode.auth")
 KEY_FILE = "piece-signing.key"

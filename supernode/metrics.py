@@ -21,10 +21,10 @@ from common import wire
 from common.errors import StoreError
 from common.pieces import piece_range
 
-from . import keys
+from .store import keys
 
 if TYPE_CHECKING:
-    from .repo import Repo, TaskMeta
+    from .store.repo import Repo, TaskMeta
     from .state import SupernodeState
 
 log = logging.getLogger("supernode.metrics")

@@ -11,16 +11,16 @@ from common.netpolicy import AddressPolicy
 
 if TYPE_CHECKING:
     from .auth import KeyRing
-    from .cache import PieceCache
-    from .cdn import Cdn
+    from .cdn.cache import PieceCache
+    from .cdn.fetch import Cdn
     from .config import Settings
-    from .dispatch import Dispatcher
-    from .events import EventHub
+    from .scheduling.dispatch import Dispatcher
+    from .store.events import EventHub
     from .metrics import Metrics
-    from .peerauth import PeerSecrets
-    from .repo import Repo
-    from .seed import Seed
-    from .store import Store
+    from .api.peerauth import PeerSecrets
+    from .store.repo import Repo
+    from .cdn.seed import Seed
+    from .store.connection import Store
 
 
 @dataclass

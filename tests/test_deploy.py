@@ -32,11 +32,11 @@ from dfget.server.app import build_peer_app
 from dfget.server.state import ServerConfig, ServerState
 from supernode import configref
 from supernode.app import create_app
-from supernode.cache import PieceCache
+from supernode.cdn.cache import PieceCache
 from supernode.cli import build_settings
 from supernode.cli import main as supernode_cmd
 from supernode.config import Settings
-from supernode.seed import Seed
+from supernode.cdn.seed import Seed
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -1,4 +1,4 @@
-"""Table-driven tests of the scheduler's pure decision (supernode/scheduler.py)."""
+"""Table-driven tests of the scheduler's pure decision (supernode/scheduling/policy.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from supernode.scheduler import (
+from supernode.scheduling.policy import (
     Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, assign_free, cdn_copy_limit,
     decode_counts, rank,
     wanted,
@@ -189,7 +189,7 @@ def test_assign_takes_the_copy_limit_of_the_swarm() -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from supernode.scheduler import RarityOrder, rank_ordered  # noqa: E402
+from supernode.scheduling.policy import RarityOrder, rank_ordered  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)

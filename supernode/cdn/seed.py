@@ -25,7 +25,7 @@ from common.taskid import is_task_id
 from .cache import PieceCache
 
 if TYPE_CHECKING:
-    from .auth import PieceGate
+    from supernode.auth import PieceGate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("supernode.seed")

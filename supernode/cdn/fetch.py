@@ -30,11 +30,12 @@ from common.ranges import RangeSyntaxError, parse_content_range
 from common.ratelimit import Throttle
 from common.taskid import redact_url
 
-from . import keys, takeover
+from supernode.store import keys
+from . import takeover
 from .cache import CacheEntry, PieceCache
 from .origin import OriginClient, validators
 from .repair import CacheRepair
-from .repo import Repo, TaskMeta, now_ms
+from supernode.store.repo import Repo, TaskMeta, now_ms
 
 log = logging.getLogger("supernode.cdn")
 T = TypeVar("T")

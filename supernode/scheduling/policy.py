@@ -1,6 +1,6 @@
 """The scheduler's decision, as pure functions: state in, assignments out.
 
-No Redis, no clock, no unseeded randomness. `supernode/dispatch.py` reads the state
+No Redis, no clock, no unseeded randomness. `supernode/scheduling/dispatch.py` reads the state
 from Redis, calls `rank` then `assign`, and claims the result atomically.
 
 Policy (Dragonfly v1, kept):

@@ -20,7 +20,7 @@ from common.pieces import piece_range
 from common.tokens import CLIENT_HEADER, TOKEN_HEADER, Signer
 
 from .cache import CacheEntry, write_at
-from .repo import PeerInfo, Repo
+from supernode.store.repo import PeerInfo, Repo
 
 SAMPLE = 8  # holders asked about per piece
 COPIES = 2  # pieces copied from peers at once

@@ -14,10 +14,11 @@ from aiohttp import web
 from common import __version__, errors, wire
 from common.taskid import filter_url, is_task_id, new_id, redact_url, task_id as make_task_id
 
-from . import guard, origin, peerauth
-from .auth import admin_only
-from .repo import PeerInfo, TaskMeta
-from .state import STATE, SupernodeState
+from . import guard, peerauth
+from supernode.cdn import origin
+from supernode.auth import admin_only
+from supernode.store.repo import PeerInfo, TaskMeta
+from supernode.state import STATE, SupernodeState
 
 log = logging.getLogger("supernode.api")
 MAX_BODY = 64 * 1024

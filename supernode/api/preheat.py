@@ -20,10 +20,10 @@ from aiohttp import web
 from common import errors, wire
 from common.taskid import is_task_id, redact_url
 
-from . import api
-from .auth import admin_only
-from .repo import TaskMeta
-from .state import STATE, SupernodeState
+from . import handlers as api
+from supernode.auth import admin_only
+from supernode.store.repo import TaskMeta
+from supernode.state import STATE, SupernodeState
 
 log = logging.getLogger("supernode.preheat")
 

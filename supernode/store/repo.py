@@ -12,8 +12,8 @@ from common import wire
 from common.errors import StoreError
 
 from . import keys
-from .scheduler import Bitmap, SourceState, decode_counts
-from .store import Store, translate
+from supernode.scheduling.policy import Bitmap, SourceState, decode_counts
+from .connection import Store, translate
 
 
 def now_ms() -> int:

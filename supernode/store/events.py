@@ -1,7 +1,7 @@
 """Long-poll wake-ups through Redis pub/sub: no busy polling, cluster-wide.
 
 Every state change of a task is published on `df:ev:{T}` (by the Lua scripts, whichever
-supernode ran them) as its change log (supernode/view.py). One pub/sub connection per
+supernode ran them) as its change log (supernode/scheduling/view.py). One pub/sub connection per
 supernode hands each message to `on_event` (the views, which replay it), and the views
 call `wake` with what the change made: n new pieces or free slots wake the n (at least
 `wake_batch`) longest-waiting pulls, so 200 waiting clients do not all re-schedule for

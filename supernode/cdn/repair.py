@@ -39,8 +39,8 @@ from common.taskid import redact_url
 from .cache import CacheEntry, write_at
 
 if TYPE_CHECKING:
-    from .cdn import Cdn
-    from .repo import TaskMeta
+    from .fetch import Cdn
+    from supernode.store.repo import TaskMeta
 
 log = logging.getLogger("supernode.repair")
 SUSPECT = frozenset({"digest_mismatch", "not_found", "short_body", "long_body", "error"})
