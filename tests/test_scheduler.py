@@ -8,9 +8,10 @@ import pytest
 
 from supernode.scheduling.policy import (
     Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, assign_free, cdn_copy_limit,
-    decode_counts, rank,
+    rank,
     wanted,
 )
+from supernode.store.bitmaps import decode_counts
 
 CDN = "c" * 32
 A, B, C, ME = "a" * 32, "b" * 32, "d" * 32, "e" * 32

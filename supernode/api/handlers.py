@@ -16,7 +16,7 @@ from common.taskid import filter_url, is_task_id, new_id, redact_url, task_id as
 
 from . import guard, peerauth
 from supernode.cdn import origin
-from supernode.auth import admin_only
+from .admin import admin_only
 from supernode.store.repo import PeerInfo, TaskMeta
 from supernode.state import STATE, SupernodeState
 
@@ -313,7 +313,7 @@ async def version(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
-    body_, ctype = await st.metrics.render(st)
+    body_, ctype = await st.metrics.render(st.cdn, st.seed, st.repo)
     return web.Response(body=body_, headers={"Content-Type": ctype})
 
 

@@ -21,7 +21,7 @@ from common import errors, wire
 from common.taskid import is_task_id, redact_url
 
 from . import handlers as api
-from supernode.auth import admin_only
+from .admin import admin_only
 from supernode.store.repo import TaskMeta
 from supernode.state import STATE, SupernodeState
 

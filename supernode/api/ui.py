@@ -30,7 +30,7 @@ from common.pieces import piece_count
 from common.taskid import is_task_id, redact_url
 
 from .handlers import reply
-from supernode.auth import admin_only
+from .admin import admin_only
 from supernode.store.repo import PeerInfo, PieceMap, TaskOverview
 from supernode.scheduling.policy import Bitmap
 from supernode.state import STATE

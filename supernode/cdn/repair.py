@@ -26,8 +26,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
@@ -36,11 +36,12 @@ from common.pieces import piece_range
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.taskid import redact_url
 
-from .cache import CacheEntry, write_at
+from .cache import CacheEntry, PieceCache, write_at
 
 if TYPE_CHECKING:
-    from .fetch import Cdn
-    from supernode.store.repo import TaskMeta
+    from supernode.store.repo import Repo, TaskMeta
+
+    from .origin import OriginClient
 
 log = logging.getLogger("supernode.repair")
 SUSPECT = frozenset({"digest_mismatch", "not_found", "short_body", "long_body", "error"})
@@ -66,8 +67,31 @@ def _check_piece(path: str, entry: CacheEntry, n: int, expected: str) -> bool:
     return digest.matches(expected, digest.of(data))
 
 
+class _Rates(Protocol):
+    @property
+    def min_rate(self) -> float: ...
+
+
+class RepairOwner(Protocol):
+    """What the repair needs of the CDN that owns it (`fetch.Cdn`; a protocol, so that
+    the two modules do not import each other)."""
+
+    sn_id: str
+    cache: PieceCache
+    repo: Repo
+    origin: OriginClient
+
+    @property
+    def settings(self) -> _Rates: ...
+
+    @property
+    def running(self) -> Mapping[str, object]: ...
+
+    async def ensure(self, meta: TaskMeta) -> None: ...
+
+
 class CacheRepair:
-    def __init__(self, cdn: Cdn) -> None:
+    def __init__(self, cdn: RepairOwner) -> None:
         self.cdn = cdn
         self.good: dict[tuple[str, int], float] = {}  # (task, piece) -> when found good
         self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # running repairs

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 
@@ -24,8 +24,12 @@ from common.taskid import is_task_id
 
 from .cache import PieceCache
 
-if TYPE_CHECKING:
-    from supernode.auth import PieceGate
+
+class PieceGate(Protocol):
+    """Checks a request's piece token (`supernode.auth.PieceGate`, given by the app)."""
+
+    async def check(self, request: web.Request, task_id: str, start: int, end: int) -> web.Response | None: ...
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("supernode.seed")
