@@ -22,7 +22,7 @@ from aiohttp import web
 from common import errors
 from common.hostport import hostport, http_base
 from common.listen import listen_socket
-from common.ratelimit import Throttle
+from .cdn.throttle import Throttle
 from common.taskid import is_short_id, new_id
 from common.tokens import Signer
 

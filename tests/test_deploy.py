@@ -25,12 +25,12 @@ from aiohttp import web
 import bench.origin
 import dfget.server.lifecycle
 from common import __version__
-from common.ratelimit import Throttle
+from supernode.cdn.throttle import Throttle
 from dfget import config as dfget_config
 from dfget.cli import download_cmd, server_cmd
 from dfget.server.app import build_peer_app
 from dfget.server.state import ServerConfig, ServerState
-from supernode import configref
+from tools import configref
 from supernode.app import create_app
 from supernode.cdn.cache import PieceCache
 from supernode.cli import build_settings

@@ -141,6 +141,22 @@ def test_state_names_components_only_for_type_checking() -> None:
     assert runtime == []
 
 
+def test_common_has_no_asyncio_and_no_daemon() -> None:
+    """`common` is wire formats and pure maths, shared by every package: no event loop, and
+    nothing of the packages that use it."""
+    bad = []
+    for name, path in modules("common").items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            bad += [f"{name} -> {n}" for n in names if n.split(".")[0] in ("asyncio", "supernode", "dfget")]
+    assert bad == []
+
+
 def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     g = {"a": {"b": False}, "b": {"a": True}, "c": {}}
     assert cycles(g) == [["a", "b"]]

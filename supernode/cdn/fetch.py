@@ -27,7 +27,7 @@ import aiohttp
 from common import digest, errors
 from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
 from common.ranges import RangeSyntaxError, parse_content_range
-from common.ratelimit import Throttle
+from .throttle import Throttle
 from common.taskid import redact_url
 
 from supernode.store import keys

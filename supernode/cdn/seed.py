@@ -19,7 +19,7 @@ from aiohttp import web
 
 from common.pieces import piece_of_range
 from common.ranges import ByteRange, RangeSyntaxError, RangeUnsatisfiable, parse_range
-from common.ratelimit import Throttle
+from .throttle import Throttle
 from common.taskid import is_task_id
 
 from .cache import PieceCache
