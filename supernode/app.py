@@ -184,8 +184,10 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-class ListenError(Exception):
+class ListenError(errors.StartupError):
     """A port this supernode was told to listen on cannot be had."""
+
+    code = "listen_failed"
 
 
 async def _listen(runner: web.AppRunner, flag: str, host: str, port: int) -> None:

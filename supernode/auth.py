@@ -47,8 +47,10 @@ RELOAD_INTERVAL = 5.0  # the key list handed to clients is at most this old
 REFRESH_MIN_INTERVAL = 1.0  # an unknown key id reloads the ring at most this often
 
 
-class KeyFileError(Exception):
+class KeyFileError(errors.StartupError):
     """The signing key file is unusable (unreadable, not a key, readable by others)."""
+
+    code = "key_file"
 
 
 # --- the key pair ---------------------------------------------------------------------

@@ -80,10 +80,6 @@ class _NoResume(Exception):
     """The origin would not continue the same version with a Range."""
 
 
-class FetchAborted(Exception):
-    """The lease was lost: another supernode owns the fetch now."""
-
-
 class Cdn:
     def __init__(
         self, repo: Repo, origin: OriginClient, cache: PieceCache, sn_id: str,
