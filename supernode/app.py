@@ -43,6 +43,7 @@ from .store.repo import Repo
 from .scheduling.policy import Limits
 from .cdn.seed import Seed
 from .state import STATE, SupernodeState
+from .tasks import TaskOwner
 from .store.connection import Store, connect
 
 log = logging.getLogger("supernode")
@@ -68,22 +69,6 @@ def _load_cache(cache: PieceCache) -> None:
         entry = cache.load(tid)
         if entry is not None and entry.complete:
             cache.adopt(entry)
-
-
-async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel and wait. A task whose cancellation got swallowed inside a store call (seen
-    right after start-up: it went on to sleep and loop) is cancelled again, so shutdown
-    never hangs on a background loop."""
-    pending = set(tasks)
-    for _ in range(100):
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-        if not pending:
-            break
-    for t in tasks:
-        if t.done() and not t.cancelled():
-            t.exception()  # retrieved: a loop that died is logged by itself
 
 
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -136,24 +121,25 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = st
     dispatcher.on_schedule = st.metrics.schedule.observe
     dispatcher.on_reports = st.metrics.observe_applied
-    background = [asyncio.create_task(hub.run_local() if store.embedded else hub.run(), name="events")]
+    background = TaskOwner(log)
+    background.start("events", hub.run_local() if store.embedded else hub.run(), name="events")
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(hub.connected.wait(), 5.0)
-    background.append(asyncio.create_task(gc_loop(st), name="gc"))
+    background.start("gc", gc_loop(st), name="gc")
     try:
         await keyring.publish()  # before the first registration hands out the key list
     except errors.StoreError as exc:
         log.warning("cannot publish the piece-token key yet: %s", exc.message)
-    background.append(asyncio.create_task(keyring.run(), name="keys"))
+    background.start("keys", keyring.run(), name="keys")
     api_port = app[API_PORT] if API_PORT in app else settings.port
-    background.append(asyncio.create_task(announce_loop(st, ip, api_port, download_port), name="announce"))
+    background.start("announce", announce_loop(st, ip, api_port, download_port), name="announce")
     try:
         yield
     finally:
         await seed.drain(settings.shutdown_timeout / 2)
         await dispatcher.close()
         await cdn.close()
-        await _stop_tasks(background)
+        await background.close()
         await seed_runner.cleanup()
         await origin.close()
         await store.close()

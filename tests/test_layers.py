@@ -7,7 +7,8 @@ and no import from a lower sub-package into a higher one.
 Imports under `if TYPE_CHECKING:` count: a type named across layers is a dependency a
 reader has to follow just the same. The one way up allowed is `api` importing the typed
 application state (`supernode.state`), whose own imports of the components are
-TYPE_CHECKING-only (checked below).
+TYPE_CHECKING-only (checked below). `supernode.tasks` (the owners of background tasks)
+imports nothing of the supernode and sits at the bottom with `common`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RANK = {"common": 0, "supernode.store": 1, "supernode.cdn": 2, "supernode.scheduling": 3, "supernode.api": 4}
+RANK = {"common": 0, "supernode.tasks": 0, "supernode.store": 1, "supernode.cdn": 2, "supernode.scheduling": 3, "supernode.api": 4}
 TOP = 5  # the modules directly under supernode/
 ALLOWED_UP = {("supernode.api", "supernode.state")}
 

@@ -36,6 +36,7 @@ from .cache import CacheEntry, PieceCache
 from .origin import OriginClient, validators
 from .repair import CacheRepair
 from supernode.store.repo import Repo, TaskMeta, now_ms
+from supernode.tasks import TaskOwner, cancel_and_wait
 
 log = logging.getLogger("supernode.cdn")
 T = TypeVar("T")
@@ -91,8 +92,8 @@ class Cdn:
         self.sn_id = sn_id
         self.throttle = throttle
         self.settings = settings
-        self.running: dict[str, asyncio.Task[None]] = {}
-        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.running = TaskOwner(log)  # task id -> its fetch
+        self._watchers = TaskOwner(log)  # task id -> the watcher of its lease or seed
         self._seed_checked: dict[str, float] = {}
         self._slots = asyncio.Semaphore(settings.max_fetches)
         self.bytes_fetched = 0
@@ -134,15 +135,11 @@ class Cdn:
     def _start(self, task_id: str) -> None:
         if task_id in self.running:
             return  # another registration in this process started it while we awaited
-        task = asyncio.create_task(self._run(task_id), name=f"cdn-{task_id[:12]}")
-        self.running[task_id] = task
-        task.add_done_callback(lambda _t, tid=task_id: self.running.pop(tid, None))
+        self.running.start(task_id, self._run(task_id), name=f"cdn-{task_id[:12]}")
 
     def _watch(self, task_id: str, watcher: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if task_id not in self._watchers:
-            task = asyncio.create_task(watcher(), name=f"watch-{task_id[:12]}")
-            self._watchers[task_id] = task
-            task.add_done_callback(lambda _t, tid=task_id: self._watchers.pop(tid, None))
+            self._watchers.start(task_id, watcher(), name=f"watch-{task_id[:12]}")
 
     async def _watch_seed(self, task_id: str, cdn: str) -> None:
         """One look when the seed's liveness record would expire: if it did (the seed
@@ -176,12 +173,8 @@ class Cdn:
 
     async def close(self) -> None:
         await self.repair.close()
-        tasks = list(self._watchers.values()) + list(self.running.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await self._watchers.close()  # first: a watcher may start a fetch
+        await self.running.close()
 
     async def _run(self, task_id: str) -> None:
         keeper = asyncio.create_task(self._keep_lease(task_id, asyncio.current_task()))
@@ -209,13 +202,11 @@ class Cdn:
             log.exception("task %s: unexpected fetch failure", task_id[:12])
             await self._fail(task_id, errors.TaskFailed(f"internal error: {type(exc).__name__}"))
         finally:
-            keeper.cancel()
-            with contextlib.suppress(BaseException):
-                await keeper
+            await cancel_and_wait(keeper)
             entry = self.cache.entries.get(task_id)
             if entry is not None:
                 with contextlib.suppress(OSError):
-                    self.cache.save(entry)
+                    await asyncio.to_thread(self.cache.save, entry)
             with contextlib.suppress(errors.DfError):
                 await self.repo.keep_lease(task_id, self.sn_id, 0)
 
@@ -502,7 +493,7 @@ class Cdn:
             if entry.length < 0:
                 entry.length = received
                 await self.repo.set_meta(meta.task_id, length=received, piece_count=piece)
-            os.fsync(fd)
+            await asyncio.to_thread(os.fsync, fd)
         finally:
             if pipe is not None:
                 await pipe.settle()  # never close the fd under a write
@@ -564,9 +555,7 @@ class Cdn:
                 await self.repo.adopt_cdn(tid, self.sn_id, [])
             return False
         finally:
-            copier.cancel()
-            with contextlib.suppress(BaseException):
-                await copier
+            await cancel_and_wait(copier)
         if len(entry.digests) < count:
             raise errors.TaskFailed("internal error: pieces missing after a takeover")
         await self._finish(meta, entry, count)
@@ -603,7 +592,7 @@ class Cdn:
 
     async def _finish(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
         entry.complete = True
-        self.cache.save(entry)
+        await asyncio.to_thread(self.cache.save, entry)
         fields: dict[str, object] = dict(
             status="success", length=entry.length, piece_size=entry.piece_size, piece_count=count,
             file_digest=file_digest(entry.digests, count), cdn=self.sn_id)

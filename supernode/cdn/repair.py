@@ -35,6 +35,7 @@ from common import digest, errors, wire
 from common.pieces import piece_range
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.taskid import redact_url
+from supernode.tasks import TaskOwner
 
 from .cache import CacheEntry, PieceCache, write_at
 
@@ -94,7 +95,7 @@ class CacheRepair:
     def __init__(self, cdn: RepairOwner) -> None:
         self.cdn = cdn
         self.good: dict[tuple[str, int], float] = {}  # (task, piece) -> when found good
-        self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # running repairs
+        self.tasks = TaskOwner(log)  # (task, piece) -> its running repair
         self.repaired = 0  # pieces fetched again and put back
         self.refetched = 0  # whole files fetched again
 
@@ -135,12 +136,7 @@ class CacheRepair:
             await self._repair(task_id, entry, bad)
 
     async def close(self) -> None:
-        tasks = list(self.tasks.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await self.tasks.close()
 
     # --- one piece ----------------------------------------------------------------------
     async def _repair(self, task_id: str, entry: CacheEntry, pieces: list[int]) -> None:
@@ -149,10 +145,8 @@ class CacheRepair:
         expected = {n: entry.digests.pop(n) for n in pieces}  # the seed stops serving them
         await self.cdn.repo.unpublish_pieces(task_id, pieces)
         for n in pieces:
-            task = asyncio.create_task(self._refetch_piece(task_id, entry, n, expected[n]),
-                                       name=f"repair-{task_id[:12]}-{n}")
-            self.tasks[(task_id, n)] = task
-            task.add_done_callback(lambda _t, key=(task_id, n): self.tasks.pop(key, None))
+            self.tasks.start((task_id, n), self._refetch_piece(task_id, entry, n, expected[n]),
+                             name=f"repair-{task_id[:12]}-{n}")
 
     async def _refetch_piece(self, task_id: str, entry: CacheEntry, n: int, expected: str) -> None:
         try:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import keys
+from .connection import raise_if_cancelled
 
 log = logging.getLogger("supernode.events")
 
@@ -124,6 +125,7 @@ class EventHub:
                 delay = 0.1
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
+                    raise_if_cancelled()  # redis-py may have swallowed a cancellation
                     if msg is None:
                         continue
                     channel = msg["channel"]
