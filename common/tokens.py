@@ -160,7 +160,8 @@ def parse(token: str) -> tuple[list[Claims], bytes, bytes]:
 def verify(token: str | None, keys: Callable[[bytes], Ed25519PublicKey | None], *, task_id: str,
            start: int, end: int, client: str | None, source: str, now: float) -> Claims:
     """Check a token for the request `GET /peer/file/{task_id}` with `Range: bytes=start-end`
-    (as resolved against the file) by `client`, served by `source`. Raises TokenError (UnknownKey for a key not in `keys`)."""
+    (as resolved against the file) by `client`, served by `source`. Raises TokenError
+    (UnknownKey for a key not in `keys`)."""
     if token is None:
         raise TokenError("missing", f"a piece token is required ({TOKEN_HEADER})")
     grants, body, sig = parse(token)

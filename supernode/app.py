@@ -22,29 +22,29 @@ from aiohttp import web
 from common import errors
 from common.hostport import hostport, http_base
 from common.listen import listen_socket
-from .cdn.throttle import Throttle
 from common.taskid import is_short_id, new_id
 from common.tokens import Signer
 
 from .api import guard, preheat, ui
 from .api import handlers as api
-from .auth import KeyRing, PieceGate, load_or_create_key
 from .api.peerauth import PeerSecrets
+from .auth import KeyRing, PieceGate, load_or_create_key
 from .cdn.cache import PieceCache
 from .cdn.fetch import Cdn, CdnSettings
+from .cdn.origin import OriginClient, OriginSettings
+from .cdn.seed import Seed
+from .cdn.throttle import Throttle
 from .config import Settings
-from .scheduling.dispatch import Dispatcher
-from .store.events import EventHub
-from .scheduling.views import Views
 from .gc import announce_loop, gc_loop
 from .metrics import Metrics
-from .cdn.origin import OriginClient, OriginSettings
-from .store.repo import Repo
+from .scheduling.dispatch import Dispatcher
 from .scheduling.policy import Limits
-from .cdn.seed import Seed
+from .scheduling.views import Views
 from .state import STATE, SupernodeState
-from .tasks import TaskOwner
 from .store.connection import Store, connect
+from .store.events import EventHub
+from .store.repo import Repo
+from .tasks import TaskOwner
 
 log = logging.getLogger("supernode")
 
@@ -131,7 +131,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     except errors.StoreError as exc:
         log.warning("cannot publish the piece-token key yet: %s", exc.message)
     background.start("keys", keyring.run(), name="keys")
-    api_port = app[API_PORT] if API_PORT in app else settings.port
+    api_port = app.get(API_PORT, settings.port)
     background.start("announce", announce_loop(st, ip, api_port, download_port), name="announce")
     try:
         yield

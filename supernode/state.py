@@ -10,17 +10,17 @@ from aiohttp import web
 from common.netpolicy import AddressPolicy
 
 if TYPE_CHECKING:
+    from .api.peerauth import PeerSecrets
     from .auth import KeyRing
     from .cdn.cache import PieceCache
     from .cdn.fetch import Cdn
-    from .config import Settings
-    from .scheduling.dispatch import Dispatcher
-    from .store.events import EventHub
-    from .metrics import Metrics
-    from .api.peerauth import PeerSecrets
-    from .store.repo import Repo
     from .cdn.seed import Seed
+    from .config import Settings
+    from .metrics import Metrics
+    from .scheduling.dispatch import Dispatcher
     from .store.connection import Store
+    from .store.events import EventHub
+    from .store.repo import Repo
 
 
 @dataclass

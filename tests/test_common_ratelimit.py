@@ -54,7 +54,7 @@ def test_first_call_at_time_zero_is_not_special() -> None:
 
 
 @pytest.mark.parametrize("Throttle", [SupernodeThrottle, DfgetThrottle])
-async def test_throttle_shell(Throttle: type[SupernodeThrottle]) -> None:  # noqa: N803 (a class)
+async def test_throttle_shell(Throttle: type[SupernodeThrottle]) -> None:
     t = Throttle(0)
     assert t.unlimited
     await t.consume(10**9)

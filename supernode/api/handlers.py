@@ -11,13 +11,14 @@ from typing import TypeVar
 from aiohttp import web
 
 from common import __version__, errors, httperrors, wire
-from common.taskid import filter_url, is_task_id, new_id, redact_url, task_id as make_task_id
+from common.taskid import filter_url, is_task_id, new_id, redact_url
+from common.taskid import task_id as make_task_id
+from supernode.cdn import origin
+from supernode.state import STATE, SupernodeState
+from supernode.store.repo import PeerInfo, TaskMeta
 
 from . import guard, peerauth
-from supernode.cdn import origin
 from .admin import admin_only
-from supernode.store.repo import PeerInfo, TaskMeta
-from supernode.state import STATE, SupernodeState
 
 log = logging.getLogger("supernode.api")
 MAX_BODY = 64 * 1024

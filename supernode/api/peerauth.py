@@ -16,7 +16,6 @@ import hmac
 import secrets
 
 from common.errors import PeerSecretRefused
-
 from supernode.store import keys
 from supernode.store.connection import Store, translate
 

@@ -28,12 +28,12 @@ from aiohttp import web
 from common import __version__, errors
 from common.pieces import piece_count
 from common.taskid import is_task_id, redact_url
-
-from .handlers import reply
-from .admin import admin_only
-from supernode.store.repo import PeerInfo, PieceMap, TaskOverview
 from supernode.scheduling.policy import Bitmap
 from supernode.state import STATE
+from supernode.store.repo import PeerInfo, PieceMap, TaskOverview
+
+from .admin import admin_only
+from .handlers import reply
 
 STATIC = Path(__file__).parent.parent / "static"
 ASSETS = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}

@@ -27,16 +27,16 @@ import aiohttp
 from common import digest, errors
 from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
 from common.ranges import RangeSyntaxError, parse_content_range
-from .throttle import Throttle
 from common.taskid import redact_url
-
 from supernode.store import keys
+from supernode.store.repo import Repo, TaskMeta, now_ms
+from supernode.tasks import TaskOwner, cancel_and_wait
+
 from . import takeover
 from .cache import CacheEntry, PieceCache
 from .origin import OriginClient, validators
 from .repair import CacheRepair
-from supernode.store.repo import Repo, TaskMeta, now_ms
-from supernode.tasks import TaskOwner, cancel_and_wait
+from .throttle import Throttle
 
 log = logging.getLogger("supernode.cdn")
 T = TypeVar("T")
@@ -198,7 +198,7 @@ class Cdn:
                 err = errors.CdnStorageError(f"cannot write the piece cache: {exc.strerror or exc}")
             log.warning("task %s failed: %s (%s)", task_id[:12], err.message, err.code)
             await self._fail(task_id, err)
-        except Exception as exc:  # noqa: BLE001 - a bug must fail the task, not hang it
+        except Exception as exc:
             log.exception("task %s: unexpected fetch failure", task_id[:12])
             await self._fail(task_id, errors.TaskFailed(f"internal error: {type(exc).__name__}"))
         finally:
@@ -295,8 +295,7 @@ class Cdn:
                 await self._announce(meta, entry)
                 await self._stream(meta, entry, resp, start, published)
                 return
-            except (aiohttp.ClientError, asyncio.TimeoutError, errors.OriginShortBody,
-                    errors.OriginUnavailable) as exc:
+            except (TimeoutError, aiohttp.ClientError, errors.OriginShortBody, errors.OriginUnavailable) as exc:
                 attempt += 1
                 resumable = entry is not None and bool(entry.etag or entry.last_modified) and not meta.range
                 if attempt > self.origin.settings.retries or not resumable:
@@ -337,7 +336,8 @@ class Cdn:
         if "chunked" in resp.headers.get("Transfer-Encoding", "").lower():
             length = -1
         if length > self.settings.max_file_size:
-            raise errors.OriginTooLarge(f"origin file of {length} bytes exceeds the {self.settings.max_file_size} limit")
+            raise errors.OriginTooLarge(
+                f"origin file of {length} bytes exceeds the {self.settings.max_file_size} limit")
         self.cache.remove(meta.task_id)
         entry = self.cache.create(meta.task_id)
         entry.length = length
@@ -351,7 +351,7 @@ class Cdn:
             a, _b, total = parse_content_range(resp.headers.get("Content-Range", ""))
         except RangeSyntaxError as exc:
             raise errors.OriginChanged(f"origin sent a bad Content-Range on resume: {exc}") from None
-        etag, lm = validators(resp)
+        etag, _lm = validators(resp)
         if a != start * entry.piece_size or (total is not None and total != entry.length) or (
             entry.etag and etag and etag != entry.etag
         ):

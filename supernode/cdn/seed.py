@@ -20,10 +20,10 @@ from aiohttp import web
 from common import httperrors
 from common.pieces import piece_of_range
 from common.ranges import ByteRange, RangeSyntaxError, RangeUnsatisfiable, parse_range
-from .throttle import Throttle
 from common.taskid import is_task_id
 
 from .cache import PieceCache
+from .throttle import Throttle
 
 
 class PieceGate(Protocol):

@@ -19,7 +19,6 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterator
-from itertools import compress
 
 from common import errors, wire
 from common.pieces import piece_range

@@ -51,7 +51,7 @@ class EventHub:
         try:
             await asyncio.wait_for(parked, timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self.unpark(task_id, parked)

@@ -603,5 +603,15 @@ class Repo:
         return d["ip"], int(d["download_port"])
 
 
-__all__ = ["Repo", "TaskMeta", "PeerInfo", "Detail", "ReportRefused", "StoreError",
-           "now_ms", "TaskOverview", "ClientView", "PieceMap"]
+__all__ = [
+    "ClientView",
+    "Detail",
+    "PeerInfo",
+    "PieceMap",
+    "Repo",
+    "ReportRefused",
+    "StoreError",
+    "TaskMeta",
+    "TaskOverview",
+    "now_ms",
+]
