@@ -59,7 +59,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from common.ratelimit import Throttle
+from dfget.throttle import Throttle
 from common.units import parse_size
 
 CHUNK = 256 * 1024

@@ -14,8 +14,10 @@ from typing import ClassVar
 class DfError(Exception):
     """Root of every expected failure. `code` is the wire name, `status` the HTTP one."""
 
-    code: ClassVar[str] = "internal"
-    status: ClassVar[int] = 500
+    # Class attributes; an instance may narrow code and status (a piece token's reason
+    # decides between 401 and 403, common/tokens.py).
+    code: str = "internal"
+    status: int = 500
     exit_code: ClassVar[int] = 1
 
     def __init__(self, message: str = "", *, detail: dict[str, object] | None = None) -> None:
@@ -185,6 +187,13 @@ class CdnStorageError(DfError):
 
     code = "cdn_storage"
     status = 507
+
+
+class StartupError(DfError):
+    """A daemon cannot start (its port is taken, its key file unusable): one line on
+    stderr, no traceback."""
+
+    code = "startup"
 
 
 class SupernodeUnavailable(DfError):

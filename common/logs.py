@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -46,3 +47,23 @@ def setup(level: str, *, as_json: bool, text_format: str, stream: TextIO | None 
             root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class RefusalLog:
+    """Refusals are logged at most once a second per reason (a flood must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger = logger
+        self.what = what
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def __call__(self, reason: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -1e9) < 1.0:
+            self._quiet[reason] = self._quiet.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        more = self._quiet.pop(reason, 0)
+        self.logger.warning("%s refused (%s): %s%s", self.what, reason, message,
+                         f" (+{more} more since the last line)" if more else "")

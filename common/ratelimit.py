@@ -1,15 +1,15 @@
 """Token-bucket rate limiting.
 
-The bucket itself is pure (time is passed in); `Throttle` is the small async shell used
-by the CDN fetch, dfget's downloads and the peer servers' uploads. Debt is allowed so a
+Pure: time is passed in, nothing here sleeps (`common` has no I/O and no asyncio). The
+async shells that wait as a bucket says live with their users: `supernode/cdn/throttle.py`
+(the CDN fetch and the seed's uploads) and `dfget/throttle.py` (downloads and the peer
+servers' uploads). Debt is allowed so a
 whole piece can be charged at once: the caller then waits for the debt to be repaid,
 which keeps the long-run average at the rate without splitting sendfile calls.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
 
 
@@ -81,19 +81,3 @@ class KeyedLimiter:
                 del self._buckets[next(iter(self._buckets))]
         self._buckets[key] = bucket
         return bucket.take(1, now)
-
-
-class Throttle:
-    """Async shell over a bucket. Several tasks may share one (a host-wide limit)."""
-
-    def __init__(self, rate: float) -> None:
-        self.bucket = TokenBucket(rate)
-
-    @property
-    def unlimited(self) -> bool:
-        return self.bucket.rate <= 0
-
-    async def consume(self, n: int) -> None:
-        delay = self.bucket.reserve(n, time.monotonic())
-        if delay > 0:
-            await asyncio.sleep(delay)

@@ -39,6 +39,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from common import errors
+
 TOKEN_HEADER = "X-Dragonfly-Token"
 CLIENT_HEADER = "X-Dragonfly-Client"
 VERSION = 2
@@ -59,26 +61,24 @@ STATUS = {
 }
 
 
-class TokenError(Exception):
+class TokenError(errors.DfError):
+    """A piece token that does not grant this request; `reason` (a key of STATUS) says why
+    and decides the answer: 401 (no valid token) or 403 (a genuine token, not for this)."""
+
+    code = "piece_token"  # on the wire: "unauthorized" or "forbidden", set per instance
+    status = 401
+
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, detail={"reason": reason})
         self.reason = reason
-        self.message = message
-
-    @property
-    def status(self) -> int:
-        return STATUS[self.reason]
-
-    @property
-    def code(self) -> str:
-        return "unauthorized" if self.status == 401 else "forbidden"
-
-    def to_wire(self) -> dict[str, object]:
-        return {"error": self.code, "message": self.message, "detail": {"reason": self.reason}}
+        self.status = STATUS[reason]
+        self.code = "unauthorized" if self.status == 401 else "forbidden"
 
 
 class UnknownKey(TokenError):
     """Signed by a key this verifier does not know (yet): it may refresh its keys and retry."""
+
+    code = "piece_token_unknown_key"  # class-level only, as TokenError's
 
     def __init__(self, kid: bytes) -> None:
         super().__init__("unknown_key", f"token signed by an unknown key {kid.hex()}")
@@ -160,7 +160,8 @@ def parse(token: str) -> tuple[list[Claims], bytes, bytes]:
 def verify(token: str | None, keys: Callable[[bytes], Ed25519PublicKey | None], *, task_id: str,
            start: int, end: int, client: str | None, source: str, now: float) -> Claims:
     """Check a token for the request `GET /peer/file/{task_id}` with `Range: bytes=start-end`
-    (as resolved against the file) by `client`, served by `source`. Raises TokenError (UnknownKey for a key not in `keys`)."""
+    (as resolved against the file) by `client`, served by `source`. Raises TokenError
+    (UnknownKey for a key not in `keys`)."""
     if token is None:
         raise TokenError("missing", f"a piece token is required ({TOKEN_HEADER})")
     grants, body, sig = parse(token)

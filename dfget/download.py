@@ -22,7 +22,7 @@ from common.errors import (
     P2PFailed,
     SupernodeUnavailable,
 )
-from common.ratelimit import Throttle
+from .throttle import Throttle
 from common.wire import BackToSourceReason
 
 from . import source

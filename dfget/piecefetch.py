@@ -19,7 +19,7 @@ import aiohttp
 from common import digest
 from common.hostport import http_base
 from common.ranges import RangeSyntaxError, parse_content_range
-from common.ratelimit import Throttle
+from .throttle import Throttle
 from common.tokens import CLIENT_HEADER, TOKEN_HEADER
 from common.wire import Assignment
 

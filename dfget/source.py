@@ -22,7 +22,7 @@ from common.errors import (
     OriginUnauthorized,
     OriginUnavailable,
 )
-from common.ratelimit import Throttle
+from .throttle import Throttle
 
 from .neterr import describe
 from .output import PartFile

@@ -22,27 +22,29 @@ from aiohttp import web
 from common import errors
 from common.hostport import hostport, http_base
 from common.listen import listen_socket
-from common.ratelimit import Throttle
 from common.taskid import is_short_id, new_id
 from common.tokens import Signer
 
-from . import api, guard, preheat, ui
+from .api import guard, preheat, ui
+from .api import handlers as api
+from .api.peerauth import PeerSecrets
 from .auth import KeyRing, PieceGate, load_or_create_key
-from .peerauth import PeerSecrets
-from .cache import PieceCache
-from .cdn import Cdn, CdnSettings
+from .cdn.cache import PieceCache
+from .cdn.fetch import Cdn, CdnSettings
+from .cdn.origin import OriginClient, OriginSettings
+from .cdn.seed import Seed
+from .cdn.throttle import Throttle
 from .config import Settings
-from .dispatch import Dispatcher
-from .events import EventHub
-from .views import Views
 from .gc import announce_loop, gc_loop
 from .metrics import Metrics
-from .origin import OriginClient, OriginSettings
-from .repo import Repo
-from .scheduler import Limits
-from .seed import Seed
+from .scheduling.dispatch import Dispatcher
+from .scheduling.policy import Limits
+from .scheduling.views import Views
 from .state import STATE, SupernodeState
-from .store import Store, connect
+from .store.connection import Store, connect
+from .store.events import EventHub
+from .store.repo import Repo
+from .tasks import TaskOwner
 
 log = logging.getLogger("supernode")
 
@@ -67,22 +69,6 @@ def _load_cache(cache: PieceCache) -> None:
         entry = cache.load(tid)
         if entry is not None and entry.complete:
             cache.adopt(entry)
-
-
-async def _stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel and wait. A task whose cancellation got swallowed inside a store call (seen
-    right after start-up: it went on to sleep and loop) is cancelled again, so shutdown
-    never hangs on a background loop."""
-    pending = set(tasks)
-    for _ in range(100):
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-        if not pending:
-            break
-    for t in tasks:
-        if t.done() and not t.cancelled():
-            t.exception()  # retrieved: a loop that died is logged by itself
 
 
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -135,24 +121,25 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = st
     dispatcher.on_schedule = st.metrics.schedule.observe
     dispatcher.on_reports = st.metrics.observe_applied
-    background = [asyncio.create_task(hub.run_local() if store.embedded else hub.run(), name="events")]
+    background = TaskOwner(log)
+    background.start("events", hub.run_local() if store.embedded else hub.run(), name="events")
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(hub.connected.wait(), 5.0)
-    background.append(asyncio.create_task(gc_loop(st), name="gc"))
+    background.start("gc", gc_loop(st), name="gc")
     try:
         await keyring.publish()  # before the first registration hands out the key list
     except errors.StoreError as exc:
         log.warning("cannot publish the piece-token key yet: %s", exc.message)
-    background.append(asyncio.create_task(keyring.run(), name="keys"))
-    api_port = app[API_PORT] if API_PORT in app else settings.port
-    background.append(asyncio.create_task(announce_loop(st, ip, api_port, download_port), name="announce"))
+    background.start("keys", keyring.run(), name="keys")
+    api_port = app.get(API_PORT, settings.port)
+    background.start("announce", announce_loop(st, ip, api_port, download_port), name="announce")
     try:
         yield
     finally:
         await seed.drain(settings.shutdown_timeout / 2)
         await dispatcher.close()
         await cdn.close()
-        await _stop_tasks(background)
+        await background.close()
         await seed_runner.cleanup()
         await origin.close()
         await store.close()
@@ -183,8 +170,10 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-class ListenError(Exception):
+class ListenError(errors.StartupError):
     """A port this supernode was told to listen on cannot be had."""
+
+    code = "listen_failed"
 
 
 async def _listen(runner: web.AppRunner, flag: str, host: str, port: int) -> None:

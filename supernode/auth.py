@@ -1,5 +1,5 @@
 """Access control on the supernode: its piece-token key pair and key ring, the check of
-piece tokens on the download port, and the admin token of the API.
+piece tokens on the download port. (The admin token of the API: `api/admin.py`.)
 
 Several supernodes on one Redis: each has its own Ed25519 key pair
 (`<home>/piece-signing.key`, created at first start, mode 0600) and publishes its public
@@ -15,15 +15,12 @@ included), so publishing public keys there adds no party to trust.
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
-import hmac
 import logging
 import os
 import stat
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -36,11 +33,10 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from common import errors, tokens, wire
+from common.logs import RefusalLog
 
-from . import keys
-from .gc import raise_if_cancelled
-from .state import STATE
-from .store import translate
+from .store import keys
+from .store.connection import raise_if_cancelled, translate
 
 log = logging.getLogger("supernode.auth")
 KEY_FILE = "piece-signing.key"
@@ -50,11 +46,11 @@ PRUNE_AFTER_MS = 3600_000  # a dead supernode's entry is deleted from Redis afte
 RELOAD_INTERVAL = 5.0  # the key list handed to clients is at most this old
 REFRESH_MIN_INTERVAL = 1.0  # an unknown key id reloads the ring at most this often
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-class KeyFileError(Exception):
+class KeyFileError(errors.StartupError):
     """The signing key file is unusable (unreadable, not a key, readable by others)."""
+
+    code = "key_file"
 
 
 # --- the key pair ---------------------------------------------------------------------
@@ -182,26 +178,6 @@ def _parse_entry(kid_hex: str, value: str) -> tuple[Ed25519PublicKey, int] | Non
 
 
 # --- piece tokens on the download port ------------------------------------------------
-class RefusalLog:
-    """Refusals are logged at most once a second per reason (a flood must not flood the log)."""
-
-    def __init__(self, logger: logging.Logger, what: str) -> None:
-        self.logger = logger
-        self.what = what
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def __call__(self, reason: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -1e9) < 1.0:
-            self._quiet[reason] = self._quiet.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        more = self._quiet.pop(reason, 0)
-        self.logger.warning("%s refused (%s): %s%s", self.what, reason, message,
-                         f" (+{more} more since the last line)" if more else "")
-
-
 class PieceGate:
     """Verifies the piece token of a request to this supernode's seed."""
 
@@ -229,44 +205,3 @@ class PieceGate:
             self.log(exc.reason, f"{exc.message}; task {task_id[:12]} from {request.remote}")
             return web.json_response(exc.to_wire(), status=exc.status)
         return None
-
-
-# --- the admin token --------------------------------------------------------------------
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
-
-
-def check_admin(request: web.Request, configured: str) -> None:
-    """Raise Unauthorized unless `Authorization: Bearer <configured>`; nothing is
-    checked when no token is configured. Constant-time (compares digests: the length
-    of the token leaks nothing either)."""
-    if not configured:
-        return
-    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        _refused(request, "missing")
-        raise errors.Unauthorized("this operation needs the admin token (Authorization: Bearer <token>)")
-    if not hmac.compare_digest(_digest(given.strip()), _digest(configured)):
-        _refused(request, "wrong")
-        raise errors.Unauthorized("wrong admin token")
-
-
-_admin_log = RefusalLog(log, "admin request")
-
-
-def _refused(request: web.Request, reason: str) -> None:
-    _admin_log(reason, f"{request.method} {request.path} from {request.remote}")
-    if STATE in request.config_dict:
-        request.config_dict[STATE].metrics.auth_refused.labels("admin", reason).inc()
-
-
-def admin_only(handler: Handler) -> Handler:
-    """Decorator for admin handlers of the supernode app (task delete, preheat, peer
-    listings, the dashboard's data): they answer 401 without the configured token."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        check_admin(request, request.config_dict[STATE].settings.admin_token)
-        return await handler(request)
-
-    return wrapped

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import yaml
 
-from common import __version__, logs
+from common import __version__, errors, logs
 from common.units import parse_duration, parse_size
 
 from .config import Settings
@@ -121,15 +121,14 @@ def _command() -> click.Command:
             settings = build_settings(values)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
-        from .app import ListenError, run
-        from .auth import KeyFileError
+        from .app import run
 
         logs.setup(settings.log_level, as_json=settings.log_json,
                    text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             run(settings)
-        except (KeyFileError, ListenError) as exc:
-            raise click.ClickException(str(exc)) from None
+        except errors.StartupError as exc:  # a taken port, an unusable key file
+            raise click.ClickException(exc.message) from None
 
     for flag, kw in OPTIONS:  # appended to the built command's params, so in order
         cmd = click.option(flag, **kw)(cmd)

@@ -87,7 +87,7 @@ class Settings:
         if not 0 <= self.origin_retries <= 20:
             raise ValueError("--origin-retries must be 0..20")
         if self.redis_url:
-            from .store import check_url
+            from .store.connection import check_url
 
             check_url(self.redis_url)  # a bad URL is a usage error, not a traceback at start
         if not 1.0 <= self.lease_ttl <= 3600.0:

@@ -9,6 +9,7 @@ import logging
 from common import errors
 
 from .state import SupernodeState
+from .store.connection import raise_if_cancelled
 
 log = logging.getLogger("supernode.gc")
 
@@ -53,15 +54,6 @@ async def _disk(st: SupernodeState) -> int:
         st.cache.remove(tid)
         removed += 1
     return removed
-
-
-def raise_if_cancelled() -> None:
-    """redis-py (8.x) can swallow a cancellation that lands during a command: the call
-    returns normally and the loop would go on forever, hanging shutdown. The request
-    is still counted on the task, so honour it here."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 async def gc_loop(st: SupernodeState) -> None:

@@ -21,11 +21,12 @@ from common import wire
 from common.errors import StoreError
 from common.pieces import piece_range
 
-from . import keys
+from .store import keys
 
 if TYPE_CHECKING:
-    from .repo import Repo, TaskMeta
-    from .state import SupernodeState
+    from .cdn.fetch import Cdn
+    from .cdn.seed import Seed
+    from .store.repo import Repo, TaskMeta
 
 log = logging.getLogger("supernode.metrics")
 ACTIVE_TASK_MS = 60_000  # a task accessed within this is active
@@ -172,22 +173,22 @@ class Metrics:
         shape = self._shapes[meta.task_id] = _Shape(meta.length, meta.piece_size, meta.cdn, until)
         return shape
 
-    async def render(self, st: SupernodeState) -> tuple[bytes, str]:
+    async def render(self, cdn: Cdn, seed: Seed, repo: Repo) -> tuple[bytes, str]:
         now = time.monotonic()
-        fetched = st.cdn.bytes_fetched
+        fetched = cdn.bytes_fetched
         self.bytes.labels("origin").inc(max(0, fetched - self._origin_seen))
         self._origin_seen = fetched
         if self._rate_mark is not None and now > self._rate_mark[0]:
             self.cdn_rate.set(max(0, fetched - self._rate_mark[1]) / (now - self._rate_mark[0]))
         self._rate_mark = (now, fetched)
         self.cdn_bytes.set(fetched)
-        self.seed_bytes.set(st.seed.bytes_served)
-        self.fetches.set(len(st.cdn.running))
-        self.seed_uploads.set(st.seed.active)
+        self.seed_bytes.set(seed.bytes_served)
+        self.fetches.set(len(cdn.running))
+        self.seed_uploads.set(seed.active)
         self._prune_peers(now)
         self.peers.set(len(self._peers_seen))
         try:
-            total, active = await st.repo.task_counts(ACTIVE_TASK_MS)
+            total, active = await repo.task_counts(ACTIVE_TASK_MS)
             self.tasks.set(total)
             self.tasks_active.set(active)
         except StoreError as exc:

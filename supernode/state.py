@@ -10,17 +10,17 @@ from aiohttp import web
 from common.netpolicy import AddressPolicy
 
 if TYPE_CHECKING:
+    from .api.peerauth import PeerSecrets
     from .auth import KeyRing
-    from .cache import PieceCache
-    from .cdn import Cdn
+    from .cdn.cache import PieceCache
+    from .cdn.fetch import Cdn
+    from .cdn.seed import Seed
     from .config import Settings
-    from .dispatch import Dispatcher
-    from .events import EventHub
     from .metrics import Metrics
-    from .peerauth import PeerSecrets
-    from .repo import Repo
-    from .seed import Seed
-    from .store import Store
+    from .scheduling.dispatch import Dispatcher
+    from .store.connection import Store
+    from .store.events import EventHub
+    from .store.repo import Repo
 
 
 @dataclass

@@ -339,9 +339,9 @@ async def exercise_store(url: str) -> dict[str, Any]:
     prove a topology (Cluster, Sentinel) runs all of them."""
     from common import wire
     from common.taskid import new_id
-    from supernode import scripts
-    from supernode.repo import PeerInfo, Repo
-    from supernode.store import Store, connect
+    from supernode.store import scripts
+    from supernode.store.repo import PeerInfo, Repo
+    from supernode.store.connection import Store, connect
 
     store = Store(connect(url))
     repo = Repo(store)

@@ -30,7 +30,7 @@ def peer(port: int = 15001, ip: str = "127.0.0.1") -> dict[str, Any]:
 
 
 def as_peer(secret: str | None) -> dict[str, str] | None:
-    """Headers of a call made as a peer (supernode/peerauth.py)."""
+    """Headers of a call made as a peer (supernode/api/peerauth.py)."""
     return {"X-Dragonfly-Peer-Secret": secret} if secret else None
 
 

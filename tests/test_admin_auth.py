@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from supernode_support import Api, app_for, peer, settings_for
 
-from supernode.auth import admin_only
+from supernode.api.admin import admin_only
 from supernode.cli import build_settings
 
 TOKEN = "s3cret-admin-token-0123456789"

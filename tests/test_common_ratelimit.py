@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.ratelimit import Throttle, TokenBucket
+from common.ratelimit import TokenBucket
+from dfget.throttle import Throttle as DfgetThrottle
+from supernode.cdn.throttle import Throttle as SupernodeThrottle
 
 
 def test_unlimited_never_waits() -> None:
@@ -51,7 +53,8 @@ def test_first_call_at_time_zero_is_not_special() -> None:
     assert b.reserve(100, 1.0) == pytest.approx(0.0)
 
 
-async def test_throttle_shell() -> None:
+@pytest.mark.parametrize("Throttle", [SupernodeThrottle, DfgetThrottle])
+async def test_throttle_shell(Throttle: type[SupernodeThrottle]) -> None:
     t = Throttle(0)
     assert t.unlimited
     await t.consume(10**9)

@@ -11,7 +11,7 @@ import click
 import pytest
 
 from dfget.cli import download_cmd, server_cmd
-from supernode import configref
+from tools import configref
 from supernode.cli import build_settings
 from supernode.cli import main as supernode_cmd
 
@@ -27,11 +27,11 @@ def test_docs_config_md_is_up_to_date() -> None:
 
 def test_module_writes_the_reference(tmp_path: Path) -> None:
     out = tmp_path / "config.md"
-    proc = subprocess.run([sys.executable, "-m", "supernode.configref", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tools.configref", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == configref.render()
-    bad = subprocess.run([sys.executable, "-m", "supernode.configref", "--nonsense"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "tools.configref", "--nonsense"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "usage:" in bad.stderr
 

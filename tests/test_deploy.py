@@ -25,20 +25,20 @@ from aiohttp import web
 import bench.origin
 import dfget.server.lifecycle
 from common import __version__
-from common.ratelimit import Throttle
+from supernode.cdn.throttle import Throttle
 from dfget import config as dfget_config
 from dfget.cli import download_cmd, server_cmd
 from dfget.server.app import build_peer_app
 from dfget.server.state import ServerConfig, ServerState
 from dfdaemon import routes as dfdaemon_routes
 from dfdaemon.cli import main as dfdaemon_cmd
-from supernode import configref
+from tools import configref
 from supernode.app import create_app
-from supernode.cache import PieceCache
+from supernode.cdn.cache import PieceCache
 from supernode.cli import build_settings
 from supernode.cli import main as supernode_cmd
 from supernode.config import Settings
-from supernode.seed import Seed
+from supernode.cdn.seed import Seed
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

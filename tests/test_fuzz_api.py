@@ -47,7 +47,8 @@ from yarl import URL
 from bench.origin import OriginServer
 from common.netpolicy import AddressPolicy, parse_networks
 from common.taskid import new_id
-from supernode import guard, keys
+from supernode.api import guard
+from supernode.store import keys
 from supernode.config import Settings
 from supernode.state import STATE
 

@@ -35,7 +35,7 @@ from ha_support import (
 )
 from redis.crc import key_slot
 
-from supernode import keys, scripts
+from supernode.store import keys, scripts
 
 MIB = 1 << 20
 

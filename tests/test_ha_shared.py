@@ -92,7 +92,7 @@ async def test_cdn_supernode_killed_mid_fetch_taker_resumes_without_refetching(
     import redis
 
     from common.taskid import task_id
-    from supernode import keys
+    from supernode.store import keys
 
     size = 32 * MIB  # 8 pieces
     ps = 4 * MIB
@@ -175,7 +175,7 @@ async def test_cdn_supernode_killed_after_its_fetch_peers_finish_and_only_lost_p
     import redis
 
     from common.taskid import task_id
-    from supernode import keys
+    from supernode.store import keys
 
     size = 24 * MIB  # 6 pieces
     origin.put_random("g.bin", size, seed=13)

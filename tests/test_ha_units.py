@@ -9,8 +9,8 @@ import pytest
 from ha_support import exercise_store
 from supernode_support import Api, app_for, peer, settings_for
 
-from supernode.store import _split_multi_host, check_url
-from supernode.takeover import runs as _runs
+from supernode.store.connection import _split_multi_host, check_url
+from supernode.cdn.takeover import runs as _runs
 
 MIB = 1 << 20
 
@@ -101,7 +101,7 @@ async def test_a_cdn_that_is_not_alive_is_no_source_and_no_503(api: Api, origin,
     supernode; now that CDN is simply not a source, and this supernode seeds the task."""
     import redis
 
-    from supernode import keys
+    from supernode.store import keys
 
     origin.put_random("d.bin", 4 * MIB, seed=32)
     reg = await api.register(origin.url("d.bin"))
@@ -129,7 +129,7 @@ async def test_a_late_renewal_takes_back_a_lease_nobody_took_and_stops_if_someon
     takeover. Now it takes the lease back; only another owner stops it."""
     import redis
 
-    from supernode import keys
+    from supernode.store import keys
     from supernode.state import STATE
 
     assert redis_url, "used only by tests marked redis"

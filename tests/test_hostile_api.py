@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from supernode import keys
+from supernode.store import keys
 from aiohttp.test_utils import TestClient
 from conftest import file_bytes
 from supernode_support import Api, app_for, peer, settings_for

@@ -26,7 +26,7 @@ from dfget.server.app import build_peer_app
 from dfget.server.app import runner_kwargs as peer_runner_kwargs
 from dfget.server.state import ServerConfig, ServerState
 from dfget.server.table import FileEntry
-from supernode import guard
+from supernode.api import guard
 from supernode.app import create_app
 from supernode.state import STATE
 

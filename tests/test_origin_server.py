@@ -236,7 +236,7 @@ async def test_eof_short_looks_complete_to_a_client(srv: OriginServer, http) -> 
 async def test_long_sends_extra_bytes_after_content_length(srv: OriginServer) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
     try:
-        writer.write(f"GET /files/f?mode=long=50 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        writer.write(b"GET /files/f?mode=long=50 HTTP/1.1\r\nHost: x\r\n\r\n")
         raw = await asyncio.wait_for(reader.read(-1), 10)  # until the server closes
     finally:
         writer.close()

@@ -1,5 +1,5 @@
 """Heartbeat and down speak for a peer: only the peer server that registered it may send
-them (supernode/peerauth.py). Before, anyone reaching the API could take any peer out of
+them (supernode/api/peerauth.py). Before, anyone reaching the API could take any peer out of
 every swarm with one POST naming its id."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Table-driven tests of the scheduler's pure decision (supernode/scheduler.py)."""
+"""Table-driven tests of the scheduler's pure decision (supernode/scheduling/policy.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import random
 
 import pytest
 
-from supernode.scheduler import (
+from supernode.scheduling.policy import (
     Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, assign_free, cdn_copy_limit,
-    decode_counts, rank,
+    rank,
     wanted,
 )
+from supernode.store.bitmaps import decode_counts
 
 CDN = "c" * 32
 A, B, C, ME = "a" * 32, "b" * 32, "d" * 32, "e" * 32
@@ -189,7 +190,7 @@ def test_assign_takes_the_copy_limit_of_the_swarm() -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from supernode.scheduler import RarityOrder, rank_ordered  # noqa: E402
+from supernode.scheduling.policy import RarityOrder, rank_ordered  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from supernode_support import Api, download_all, fetch_piece, peer
 
-from supernode.repo import PeerInfo
-from supernode.scheduler import Bitmap
-from supernode.ui import ASSETS, STATIC, Coalescer, display_url, held_bytes, peer_rows
+from supernode.store.repo import PeerInfo
+from supernode.scheduling.policy import Bitmap
+from supernode.api.ui import ASSETS, STATIC, Coalescer, display_url, held_bytes, peer_rows
 
 MIB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""The in-process view of a task (supernode/view.py): replaying the change log the scripts
+"""The in-process view of a task (supernode/scheduling/view.py): replaying the change log the scripts
 write, in order, whatever order it arrives in; and (against the store) that a view
 replayed from events equals one loaded afresh."""
 
@@ -8,9 +8,9 @@ import pytest
 
 from common import wire
 from common.taskid import new_id
-from supernode.repo import PeerInfo, Repo
-from supernode.store import Store, connect
-from supernode.view import GAP_TIMEOUT, Flags, TaskView
+from supernode.store.repo import PeerInfo, Repo
+from supernode.store.connection import Store, connect
+from supernode.scheduling.view import GAP_TIMEOUT, Flags, TaskView
 
 A, B, CDN = "a" * 32, "b" * 32, "c" * 32
 

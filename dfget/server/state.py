@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.ratelimit import Throttle
+from ..throttle import Throttle
 from common.taskid import new_id
 
 from .metrics import PeerMetrics

@@ -111,7 +111,7 @@ async def test_cdn_upload_to_a_dead_client_hides_its_piece_only_briefly(
     # scenario 6 (after main's super-seeding): a client SIGKILLed with CDN uploads in
     # flight never reports them; their pieces were left out of everyone's ranking until
     # the uploads' deadlines (~94 s for 4 MiB), so a rerun with nothing else to fetch hung
-    import supernode.dispatch as dispatch
+    import supernode.scheduling.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "PENDING_GRACE_MS", 2000)  # the next pull comes well within it
     _me, tid, dead = await _registered(api, origin, "g.bin", 8 * MIB)

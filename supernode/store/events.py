@@ -1,7 +1,7 @@
 """Long-poll wake-ups through Redis pub/sub: no busy polling, cluster-wide.
 
 Every state change of a task is published on `df:ev:{T}` (by the Lua scripts, whichever
-supernode ran them) as its change log (supernode/view.py). One pub/sub connection per
+supernode ran them) as its change log (supernode/scheduling/view.py). One pub/sub connection per
 supernode hands each message to `on_event` (the views, which replay it), and the views
 call `wake` with what the change made: n new pieces or free slots wake the n (at least
 `wake_batch`) longest-waiting pulls, so 200 waiting clients do not all re-schedule for
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import keys
+from .connection import raise_if_cancelled
 
 log = logging.getLogger("supernode.events")
 
@@ -50,7 +51,7 @@ class EventHub:
         try:
             await asyncio.wait_for(parked, timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self.unpark(task_id, parked)
@@ -124,6 +125,7 @@ class EventHub:
                 delay = 0.1
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
+                    raise_if_cancelled()  # redis-py may have swallowed a cancellation
                     if msg is None:
                         continue
                     channel = msg["channel"]

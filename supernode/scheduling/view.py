@@ -31,7 +31,7 @@ Ops (fields separated by one space):
   A                  everything may have changed (a takeover): reload
   Z                  the task was deleted
 
-This module is pure: no I/O, no clock (callers pass `now_ms`). `supernode/views.py`
+This module is pure: no I/O, no clock (callers pass `now_ms`). `supernode/scheduling/views.py`
 loads, feeds and evicts the views.
 """
 
@@ -40,8 +40,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import compress
 
-from .repo import PeerInfo, TaskMeta
-from .scheduler import RarityOrder
+from supernode.store.repo import PeerInfo, TaskMeta
+from .policy import RarityOrder
 
 SOURCE_KINDS = ("peer", "peer-cdn")  # clients whose peer server serves pieces to others
 HOLDER_SCAN = 64  # holder list entries looked at at most for free ones, per piece

@@ -1,6 +1,6 @@
 """The scheduler's decision, as pure functions: state in, assignments out.
 
-No Redis, no clock, no unseeded randomness. `supernode/dispatch.py` reads the state
+No Redis, no clock, no unseeded randomness. `supernode/scheduling/dispatch.py` reads the state
 from Redis, calls `rank` then `assign`, and claims the result atomically.
 
 Policy (Dragonfly v1, kept):
@@ -19,66 +19,14 @@ from __future__ import annotations
 
 import bisect
 import random
-import sys
-from array import array
 from itertools import compress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+from supernode.store.bitmaps import Bitmap
+
 SourceKind = Literal["peer", "cdn"]
-
-
-_FLAG = bytes.maketrans(b"01", b"\x00\x01")
-
-
-class Bitmap:
-    """A Redis bitmap (bit n is the MSB-first bit n of the string), read-only."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: bytes | None = None) -> None:
-        self._data = data or b""
-
-    def __contains__(self, n: int) -> bool:
-        i = n >> 3
-        return 0 <= i < len(self._data) and bool(self._data[i] & (0x80 >> (n & 7)))
-
-    def count(self) -> int:
-        return int.from_bytes(self._data, "big").bit_count()
-
-    def flags(self, n: int) -> bytes:
-        """n bytes, byte i is 1 if bit i is set (for itertools.compress: C speed)."""
-        if not self._data:
-            return bytes(n)
-        bits = bin(int.from_bytes(self._data, "big") | (1 << (8 * len(self._data))))[3:]
-        return bits.encode().translate(_FLAG)[:n].ljust(n, b"\0")
-
-    def members(self, n: int) -> list[int]:
-        """The set bits below n, ascending."""
-        return list(compress(range(n), self.flags(n)))
-
-    @classmethod
-    def of(cls, pieces: Iterable[int]) -> Bitmap:
-        buf = bytearray()
-        for n in pieces:
-            i = n >> 3
-            if i >= len(buf):
-                buf.extend(b"\x00" * (i + 1 - len(buf)))
-            buf[i] |= 0x80 >> (n & 7)
-        return cls(bytes(buf))
-
-
-def decode_counts(raw: bytes | None, n: int) -> list[int]:
-    """BITFIELD u16 array (big-endian) -> list of n counts (missing tail = 0)."""
-    raw = raw or b""
-    a = array("H")
-    a.frombytes(raw[: 2 * min(n, len(raw) // 2)])
-    if sys.byteorder == "little":
-        a.byteswap()
-    out = a.tolist()
-    out.extend([0] * (n - len(out)))
-    return out
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ local base = string.sub(meta, 1, #meta - 4)
 local function k(s) return base .. s end
 local function chan() return 'df:ev:' .. string.sub(base, 6, #base - 1) end
 local function touch(key, ttl) redis.call('PEXPIRE', key, ttl) end
--- Every change is also logged as an op ('H cid n', ...: supernode/view.py) and, at the
+-- Every change is also logged as an op ('H cid n', ...: supernode/scheduling/view.py) and, at the
 -- end of the script, published with the task's next sequence number and returned to
 -- the caller, so that every supernode's in-process view of the task replays exactly the
 -- changes Redis made, in order (a gap in the numbers means a lost message: reload).

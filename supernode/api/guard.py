@@ -9,7 +9,7 @@
 - Concurrency: at most `max_requests` requests inside the handlers at once (a pull
   parked in its long-poll does not count); the next one gets 503 `busy` with
   Retry-After, and so does Redis work that cannot start within a second
-  (supernode/store.py, `Store.slot`).
+  (supernode/store/connection.py, `Store.slot`).
 - Rate: registrations per client address and pulls per client id, token buckets; over
   the rate 429 `too_many_requests` with Retry-After, before anything touches Redis.
 """

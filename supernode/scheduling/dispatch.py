@@ -1,5 +1,5 @@
 """The thin async shell around the scheduler: decide from this process's view of the
-task (supernode/view.py), claim in one atomic script, and long-poll on task events when
+task (supernode/scheduling/view.py), claim in one atomic script, and long-poll on task events when
 nothing can be assigned.
 
 Pulls of one task are decided and claimed in rounds: the pulls that arrive while a
@@ -19,16 +19,15 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterator
-from itertools import compress
 
 from common import errors, wire
 from common.pieces import piece_range
 from common.tokens import Signer
 
-from .cdn import Cdn
-from .events import EventHub
-from .repo import PeerInfo, ReportRefused, Repo, TaskMeta, now_ms
-from .scheduler import (Candidate, ClientState, Decision, Limits, RarityOrder, SourceState, assign, assign_free,
+from supernode.cdn.fetch import Cdn
+from supernode.store.events import EventHub
+from supernode.store.repo import PeerInfo, ReportRefused, Repo, TaskMeta, now_ms
+from .policy import (Candidate, ClientState, Decision, Limits, RarityOrder, SourceState, assign, assign_free,
                         cdn_copy_limit, rank_ordered, wanted)
 from .view import SOURCE_KINDS, ClientRec, Flags, TaskView
 from .views import Views

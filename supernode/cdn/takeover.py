@@ -18,9 +18,9 @@ from common.hostport import http_base
 from common.netpolicy import AddressPolicy
 from common.pieces import piece_range
 from common.tokens import CLIENT_HEADER, TOKEN_HEADER, Signer
+from supernode.store.repo import PeerInfo, Repo
 
 from .cache import CacheEntry, write_at
-from .repo import PeerInfo, Repo
 
 SAMPLE = 8  # holders asked about per piece
 COPIES = 2  # pieces copied from peers at once

@@ -27,14 +27,16 @@ import aiohttp
 from common import digest, errors
 from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
 from common.ranges import RangeSyntaxError, parse_content_range
-from common.ratelimit import Throttle
 from common.taskid import is_content_identifier, redact_url
+from supernode.store import keys
+from supernode.store.repo import Repo, TaskMeta, now_ms
+from supernode.tasks import TaskOwner, cancel_and_wait
 
-from . import keys, takeover
+from . import takeover
 from .cache import CacheEntry, PieceCache
 from .origin import OriginClient, validators
 from .repair import CacheRepair
-from .repo import Repo, TaskMeta, now_ms
+from .throttle import Throttle
 
 log = logging.getLogger("supernode.cdn")
 T = TypeVar("T")
@@ -89,10 +91,6 @@ class _NoResume(Exception):
     """The origin would not continue the same version with a Range."""
 
 
-class FetchAborted(Exception):
-    """The lease was lost: another supernode owns the fetch now."""
-
-
 class Cdn:
     def __init__(
         self, repo: Repo, origin: OriginClient, cache: PieceCache, sn_id: str,
@@ -104,8 +102,8 @@ class Cdn:
         self.sn_id = sn_id
         self.throttle = throttle
         self.settings = settings
-        self.running: dict[str, asyncio.Task[None]] = {}
-        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.running = TaskOwner(log)  # task id -> its fetch
+        self._watchers = TaskOwner(log)  # task id -> the watcher of its lease or seed
         self._seed_checked: dict[str, float] = {}
         self._slots = asyncio.Semaphore(settings.max_fetches)
         self.bytes_fetched = 0
@@ -162,15 +160,11 @@ class Cdn:
     def _start(self, task_id: str) -> None:
         if task_id in self.running:
             return  # another registration in this process started it while we awaited
-        task = asyncio.create_task(self._run(task_id), name=f"cdn-{task_id[:12]}")
-        self.running[task_id] = task
-        task.add_done_callback(lambda _t, tid=task_id: self.running.pop(tid, None))
+        self.running.start(task_id, self._run(task_id), name=f"cdn-{task_id[:12]}")
 
     def _watch(self, task_id: str, watcher: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if task_id not in self._watchers:
-            task = asyncio.create_task(watcher(), name=f"watch-{task_id[:12]}")
-            self._watchers[task_id] = task
-            task.add_done_callback(lambda _t, tid=task_id: self._watchers.pop(tid, None))
+            self._watchers.start(task_id, watcher(), name=f"watch-{task_id[:12]}")
 
     async def _watch_seed(self, task_id: str, cdn: str) -> None:
         """One look when the seed's liveness record would expire: if it did (the seed
@@ -204,12 +198,8 @@ class Cdn:
 
     async def close(self) -> None:
         await self.repair.close()
-        tasks = list(self._watchers.values()) + list(self.running.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await self._watchers.close()  # first: a watcher may start a fetch
+        await self.running.close()
 
     async def _run(self, task_id: str) -> None:
         keeper = asyncio.create_task(self._keep_lease(task_id, asyncio.current_task()))
@@ -233,18 +223,16 @@ class Cdn:
                 err = errors.CdnStorageError(f"cannot write the piece cache: {exc.strerror or exc}")
             log.warning("task %s failed: %s (%s)", task_id[:12], err.message, err.code)
             await self._fail(task_id, err)
-        except Exception as exc:  # noqa: BLE001 - a bug must fail the task, not hang it
+        except Exception as exc:
             log.exception("task %s: unexpected fetch failure", task_id[:12])
             await self._fail(task_id, errors.TaskFailed(f"internal error: {type(exc).__name__}"))
         finally:
-            keeper.cancel()
-            with contextlib.suppress(BaseException):
-                await keeper
+            await cancel_and_wait(keeper)
             self.credentials.pop(task_id, None)
             entry = self.cache.entries.get(task_id)
             if entry is not None:
                 with contextlib.suppress(OSError):
-                    self.cache.save(entry)
+                    await asyncio.to_thread(self.cache.save, entry)
             with contextlib.suppress(errors.DfError):
                 await self.repo.keep_lease(task_id, self.sn_id, 0)
 
@@ -333,8 +321,7 @@ class Cdn:
                 await self._announce(meta, entry)
                 await self._stream(meta, entry, resp, start, published)
                 return
-            except (aiohttp.ClientError, asyncio.TimeoutError, errors.OriginShortBody,
-                    errors.OriginUnavailable) as exc:
+            except (TimeoutError, aiohttp.ClientError, errors.OriginShortBody, errors.OriginUnavailable) as exc:
                 attempt += 1
                 resumable = entry is not None and bool(entry.etag or entry.last_modified) and not meta.range
                 if attempt > self.origin.settings.retries or not resumable:
@@ -375,7 +362,8 @@ class Cdn:
         if "chunked" in resp.headers.get("Transfer-Encoding", "").lower():
             length = -1
         if length > self.settings.max_file_size:
-            raise errors.OriginTooLarge(f"origin file of {length} bytes exceeds the {self.settings.max_file_size} limit")
+            raise errors.OriginTooLarge(
+                f"origin file of {length} bytes exceeds the {self.settings.max_file_size} limit")
         self.cache.remove(meta.task_id)
         entry = self.cache.create(meta.task_id)
         entry.length = length
@@ -389,7 +377,7 @@ class Cdn:
             a, _b, total = parse_content_range(resp.headers.get("Content-Range", ""))
         except RangeSyntaxError as exc:
             raise errors.OriginChanged(f"origin sent a bad Content-Range on resume: {exc}") from None
-        etag, lm = validators(resp)
+        etag, _lm = validators(resp)
         if a != start * entry.piece_size or (total is not None and total != entry.length) or (
             entry.etag and etag and etag != entry.etag
         ):
@@ -531,7 +519,7 @@ class Cdn:
             if entry.length < 0:
                 entry.length = received
                 await self.repo.set_meta(meta.task_id, length=received, piece_count=piece)
-            os.fsync(fd)
+            await asyncio.to_thread(os.fsync, fd)
         finally:
             if pipe is not None:
                 await pipe.settle()  # never close the fd under a write
@@ -593,9 +581,7 @@ class Cdn:
                 await self.repo.adopt_cdn(tid, self.sn_id, [])
             return False
         finally:
-            copier.cancel()
-            with contextlib.suppress(BaseException):
-                await copier
+            await cancel_and_wait(copier)
         if len(entry.digests) < count:
             raise errors.TaskFailed("internal error: pieces missing after a takeover")
         await self._finish(meta, entry, count)
@@ -641,7 +627,7 @@ class Cdn:
                 raise errors.ContentDigestMismatch(
                     f"{redact_url(meta.url)} sent bytes hashing to sha256:{got}, not {meta.identifier}")
         entry.complete = True
-        self.cache.save(entry)
+        await asyncio.to_thread(self.cache.save, entry)
         fields: dict[str, object] = dict(
             status="success", length=entry.length, piece_size=entry.piece_size, piece_count=count,
             file_digest=file_digest(entry.digests, count), cdn=self.sn_id)

@@ -13,19 +13,24 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 
+from common import httperrors
 from common.pieces import piece_of_range
 from common.ranges import ByteRange, RangeSyntaxError, RangeUnsatisfiable, parse_range
-from common.ratelimit import Throttle
 from common.taskid import is_task_id
 
 from .cache import PieceCache
+from .throttle import Throttle
 
-if TYPE_CHECKING:
-    from .auth import PieceGate
+
+class PieceGate(Protocol):
+    """Checks a request's piece token (`supernode.auth.PieceGate`, given by the app)."""
+
+    async def check(self, request: web.Request, task_id: str, start: int, end: int) -> web.Response | None: ...
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("supernode.seed")
@@ -52,17 +57,6 @@ def only_the_range(request: web.Request, rng: ByteRange) -> web.BaseRequest:
     return request.clone(headers={"Range": rng.header()})
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown paths and methods answer with the same JSON error body as everything else."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.status, "not_found" if exc.status == 404 else "bad_request", exc.reason)
-
-
 class Seed:
     def __init__(self, cache: PieceCache, *, slots: int, throttle: Throttle, min_rate: int = 64 << 10,
                  gate: PieceGate | None = None) -> None:
@@ -78,7 +72,7 @@ class Seed:
         self._idle.set()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_json_errors], client_max_size=1024)
+        app = web.Application(middlewares=[httperrors.error_middleware(logger=log)], client_max_size=1024)
         app.router.add_get("/peer/file/{task_id}", self.serve)
         app.router.add_get("/_ping", self.ping)
         return app

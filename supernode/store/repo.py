@@ -6,14 +6,14 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from common import wire
 from common.errors import StoreError
 
 from . import keys
-from .scheduler import Bitmap, SourceState, decode_counts
-from .store import Store, translate
+from .bitmaps import Bitmap, decode_counts
+from .connection import Store, translate
 
 
 def now_ms() -> int:
@@ -108,11 +108,20 @@ class PeerInfo:
         return cls(parts[0], parts[1], int(parts[2]), parts[3])
 
 
+class SourceLoad(NamedTuple):
+    """A source's transfers in flight and failures, as the `detail` script counts them."""
+
+    sid: str
+    kind: str  # "peer" or "cdn"
+    load: int = 0
+    failures: int = 0
+
+
 @dataclass
 class Detail:
     holders: list[tuple[str, ...]]
     digests: list[str]
-    sources: dict[str, SourceState] = field(default_factory=dict)
+    sources: dict[str, SourceLoad] = field(default_factory=dict)
     addresses: dict[str, PeerInfo] = field(default_factory=dict)
 
 
@@ -436,7 +445,7 @@ class Repo:
                 d.addresses[sid] = info
             elif kind == "peer":
                 continue  # holder that left between the sample and now
-            d.sources[sid] = SourceState(sid, kind, int(load), int(fails))
+            d.sources[sid] = SourceLoad(sid, kind, int(load), int(fails))
         return d
 
     async def claim(
@@ -594,5 +603,15 @@ class Repo:
         return d["ip"], int(d["download_port"])
 
 
-__all__ = ["Repo", "TaskMeta", "PeerInfo", "Detail", "ReportRefused", "StoreError",
-           "now_ms", "TaskOverview", "ClientView", "PieceMap"]
+__all__ = [
+    "ClientView",
+    "Detail",
+    "PeerInfo",
+    "PieceMap",
+    "Repo",
+    "ReportRefused",
+    "StoreError",
+    "TaskMeta",
+    "TaskOverview",
+    "now_ms",
+]

@@ -26,8 +26,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
@@ -35,12 +35,14 @@ from common import digest, errors, wire
 from common.pieces import piece_range
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.taskid import redact_url
+from supernode.tasks import TaskOwner
 
-from .cache import CacheEntry, write_at
+from .cache import CacheEntry, PieceCache, write_at
 
 if TYPE_CHECKING:
-    from .cdn import Cdn
-    from .repo import TaskMeta
+    from supernode.store.repo import Repo, TaskMeta
+
+    from .origin import OriginClient
 
 log = logging.getLogger("supernode.repair")
 SUSPECT = frozenset({"digest_mismatch", "not_found", "short_body", "long_body", "error"})
@@ -66,11 +68,34 @@ def _check_piece(path: str, entry: CacheEntry, n: int, expected: str) -> bool:
     return digest.matches(expected, digest.of(data))
 
 
+class _Rates(Protocol):
+    @property
+    def min_rate(self) -> float: ...
+
+
+class RepairOwner(Protocol):
+    """What the repair needs of the CDN that owns it (`fetch.Cdn`; a protocol, so that
+    the two modules do not import each other)."""
+
+    sn_id: str
+    cache: PieceCache
+    repo: Repo
+    origin: OriginClient
+
+    @property
+    def settings(self) -> _Rates: ...
+
+    @property
+    def running(self) -> Mapping[str, object]: ...
+
+    async def ensure(self, meta: TaskMeta) -> None: ...
+
+
 class CacheRepair:
-    def __init__(self, cdn: Cdn) -> None:
+    def __init__(self, cdn: RepairOwner) -> None:
         self.cdn = cdn
         self.good: dict[tuple[str, int], float] = {}  # (task, piece) -> when found good
-        self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # running repairs
+        self.tasks = TaskOwner(log)  # (task, piece) -> its running repair
         self.repaired = 0  # pieces fetched again and put back
         self.refetched = 0  # whole files fetched again
 
@@ -111,12 +136,7 @@ class CacheRepair:
             await self._repair(task_id, entry, bad)
 
     async def close(self) -> None:
-        tasks = list(self.tasks.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await self.tasks.close()
 
     # --- one piece ----------------------------------------------------------------------
     async def _repair(self, task_id: str, entry: CacheEntry, pieces: list[int]) -> None:
@@ -125,10 +145,8 @@ class CacheRepair:
         expected = {n: entry.digests.pop(n) for n in pieces}  # the seed stops serving them
         await self.cdn.repo.unpublish_pieces(task_id, pieces)
         for n in pieces:
-            task = asyncio.create_task(self._refetch_piece(task_id, entry, n, expected[n]),
-                                       name=f"repair-{task_id[:12]}-{n}")
-            self.tasks[(task_id, n)] = task
-            task.add_done_callback(lambda _t, key=(task_id, n): self.tasks.pop(key, None))
+            self.tasks.start((task_id, n), self._refetch_piece(task_id, entry, n, expected[n]),
+                             name=f"repair-{task_id[:12]}-{n}")
 
     async def _refetch_piece(self, task_id: str, entry: CacheEntry, n: int, expected: str) -> None:
         try:

@@ -5,20 +5,20 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
 
-from common import __version__, errors, wire
+from common import __version__, errors, httperrors, wire
 from common.taskid import is_task_id, new_id, redact_url, split_credentials, task_key
 from common.taskid import task_id as make_task_id
+from supernode.cdn import origin
+from supernode.state import STATE, SupernodeState
+from supernode.store.repo import PeerInfo, TaskMeta
 
-from . import guard, origin, peerauth
-from .auth import admin_only
-from .repo import PeerInfo, TaskMeta
-from .state import STATE, SupernodeState
+from . import guard, peerauth
+from .admin import admin_only
 
 log = logging.getLogger("supernode.api")
 MAX_BODY = 64 * 1024
@@ -49,37 +49,13 @@ async def body(request: web.Request, typ: type[T]) -> T:
     return wire.decode(data, typ, msgpack=request.content_type == wire.MSGPACK_TYPE)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    st = request.app[STATE]
-    t0 = time.perf_counter()
-    route = guard.route_of(request)
-    status = 500
-    try:
-        resp = await handler(request)
-        status = resp.status
-        return resp
-    except errors.DfError as exc:
-        status = exc.status
-        resp = reply(request, exc.to_wire(), status=exc.status)
-        if "retry_after" in exc.detail:
-            resp.headers["Retry-After"] = str(exc.detail["retry_after"])
-        if isinstance(exc, errors.RequestTimeout):
-            resp.force_close()  # the rest of a slow body would be read as the next request
-        return resp
-    except web.HTTPException as exc:
-        status = exc.status
-        if exc.status < 400:
-            raise
-        return reply(request, {"error": "not_found" if exc.status == 404 else "bad_request",
-                               "message": exc.reason}, status=exc.status)
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, route)
-        return reply(request, {"error": "internal", "message": "internal error"}, status=500)
-    finally:
-        # any method string reaches here: keep the label set bounded
-        method = request.method if request.method in _METHODS else "OTHER"
-        st.metrics.observe_request(route, method, status, time.perf_counter() - t0)
+def _observe(request: web.Request, status: int, seconds: float) -> None:
+    # any method string reaches here: keep the label set bounded
+    method = request.method if request.method in _METHODS else "OTHER"
+    request.app[STATE].metrics.observe_request(guard.route_of(request), method, status, seconds)
+
+
+error_middleware = httperrors.error_middleware(logger=log, render=reply, observe=_observe)
 
 
 def _task_id(request: web.Request) -> str:
@@ -317,7 +293,7 @@ async def version(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     st: SupernodeState = request.app[STATE]
-    body_, ctype = await st.metrics.render(st)
+    body_, ctype = await st.metrics.render(st.cdn, st.seed, st.repo)
     return web.Response(body=body_, headers={"Content-Type": ctype})
 
 

@@ -1,6 +1,6 @@
 """The configuration reference (docs/config.md), generated from the click commands.
 
-    python -m supernode.configref > docs/config.md     (or: python -m supernode.configref docs/config.md)
+    python -m tools.configref > docs/config.md     (or: python -m tools.configref docs/config.md)
 
 Every option of `supernode`, `dfget` and `dfget server` with its environment variable,
 its `--config` file key, its default and its help, read from the click objects
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-REGENERATE = "python -m supernode.configref docs/config.md"
+REGENERATE = "python -m tools.configref docs/config.md"
 SKIPPED = {"version"}  # not a setting (nor is --help)
 
 

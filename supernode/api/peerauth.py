@@ -16,9 +16,8 @@ import hmac
 import secrets
 
 from common.errors import PeerSecretRefused
-
-from . import keys
-from .store import Store, translate
+from supernode.store import keys
+from supernode.store.connection import Store, translate
 
 HEADER = "X-Dragonfly-Peer-Secret"
 

@@ -128,7 +128,7 @@ def alive(peer_id: str) -> str:
     return f"{PREFIX}:alive:{peer_id}"
 
 
-# Per-peer secrets (supernode/peerauth.py): the cluster-wide HMAC key they derive from,
+# Per-peer secrets (supernode/api/peerauth.py): the cluster-wide HMAC key they derive from,
 # and the mark that a peer id is taken (its secret was handed out), re-armed on every
 # authenticated call.
 PEER_SECRET_KEY = f"{PREFIX}:peer-secret-key"

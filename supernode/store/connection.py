@@ -57,6 +57,15 @@ def translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+def raise_if_cancelled() -> None:
+    """redis-py (8.x) can swallow a cancellation that lands during a command: the call
+    returns normally and the loop would go on forever, hanging shutdown. The request
+    is still counted on the task, so honour it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def connect(url: str | None) -> Any:
     """Build the client (no I/O yet)."""
     common = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0, "health_check_interval": 15}

@@ -19,11 +19,11 @@ from aiohttp import web
 
 from common import errors, wire
 from common.taskid import is_task_id, redact_url
+from supernode.state import STATE, SupernodeState
+from supernode.store.repo import TaskMeta
 
-from . import api
-from .auth import admin_only
-from .repo import TaskMeta
-from .state import STATE, SupernodeState
+from . import handlers as api
+from .admin import admin_only
 
 log = logging.getLogger("supernode.preheat")
 

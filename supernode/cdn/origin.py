@@ -39,7 +39,8 @@ class PolicyResolver(AbstractResolver):
         self.policy = policy
         self._inner = aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         allowed = [r for r in results if self.policy.permits(r["host"])]
         if not allowed:
@@ -163,13 +164,14 @@ class OriginClient:
                 if isinstance(exc.os_error, _Denied):
                     raise errors.OriginPolicyDenied(str(exc.os_error)) from None
                 raise errors.OriginUnavailable(f"cannot connect to origin: {exc.os_error}") from None
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise errors.OriginUnavailable(f"origin request failed: {type(exc).__name__}") from None
             if resp.status in _REDIRECTS:
                 location = resp.headers.get("Location")
                 resp.release()
                 if not location:
-                    raise errors.OriginStatus(f"redirect without Location from {redact_url(url)}", detail={"status": str(resp.status)})
+                    raise errors.OriginStatus(f"redirect without Location from {redact_url(url)}",
+                                              detail={"status": str(resp.status)})
                 try:
                     target = urljoin(url, location)
                 except ValueError:

@@ -28,14 +28,14 @@ from aiohttp import web
 from common import __version__, errors
 from common.pieces import piece_count
 from common.taskid import is_task_id, redact_url
+from supernode.scheduling.policy import Bitmap
+from supernode.state import STATE
+from supernode.store.repo import PeerInfo, PieceMap, TaskOverview
 
-from .api import reply
-from .auth import admin_only
-from .repo import PeerInfo, PieceMap, TaskOverview
-from .scheduler import Bitmap
-from .state import STATE
+from .admin import admin_only
+from .handlers import reply
 
-STATIC = Path(__file__).with_name("static")
+STATIC = Path(__file__).parent.parent / "static"
 ASSETS = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 CACHE_SECONDS = 0.5
 TASKS_DEFAULT, TASKS_MAX = 50, 200

@@ -1,4 +1,4 @@
-"""The views this supernode keeps (supernode/view.py): loaded on a task's first pull here,
+"""The views this supernode keeps (supernode/scheduling/view.py): loaded on a task's first pull here,
 fed by every event (the store's replies and pub/sub), reloaded after a gap, dropped
 when idle or deleted."""
 
@@ -9,8 +9,8 @@ import logging
 import time
 from collections import OrderedDict
 
-from .events import EventHub
-from .repo import Repo
+from supernode.store.events import EventHub
+from supernode.store.repo import Repo
 from .view import TaskView
 
 log = logging.getLogger("supernode.views")

@@ -1,0 +1,25 @@
+"""Bandwidth limits of the supernode (`--max-bandwidth` for the CDN fetch,
+`--upload-limit` for the seed): the async shell over `common.ratelimit.TokenBucket`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from common.ratelimit import TokenBucket
+
+
+class Throttle:
+    """Async shell over a bucket. Several tasks may share one (a host-wide limit)."""
+
+    def __init__(self, rate: float) -> None:
+        self.bucket = TokenBucket(rate)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.bucket.rate <= 0
+
+    async def consume(self, n: int) -> None:
+        delay = self.bucket.reserve(n, time.monotonic())
+        if delay > 0:
+            await asyncio.sleep(delay)
