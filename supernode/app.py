@@ -120,6 +120,9 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
                         peer_policy=settings.peer_policy(), peer_secrets=PeerSecrets(store))
     app[STATE] = st
     dispatcher.on_schedule = st.metrics.schedule.observe
+    st.metrics.view_loads.set_function(lambda: views.loads)
+    st.metrics.pull_rounds.set_function(lambda: dispatcher.round_sizes[0])
+    st.metrics.pull_round_pulls.set_function(lambda: dispatcher.round_sizes[1])
     dispatcher.on_reports = st.metrics.observe_applied
     background = TaskOwner(log)
     background.start("events", hub.run_local() if store.embedded else hub.run(), name="events")

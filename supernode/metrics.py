@@ -86,6 +86,11 @@ class Metrics:
         self.seed_bytes = gauge("supernode_seed_bytes", "Bytes served by the CDN seed")
         self.fetches = gauge("supernode_cdn_fetches_active", "Origin fetches running here")
         self.seed_uploads = gauge("supernode_seed_uploads_active", "CDN uploads in progress")
+        self.view_loads = gauge("supernode_view_loads", "Full loads of a task's view from the store so far: "
+                                "first use, or a gap in the change log (a reload means lost events)")
+        self.pull_rounds = gauge("supernode_pull_rounds", "Scheduling rounds so far (the pulls of a task "
+                                 "decided and claimed together)")
+        self.pull_round_pulls = gauge("supernode_pull_round_pulls", "Pulls decided in those rounds so far")
         self.auth_refused = counter("supernode_auth_refused", "Requests refused for a missing or bad token",
                                     ["kind", "reason"])
         self.back_to_source = counter(

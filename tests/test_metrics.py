@@ -111,6 +111,10 @@ def test_metrics_and_json_logs_after_real_downloads(tmp_path: Path, origin, supe
     assert value(d, "supernode_requests_total", endpoint="/api/v1/tasks/{task_id}/pull",
                  method="POST", status="200") >= 3
     assert value(d, "supernode_schedule_seconds_count") >= 3
+    # every pull is decided in a round; the task's view was loaded once and never lost events
+    rounds, pulls = value(after, "supernode_pull_rounds"), value(after, "supernode_pull_round_pulls")
+    assert 1 <= rounds <= pulls and pulls >= value(d, "supernode_schedule_seconds_count")
+    assert value(after, "supernode_view_loads") == 1
     assert value(d, "supernode_schedule_seconds_sum") > 0
     assert value(d, "supernode_bytes_total", source="origin") == SIZE
     assert value(d, "supernode_bytes_total", source="peer") == from_a
