@@ -68,7 +68,8 @@ def _run_inner(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProce
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "REDIS_URL")}
+    # PYTEST_ADDOPTS too: .ci/run sets -rs, which would list the skip a second time
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "REDIS_URL", "PYTEST_ADDOPTS")}
     env.update(extra)
     return env
 
