@@ -50,12 +50,20 @@ class TokenBucket:
             return 0.0
         return (n - self.tokens) / self.rate
 
+    def full_at(self, now: float) -> bool:
+        """Whether it has refilled to its burst by `now` (then it is as good as new)."""
+        if self.rate <= 0 or self.stamp is None:
+            return True
+        return self.tokens + max(0.0, now - self.stamp) * self.rate >= self.burst
+
 
 class KeyedLimiter:
     """A token bucket per key (client address, client id), `rate` requests per second
     with bursts of `burst`. At most `max_keys` buckets are kept: the least recently used
     is forgotten first, so a flood of made-up keys costs bounded memory (a forgotten key
-    starts again with a full bucket, which errs on the side of serving)."""
+    starts again with a full bucket, which errs on the side of serving). Each check also
+    forgets the least recently used bucket if it has refilled (it is as good as new), so
+    keys that come and go (a client id per download) do not pile up to `max_keys`."""
 
     def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
         self.rate = rate
@@ -80,4 +88,7 @@ class KeyedLimiter:
             while len(self._buckets) >= self.max_keys:
                 del self._buckets[next(iter(self._buckets))]
         self._buckets[key] = bucket
+        oldest = next(iter(self._buckets))
+        if oldest != key and self._buckets[oldest].full_at(now):
+            del self._buckets[oldest]
         return bucket.take(1, now)

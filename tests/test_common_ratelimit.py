@@ -61,3 +61,19 @@ async def test_throttle_shell(Throttle: type[SupernodeThrottle]) -> None:
     t = Throttle(1e9)
     assert not t.unlimited
     await t.consume(1000)
+
+
+def test_keyed_limiter_forgets_buckets_that_refilled() -> None:
+    from common.ratelimit import KeyedLimiter
+
+    lim = KeyedLimiter(rate=10.0, burst=2.0)
+    for i in range(1000):  # a new key every 0.2 s: each bucket has refilled when the next comes
+        assert lim.check(f"k{i}", i * 0.2) == 0.0
+    assert len(lim) <= 2
+    # a key still owed tokens is kept, and still limited
+    lim2 = KeyedLimiter(rate=1.0, burst=2.0)
+    assert lim2.check("a", 0.0) == 0.0 and lim2.check("a", 0.0) == 0.0
+    assert lim2.check("a", 0.0) > 0  # its burst is spent
+    for i in range(50):
+        lim2.check(f"k{i}", 0.01 * i)
+    assert lim2.check("a", 0.5) > 0  # not forgotten (it would have come back with a full bucket)
