@@ -57,7 +57,8 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
 @click.option("-n", "--node", default="127.0.0.1:8002", help="Supernodes: host[:port][=weight],...")
 @click.option("--header", "headers", multiple=True, help="'Name: value' for the origin (repeatable).")
 @click.option("-f", "--filter", "filter_", default=None, help="Query keys ignored in the task id: 'k1&k2'.")
-@click.option("-s", "--locallimit", default="20MB", show_default=True, help="Download rate limit.")
+@click.option("-s", "--locallimit", default="0", show_default=True,
+              help="Download rate limit (e.g. 20MB); 0 = none, as fast as the link goes.")
 @click.option("--totallimit", default="0", help="Host-wide rate limit (uploads + downloads); 0 = none.")
 @click.option("--minrate", default="64KB", show_default=True, help="Slowest acceptable piece rate.")
 @click.option("-e", "--timeout", default=None, help="Give up after this long (e.g. 10m).")
