@@ -39,8 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-TOKEN_HEADER = "X-Dragonfly-Token"
-CLIENT_HEADER = "X-Dragonfly-Client"
+from common.tokenheaders import CLIENT_HEADER, TOKEN_HEADER  # noqa: E402 - re-exported
 VERSION = 2
 CONTEXT = b"dragonfly-py piece token\x00"  # a signature over tokens is never valid for anything else
 LEEWAY = 30  # seconds of clock skew forgiven between the supernode and the verifying host

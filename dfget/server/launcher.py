@@ -16,11 +16,11 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TypeVar
 
-import aiohttp
 import msgspec
 
 from common import wire
 
+from ..httpclient import HttpClient
 from ..neterr import describe
 from .protocol import (
     BackToSource,
@@ -49,22 +49,20 @@ class PeerServerError(Exception):
 class ControlClient:
     def __init__(self, home: Path) -> None:
         self.path = socket_path(home)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(self.path)),
-            timeout=aiohttp.ClientTimeout(total=5))
+        self.http = HttpClient(unix=str(self.path))
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.http.close()
 
     async def _call(self, method: str, path: str, body: object = None, typ: type[T] | None = None) -> T:
         data = wire.encode(body) if body is not None else None
         try:
-            async with self.session.request(method, "http://peer-server" + path, data=data,
-                                            headers={"Content-Type": wire.JSON_TYPE}) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise PeerServerError(f"{method} {path}: HTTP {resp.status} {raw[:200]!r}")
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            resp = await self.http.request(method, "peer-server", 0, path, data,
+                                           {"Content-Type": wire.JSON_TYPE}, timeout=5)
+            raw = resp.body
+            if resp.status != 200:
+                raise PeerServerError(f"{method} {path}: HTTP {resp.status} {raw[:200]!r}")
+        except (OSError, TimeoutError) as exc:
             raise PeerServerError(f"{method} {path}: {describe(exc)}") from None
         return msgspec.json.decode(raw, type=typ) if typ is not None else None  # type: ignore[return-value]
 
