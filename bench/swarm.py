@@ -627,7 +627,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "lower bound max(F/origin, F/cdn_up, F/peer_down, N*F/(cdn_up+N*peer_up)); times are "
         "from the common start of all N processes (start-up included). *direct* = the same "
         "N hosts with curl --limit-rate straight from the same capped origin. The machine "
-        "may be shared with other work (it was for fast-n4-1GiB, 2026-12-06): CPU-bound "
+        "may be shared with other work (it was for every run of 2026-12-06): CPU-bound "
         "scenarios (CPU busy near 100 %) are the most affected.",
         "",
         "| scenario | N | file | caps o/cdn/down/up | origin bytes / F | p50 s | p90 s | max s "
