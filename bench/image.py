@@ -40,7 +40,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from bench.swarm import code_version
-from common.ratelimit import Throttle
+from dfget.throttle import Throttle
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

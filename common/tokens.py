@@ -40,9 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from common import errors
+from common.tokenheaders import CLIENT_HEADER, TOKEN_HEADER  # re-exported
 
-TOKEN_HEADER = "X-Dragonfly-Token"
-CLIENT_HEADER = "X-Dragonfly-Client"
 VERSION = 2
 CONTEXT = b"dragonfly-py piece token\x00"  # a signature over tokens is never valid for anything else
 LEEWAY = 30  # seconds of clock skew forgiven between the supernode and the verifying host

@@ -57,7 +57,8 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
 @click.option("-n", "--node", default="127.0.0.1:8002", help="Supernodes: host[:port][=weight],...")
 @click.option("--header", "headers", multiple=True, help="'Name: value' for the origin (repeatable).")
 @click.option("-f", "--filter", "filter_", default=None, help="Query keys ignored in the task id: 'k1&k2'.")
-@click.option("-s", "--locallimit", default="20MB", show_default=True, help="Download rate limit.")
+@click.option("-s", "--locallimit", default="0", show_default=True,
+              help="Download rate limit (e.g. 20MB); 0 = none, as fast as the link goes.")
 @click.option("--totallimit", default="0", help="Host-wide rate limit (uploads + downloads); 0 = none.")
 @click.option("--minrate", default="64KB", show_default=True, help="Slowest acceptable piece rate.")
 @click.option("-e", "--timeout", default=None, help="Give up after this long (e.g. 10m).")
@@ -160,12 +161,18 @@ async def _main(cfg: C.DownloadConfig, stats: Stats) -> None:
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True,
               help="debug logs every piece served.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@click.option("--listen-fd", default=-1, type=int, hidden=True,
+              help="Peer socket already bound and listening (set by the dfget that starts us).")
+@click.option("--peer-id", default=None, hidden=True, help="Peer id chosen by the dfget that starts us.")
 def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, expiretime: str,
                max_uploads: int, upload_timeout: str, scan_interval: str, log_level: str,
-               log_json: bool) -> None:
+               log_json: bool, listen_fd: int, peer_id: str | None) -> None:
     """Run this host's peer server (normally started by dfget itself)."""
     from .server.lifecycle import ListenError, run_server
     from .server.state import ServerConfig
+
+    if peer_id is not None and not (len(peer_id) == 32 and all(c in "0123456789abcdef" for c in peer_id)):
+        raise click.UsageError("--peer-id must be 32 lower-case hex digits")
 
     cfg = ServerConfig(
         home=Path(home).expanduser().absolute(), ip=ip, port=port,
@@ -174,7 +181,7 @@ def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, e
         expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), max_uploads=max_uploads,
         upload_timeout=_cfg(C.parse_duration, upload_timeout, "--upload-timeout"),
         scan_interval=_cfg(C.parse_duration, scan_interval, "--scan-interval"),
-        log_level=log_level, log_json=log_json)
+        log_level=log_level, log_json=log_json, listen_fd=listen_fd, peer_id=peer_id)
     try:
         code = run_server(cfg)
     except ListenError as exc:

@@ -47,7 +47,7 @@ class DownloadConfig:
     identifier: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     filter_keys: tuple[str, ...] = ()
-    locallimit: int = 20 * 1024 * 1024
+    locallimit: int = 0  # bytes/s; 0 = no cap (v1's 20 MB/s default throttled every fast link)
     totallimit: int = 0
     minrate: int = 64 * 1024
     timeout: float | None = None

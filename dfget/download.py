@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from common import taskid
 from common.errors import (
@@ -25,8 +24,8 @@ from common.errors import (
 from .throttle import Throttle
 from common.wire import BackToSourceReason
 
-from . import source
 from .config import DownloadConfig, local_ip_towards
+from .httpclient import HttpClient
 from .notices import notice
 from .output import PartFile, disk_errors
 from .p2p import P2PGaveUp, P2PSession
@@ -34,12 +33,18 @@ from .peerlink import PeerLink
 from .piecefetch import FetchLimits
 from .progress import Stats
 
+if TYPE_CHECKING:
+    import aiohttp
+
 log = logging.getLogger("dfget")
 # Final answers about the file itself: going to the origin ourselves would only repeat them.
 _FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, LocalDiskError)
 
 
 def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
+    """Only to go to the origin: importing aiohttp is a good part of a small download's cost."""
+    import aiohttp
+
     connector = aiohttp.TCPConnector(limit=64, limit_per_host=16, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector, read_bufsize=256 << 10, auto_decompress=False,
@@ -73,18 +78,20 @@ async def download(cfg: DownloadConfig, stats: Stats) -> None:
     part = PartFile(cfg.output, local_tid)
     throttles = _throttles(cfg)
     try:
-        async with _session(cfg) as session:
-            if cfg.pattern == "source":
-                await _back_to_source(cfg, session, part, stats, throttles, "pattern source")
+        reason = "pattern source"
+        if cfg.pattern != "source":
+            async with HttpClient() as http:
+                why = await _p2p(cfg, http, part, stats, throttles)
+            if why is None:
                 return
-            why = await _p2p(cfg, session, part, stats, throttles)
-            if why is not None:
-                await _back_to_source(cfg, session, part, stats, throttles, why[1])
+            reason = why[1]
+        async with _session(cfg) as session:
+            await _back_to_source(cfg, session, part, stats, throttles, reason)
     finally:
         part.close()
 
 
-async def _p2p(cfg: DownloadConfig, session: aiohttp.ClientSession, part: PartFile, stats: Stats,
+async def _p2p(cfg: DownloadConfig, http: HttpClient, part: PartFile, stats: Stats,
                throttles: tuple[Throttle, ...]) -> tuple[BackToSourceReason, str] | None:
     """None when P2P completed; otherwise why we should go back to source (the metric
     label and the text)."""
@@ -92,7 +99,7 @@ async def _p2p(cfg: DownloadConfig, session: aiohttp.ClientSession, part: PartFi
     if cfg.serve:
         ip = cfg.ip or local_ip_towards(cfg.nodes[0])
         peer = await PeerLink.start(cfg.home, ip, cfg.port, cfg.totallimit, cfg.alivetime, cfg.expiretime)
-    p2p = P2PSession(cfg, session, part, stats, peer, FetchLimits(cfg.minrate, throttles))
+    p2p = P2PSession(cfg, http, part, stats, peer, FetchLimits(cfg.minrate, throttles))
     why: tuple[BackToSourceReason, str] | None = None
     try:
         await p2p.run()
@@ -135,6 +142,8 @@ async def _back_to_source(cfg: DownloadConfig, session: aiohttp.ClientSession, p
 
     def on_bytes(n: int) -> None:
         stats.bytes_from_origin += n
+
+    from . import source  # with aiohttp: only when the origin is asked
 
     result = await source.download(session, cfg.url, cfg.headers, part, want_md5=cfg.md5 is not None,
                                    throttles=throttles, on_bytes=on_bytes)

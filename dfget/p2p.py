@@ -10,8 +10,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
-
 from common import wire
 from common.errors import (
     DfError,
@@ -24,6 +22,7 @@ from common.errors import (
 from common.pieces import piece_count, piece_range
 
 from .config import DownloadConfig
+from .httpclient import HttpClient
 from .output import PartFile, recheck
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits, PieceFailed, fetch_piece
@@ -48,11 +47,11 @@ class Flight:
 
 
 class P2PSession:
-    def __init__(self, cfg: DownloadConfig, session: aiohttp.ClientSession, part: PartFile,
+    def __init__(self, cfg: DownloadConfig, http: HttpClient, part: PartFile,
                  stats: Stats, peer: PeerLink, limits: FetchLimits) -> None:
-        self.cfg, self.session, self.part, self.stats = cfg, session, part, stats
+        self.cfg, self.part, self.stats = cfg, part, stats
         self.peer, self.limits = peer, limits
-        self.sn = Supernodes(session, cfg.nodes)
+        self.sn = Supernodes(http, cfg.nodes)
         self.cid: str | None = None
         self.cids: list[str] = []  # every client id supernodes gave this download
         self.task: wire.TaskInfo | None = None
@@ -260,7 +259,7 @@ class P2PSession:
             self._start(a)
 
     def _start(self, a: wire.Assignment) -> None:
-        task = asyncio.create_task(fetch_piece(self.session, self.task_id, a, self.part, self.limits,
+        task = asyncio.create_task(fetch_piece(None, self.task_id, a, self.part, self.limits,
                                                self.cid))
         self.flights[task] = Flight(a, self.generation)
 

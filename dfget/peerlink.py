@@ -3,17 +3,30 @@ download to fail: after the first error the link goes quiet and the download goe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import shlex
 from pathlib import Path
 
+from common import wire
 from common.hostport import hostport
 from common.wire import PeerAddr, PieceKey
 
 from .notices import notice
-from .server.launcher import ControlClient, PeerServerError, ensure_server
-from .server.protocol import RegisterFile, ServerInfo
+from .server import spool
+from .server.launcher import ControlClient, PeerServerError, launch_server
+from .server.protocol import (
+    BackToSource,
+    Limits,
+    MarkVerified,
+    MovedFile,
+    PeerSecret,
+    RegisterFile,
+    ServerInfo,
+    TrustKeys,
+)
 
 log = logging.getLogger("dfget.peer")
 
@@ -26,22 +39,32 @@ def _started(home: Path, info: ServerInfo, alivetime: float) -> None:
 
 
 class PeerLink:
-    def __init__(self, client: ControlClient | None, info: ServerInfo | None) -> None:
+    """Control calls go to the server in order. While a server we started is still coming
+    up they queue (nothing in a download waits for it); at the end, what is still queued
+    is sent if it is up by then, else spooled for it to replay (server/spool.py)."""
+
+    def __init__(self, client: ControlClient | None, info: ServerInfo | None,
+                 starting: asyncio.Task[ServerInfo] | None = None, home: Path | None = None) -> None:
         self.client = client
         self.info = info
+        self.starting = starting
+        self.home = home
+        self.queue: list[tuple[str, str, object]] = []
+        self.flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, home: Path, ip: str, port: int, totallimit: int, alivetime: float,
                     expiretime: float) -> PeerLink:
         try:
-            client, info = await ensure_server(home, ip, port, totallimit, alivetime, expiretime,
-                                               on_start=lambda i: _started(home, i, alivetime))
+            launched = await launch_server(home, ip, port, totallimit, alivetime, expiretime)
         except (PeerServerError, OSError, TimeoutError) as exc:
             log.warning("peer server unavailable, downloading without serving: %s", exc)
             return cls(None, None)
-        link = cls(client, info)
-        if totallimit and info.totallimit != totallimit:
-            await link._do(client.set_limit(totallimit))
+        if launched.starting is not None:
+            _started(home, launched.info, alivetime)
+        link = cls(launched.client, launched.info, launched.starting, home)
+        if totallimit and launched.starting is None and launched.info.totallimit != totallimit:
+            await link._call("POST", "/limits", Limits(totallimit))
         return link
 
     @property
@@ -50,51 +73,69 @@ class PeerLink:
             return None
         return PeerAddr(peer_id=self.info.peer_id, ip=self.info.ip, port=self.info.port)
 
-    async def _do(self, coro: object) -> bool:
+    def _up(self) -> bool:
+        return self.starting is None or (self.starting.done() and not self.starting.cancelled()
+                                         and self.starting.exception() is None)
+
+    async def _call(self, method: str, path: str, body: object) -> None:
+        if self.client is None:
+            return
+        if self.queue or not self._up():
+            self.queue.append((method, path, body))
+            if self.flusher is None:
+                self.flusher = asyncio.ensure_future(self._flush_when_up())
+            return
         try:
-            await coro  # type: ignore[misc]
-            return True
+            await self.client.request(method, path, body)
         except PeerServerError as exc:
             log.warning("peer server stopped answering, no longer serving: %s", exc)
             await self.close()
-            return False
+
+    async def _flush_when_up(self) -> None:
+        assert self.starting is not None and self.client is not None
+        try:
+            await asyncio.shield(self.starting)
+            while self.queue:
+                method, path, body = self.queue[0]
+                await self.client.request(method, path, body)
+                self.queue.pop(0)
+        except PeerServerError as exc:
+            log.warning("peer server did not come up, not serving: %s", exc)
+            self.queue.clear()
+            self.client = None  # the download goes on without serving
 
     async def register(self, task_id: str, path: Path, length: int, piece_size: int, supernodes: list[str],
                        piece_auth: bool = False, keys: list[PieceKey] | None = None,
                        clients: list[str] | None = None) -> None:
-        if self.client is not None:
-            await self._do(self.client.register(RegisterFile(
-                task_id=task_id, path=str(path), length=length, piece_size=piece_size,
-                supernodes=supernodes, owner_pid=os.getpid(), piece_auth=piece_auth, keys=keys or [],
-                clients=clients or [])))
+        await self._call("POST", "/files", RegisterFile(
+            task_id=task_id, path=str(path), length=length, piece_size=piece_size,
+            supernodes=supernodes, owner_pid=os.getpid(), piece_auth=piece_auth, keys=keys or [],
+            clients=clients or []))
 
     async def trust(self, keys: list[PieceKey]) -> None:
         """Keys of another registration (failover): tokens it issues verify here too."""
-        if self.client is not None and keys:
-            await self._do(self.client.trust(keys))
+        if keys:
+            await self._call("POST", "/keys", TrustKeys(keys))
 
     async def verified(self, task_id: str, pieces: list[int], length: int | None = None) -> None:
-        if self.client is not None and (pieces or length is not None):
-            await self._do(self.client.verified(task_id, pieces, length))
+        if pieces or length is not None:
+            await self._call("POST", f"/files/{task_id}/verified", MarkVerified(pieces, length))
 
     async def moved(self, task_id: str, path: Path) -> None:
-        if self.client is not None:
-            await self._do(self.client.moved(task_id, path))
+        await self._call("POST", f"/files/{task_id}/moved", MovedFile(str(path)))
 
     async def remove(self, task_id: str) -> None:
-        if self.client is not None:
-            await self._do(self.client.remove(task_id))
+        await self._call("DELETE", f"/files/{task_id}", None)
 
     async def peer_secret(self, supernode: str, secret: str) -> None:
         """Our peer's secret at that supernode: the peer server sends it with heartbeats
         and downs, and later dfgets of this host read it back (secrets)."""
-        if self.client is not None:
-            await self._do(self.client.peer_secret(supernode, secret))
+        await self._call("POST", "/secrets", PeerSecret(supernode, secret))
 
     async def secrets(self) -> dict[str, str]:
         """What the peer server knows now (another dfget of this host may just have
-        registered it)."""
-        if self.client is None:
+        registered it). A server we are starting knows nothing yet."""
+        if self.client is None or not self._up():
             return {}
         try:
             self.info = await self.client.info()
@@ -104,10 +145,45 @@ class PeerLink:
 
     async def back_to_source(self, reason: str) -> None:
         """Counted in the peer server's metrics: this host's downloads that went to the origin."""
-        if self.client is not None:
-            await self._do(self.client.back_to_source(reason))
+        await self._call("POST", "/back-to-source", BackToSource(reason))  # type: ignore[arg-type]
 
     async def close(self) -> None:
         client, self.client = self.client, None
+        flusher, self.flusher = self.flusher, None
+        if flusher is not None and self._up():
+            with contextlib.suppress(Exception):
+                await flusher  # up: the rest goes over the socket
+        elif flusher is not None and client is not None:
+            flusher.cancel()  # it waits for the server to come up: no request in flight
+            with contextlib.suppress(BaseException):
+                await flusher
+            await self._hand_over(client)
+        self.queue = []
+        if self.starting is not None and not self.starting.done():
+            self.starting.cancel()
+            with contextlib.suppress(BaseException):
+                await self.starting
         if client is not None:
             await client.close()
+
+    async def _hand_over(self, client: ControlClient) -> None:
+        """The server we started is not up (as far as we know): if it answers now, send
+        the queue; else spool it and ask the server to replay the spool, which it does
+        anyway once it is up (server/spool.py)."""
+        try:
+            await client.info()
+        except PeerServerError:
+            if self.home is None:
+                return
+            await asyncio.to_thread(self._spool, self.queue)
+            with contextlib.suppress(PeerServerError):
+                await client.request("POST", "/spool", None, timeout=1.0)
+            return
+        with contextlib.suppress(PeerServerError):
+            for method, path, body in self.queue:
+                await client.request(method, path, body)
+
+    def _spool(self, queue: list[tuple[str, str, object]]) -> None:
+        assert self.home is not None
+        with contextlib.suppress(OSError):
+            spool.write(self.home, [(m, p, wire.encode(b) if b is not None else None) for m, p, b in queue])

@@ -14,16 +14,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from common import digest
 from common.hostport import http_base
 from common.ranges import RangeSyntaxError, parse_content_range
-from .throttle import Throttle
-from common.tokens import CLIENT_HEADER, TOKEN_HEADER
+from common.tokenheaders import CLIENT_HEADER, TOKEN_HEADER
 from common.wire import Assignment
 
 from .output import PartFile
+from .throttle import Throttle
 from .piecewire import Head, PieceProtocol, WireError, dechunk, open_piece
 
 log = logging.getLogger("dfget.piece")
@@ -67,7 +65,7 @@ def auth_headers(a: Assignment, client: str | None) -> str:
     return f"{TOKEN_HEADER}: {a.token}\r\n" + (f"{CLIENT_HEADER}: {client}\r\n" if client else "")
 
 
-async def fetch_piece(session: aiohttp.ClientSession | None, task_id: str, a: Assignment,
+async def fetch_piece(session: object | None, task_id: str, a: Assignment,
                       part: PartFile, limits: FetchLimits, client: str | None = None) -> int:
     """Returns the number of bytes of the verified piece; raises PieceFailed. Logs one
     line per transfer at debug level (piece, source, bytes, ms, result). `client` is our
@@ -96,7 +94,7 @@ def _log_transfer(task_id: str, a: Assignment, nbytes: int, t0: float, result: s
                      "result": result})
 
 
-async def _fetch_piece(session: aiohttp.ClientSession | None, task_id: str, a: Assignment,
+async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
                        part: PartFile, limits: FetchLimits, client: str | None) -> int:
     expected = a.end - a.start + 1
     try:
@@ -116,7 +114,7 @@ class _Refused(Exception):
     pass
 
 
-async def _fetch(session: aiohttp.ClientSession | None, task_id: str, a: Assignment, part: PartFile,
+async def _fetch(session: object | None, task_id: str, a: Assignment, part: PartFile,
                  limits: FetchLimits, expected: int, extra: str = "") -> int:
     """`session` is unused: pieces go over their own connection (see piecewire)."""
     path = f"/peer/file/{task_id}"

@@ -12,12 +12,11 @@ import logging
 import random
 from typing import TypeVar
 
-import aiohttp
-
 from common import wire
 from common.errors import DfError, SupernodeUnavailable, from_wire
 
 from .config import Node
+from .httpclient import HttpClient
 from .neterr import describe
 
 log = logging.getLogger("dfget.supernode")
@@ -51,8 +50,8 @@ class SupernodeDown(Exception):
 
 
 class Supernodes:
-    def __init__(self, session: aiohttp.ClientSession, nodes: tuple[Node, ...]) -> None:
-        self.session = session
+    def __init__(self, http: HttpClient, nodes: tuple[Node, ...]) -> None:
+        self.http = http
         self.nodes = nodes
         self.index = 0
         self.busy_at = -1e9  # monotonic time a supernode last answered "busy, come back later"
@@ -126,12 +125,9 @@ class Supernodes:
         throttled = 0
         while True:
             try:
-                async with self.session.request(method, node.base_url + path, data=data, headers=headers,
-                                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-                    retry_after = resp.headers.get("Retry-After", "")
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                resp = await self.http.request(method, node.host, node.port, path, data, headers, timeout)
+                raw, status, retry_after = resp.body, resp.status, resp.headers.get("retry-after", "")
+            except (OSError, TimeoutError) as exc:
                 raise SupernodeDown(describe(exc)) from None
             throttled += status == 429
             if (not (status == 429 or (status == 503 and _is_busy(raw))) or loop.time() > give_up

@@ -4,6 +4,7 @@ by reason on the peer server's and (when one answered) the supernode's /metrics.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import aiohttp
 from conftest import file_bytes, free_port
 from dfget_support import run_dfget, stop_server
 
-from dfget.server.launcher import ControlClient
+from dfget.server.launcher import ControlClient, PeerServerError
 
 MIB = 1 << 20
 
@@ -25,9 +26,17 @@ async def _metric(url: str, name: str, reason: str) -> float:
 
 
 async def _peer_metrics_url(home: Path) -> str:
+    """dfget does not wait for a peer server it starts to come up: it may still be starting."""
     client = ControlClient(home)
     try:
-        info = await client.info()
+        for _ in range(200):
+            try:
+                info = await client.info()
+                break
+            except PeerServerError:
+                await asyncio.sleep(0.05)
+        else:
+            info = await client.info()
     finally:
         await client.close()
     return f"http://{info.ip}:{info.port}/metrics"

@@ -43,6 +43,9 @@ def test_every_option_is_documented_with_help(name: str, cmd: click.Command) -> 
     for p in cmd.get_params(ctx):
         if not isinstance(p, click.Option) or p is cmd.get_help_option(ctx) or p.name == "version":
             continue
+        if p.hidden:  # internal: set by dfget when it starts its peer server, not by people
+            assert f"`{p.opts[-1]}`" not in DOC.read_text()
+            continue
         assert p.help, f"{name} {p.opts[-1]} has no help text: add help= to it"
         assert any(f"`{p.opts[-1]}`" in f for f in documented), f"{name} {p.opts[-1]} missing from the reference"
         assert f"`{p.opts[-1]}`" in DOC.read_text()

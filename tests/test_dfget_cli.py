@@ -112,3 +112,22 @@ async def test_timeout_exit_6(tmp_path: Path) -> None:
         assert not (tmp_path / "o").exists()
     finally:
         await runner.cleanup()
+
+
+def test_default_flags_put_no_cap_on_a_download() -> None:
+    """v1's 20 MB/s default made one download 33x slower than curl on a fast link: by
+    default nothing throttles, and -s / --totallimit still set a cap when given."""
+    from dfget.cli import download_cmd
+    from dfget.config import DownloadConfig, parse_rate
+    from dfget.download import _throttles
+
+    ctx = download_cmd.make_context("dfget", ["-u", "http://x/y"])
+    assert parse_rate(ctx.params["locallimit"], "-s") == 0
+    assert parse_rate(ctx.params["totallimit"], "--totallimit") == 0
+    cfg = DownloadConfig(url="http://x/y", output=Path("o"), home=Path("h"))
+    assert _throttles(cfg) == ()
+    ctx = download_cmd.make_context("dfget", ["-u", "http://x/y", "-s", "20MB", "--totallimit", "1G"])
+    capped = DownloadConfig(url="http://x/y", output=Path("o"), home=Path("h"),
+                            locallimit=parse_rate(ctx.params["locallimit"], "-s"),
+                            totallimit=parse_rate(ctx.params["totallimit"], "--totallimit"))
+    assert [t.bucket.rate for t in _throttles(capped)] == [20 << 20, 1 << 30]

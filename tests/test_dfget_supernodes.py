@@ -3,7 +3,6 @@ again with backoff; one that does not answer is given up on at once."""
 
 from __future__ import annotations
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -13,6 +12,7 @@ from common.taskid import new_id
 from conftest import free_port
 from dfget import supernodes as sn_mod
 from dfget.config import Node
+from dfget.httpclient import HttpClient
 from dfget.supernodes import Supernodes
 
 TID = "a" * 64
@@ -42,7 +42,7 @@ async def _serve(aiohttp_server, busy_answers: int, code: str = "store_unavailab
 async def test_a_busy_supernode_is_asked_again_not_abandoned(aiohttp_server, monkeypatch) -> None:
     monkeypatch.setattr(sn_mod, "BUSY_DELAY_MAX", 0.5)
     server, calls = await _serve(aiohttp_server, busy_answers=3)
-    async with aiohttp.ClientSession() as session:
+    async with HttpClient() as session:
         reply = await Supernodes(session, (Node("127.0.0.1", server.port),)).register(REQ)
     assert reply.task.task_id == TID and len(calls) == 4
 
@@ -50,7 +50,7 @@ async def test_a_busy_supernode_is_asked_again_not_abandoned(aiohttp_server, mon
 async def test_busy_retries_stop_at_the_budget(aiohttp_server, monkeypatch) -> None:
     monkeypatch.setattr(sn_mod, "BUSY_BUDGET", 1.0)
     server, calls = await _serve(aiohttp_server, busy_answers=1000)
-    async with aiohttp.ClientSession() as session:
+    async with HttpClient() as session:
         with pytest.raises(SupernodeUnavailable, match="store unavailable"):
             await Supernodes(session, (Node("127.0.0.1", server.port),)).register(REQ)
     assert 2 <= len(calls) <= 3  # 0.5 s backoff, then the next would pass the budget
@@ -59,7 +59,7 @@ async def test_busy_retries_stop_at_the_budget(aiohttp_server, monkeypatch) -> N
 async def test_a_dead_supernode_is_not_retried(aiohttp_server) -> None:
     server, calls = await _serve(aiohttp_server, busy_answers=0)
     dead = Node("127.0.0.1", free_port())
-    async with aiohttp.ClientSession() as session:
+    async with HttpClient() as session:
         with pytest.raises(SupernodeUnavailable):
             await Supernodes(session, (dead,)).register(REQ)
         # with a live one after it, the dead one is skipped without delay

@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 from dfget_support import start_app
@@ -21,6 +20,7 @@ from common.errors import TooManyRequests
 from dfget.config import Node
 from dfget.output import PartFile, recheck
 from dfget.piecefetch import FetchLimits, PieceFailed, fetch_piece
+from dfget.httpclient import HttpClient
 from dfget.supernodes import Supernodes
 
 TID = "cd" * 32
@@ -197,7 +197,7 @@ async def test_dfget_waits_out_429_then_goes_on() -> None:
     app.router.add_post("/api/v1/tasks/{tid}/pull", pull)
     runner, port = await start_app(app)
     try:
-        async with aiohttp.ClientSession() as session:
+        async with HttpClient() as session:
             sn = Supernodes(session, (Node("127.0.0.1", port),))
             reply = await sn.pull(TID, wire.PullRequest(cid="ab" * 16, wait=0))
             assert reply.state == "wait" and len(calls) == 3

@@ -137,3 +137,42 @@ async def test_a_new_download_of_a_task_retires_the_old_downloads_clients(tmp_pa
         await client.close()
         await stop_server(home)
         await runner.cleanup()
+
+
+async def test_a_download_does_not_wait_for_the_server_it_starts(tmp_path: Path) -> None:
+    """dfget knows the new server's address and id at once (it binds the socket and picks
+    the id); what it tells the server before it is up is queued, and if the download ends
+    first, spooled and replayed by the server: the file is served all the same, and
+    peers that connect early wait in the backlog instead of being refused."""
+    from dfget.peerlink import PeerLink
+
+    home = tmp_path / "home"
+    out = tmp_path / "out.bin"
+    data = os.urandom(3000)
+    out.write_bytes(data)
+    link = await PeerLink.start(home, "127.0.0.1", 0, 0, 60, 60)
+    try:
+        assert link.starting is not None and not link.starting.done()  # not waited for
+        addr = link.addr
+        assert addr is not None and addr.port > 0
+        await link.register(TID, tmp_path / ".part", len(data), 1 << 20, ["http://127.0.0.1:1"],
+                            piece_auth=False)
+        await link.verified(TID, [0], len(data))
+        await link.moved(TID, out)
+        assert len(link.queue) == 3  # nothing sent yet: the server is still importing
+        # A peer connecting now is accepted by the kernel and answered once the server runs.
+        async with aiohttp.ClientSession() as s:
+            piece = asyncio.ensure_future(s.get(f"http://127.0.0.1:{addr.port}/peer/file/{TID}",
+                                                headers={"Range": "bytes=0-99"}))
+            await link.close()  # spools: the download is over
+            async with await piece as resp:
+                assert resp.status == 206 and await resp.read() == data[:100]
+        client = ControlClient(home)
+        try:
+            info = await client.info()
+            assert info.peer_id == addr.peer_id and info.port == addr.port
+        finally:
+            await client.close()
+        assert not list((home / "spool").glob("*.json"))  # replayed and removed
+    finally:
+        await stop_server(home)

@@ -5,7 +5,8 @@ Routes: GET /info; GET /files; POST /files (RegisterFile);
 POST /files/{task_id}/verified (MarkVerified); POST /files/{task_id}/moved (MovedFile);
 DELETE /files/{task_id}; POST /limits (Limits); POST /keys (TrustKeys);
 POST /secrets (PeerSecret: this peer's secret at a supernode, sent with heartbeats and
-downs); POST /back-to-source (BackToSource: a download of this host went to the origin, counted
+downs); POST /spool (replay the requests a dfget left in <home>/spool, see spool.py);
+POST /back-to-source (BackToSource: a download of this host went to the origin, counted
 in the metrics); POST /shutdown.
 """
 
@@ -140,6 +141,14 @@ async def back_to_source(request: web.Request) -> web.Response:
     return _json({"ok": True})
 
 
+async def replay_spool(request: web.Request) -> web.Response:
+    from .protocol import socket_path
+    from .spool import replay
+
+    home = request.app[STATE].config.home
+    return _json({"ok": True, "replayed": await replay(home, socket_path(home))})
+
+
 async def shutdown(request: web.Request) -> web.Response:
     request.app[STATE].stop.set()
     return _json({"ok": True})
@@ -172,5 +181,6 @@ def build_control_app(state: ServerState, notify: Notify) -> web.Application:
     r.add_post("/keys", trust_keys)
     r.add_post("/secrets", peer_secret)
     r.add_post("/back-to-source", back_to_source)
+    r.add_post("/spool", replay_spool)
     r.add_post("/shutdown", shutdown)
     return app

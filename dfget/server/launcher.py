@@ -9,18 +9,22 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
-import aiohttp
 import msgspec
 
 from common import wire
+from common.listen import listen_socket
+from common.taskid import new_id
 
+from ..httpclient import HttpClient
 from ..neterr import describe
 from .protocol import (
     BackToSource,
@@ -49,22 +53,24 @@ class PeerServerError(Exception):
 class ControlClient:
     def __init__(self, home: Path) -> None:
         self.path = socket_path(home)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(self.path)),
-            timeout=aiohttp.ClientTimeout(total=5))
+        self.http = HttpClient(unix=str(self.path))
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.http.close()
 
-    async def _call(self, method: str, path: str, body: object = None, typ: type[T] | None = None) -> T:
+    async def request(self, method: str, path: str, body: object = None, timeout: float = 5.0) -> None:
+        await self._call(method, path, body, timeout=timeout)
+
+    async def _call(self, method: str, path: str, body: object = None, typ: type[T] | None = None,
+                    timeout: float = 5.0) -> T:
         data = wire.encode(body) if body is not None else None
         try:
-            async with self.session.request(method, "http://peer-server" + path, data=data,
-                                            headers={"Content-Type": wire.JSON_TYPE}) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise PeerServerError(f"{method} {path}: HTTP {resp.status} {raw[:200]!r}")
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            resp = await self.http.request(method, "peer-server", 0, path, data,
+                                           {"Content-Type": wire.JSON_TYPE}, timeout=timeout)
+            raw = resp.body
+            if resp.status != 200:
+                raise PeerServerError(f"{method} {path}: HTTP {resp.status} {raw[:200]!r}")
+        except (OSError, TimeoutError) as exc:
             raise PeerServerError(f"{method} {path}: {describe(exc)}") from None
         return msgspec.json.decode(raw, type=typ) if typ is not None else None  # type: ignore[return-value]
 
@@ -109,6 +115,12 @@ async def stop_server(home: Path, timeout: float = 10.0) -> int | None:
         try:
             info = await client.info()
         except PeerServerError:
+            other = _pending_pid(home)
+            if other is not None:  # started a moment ago by a dfget: it will answer soon
+                with contextlib.suppress(PeerServerError):
+                    info = await _wait_up(client, lambda: _alive(other), home)
+                    await client.shutdown()
+                    return await _await_exit(home, info, timeout)
             if _lock_held(home):
                 raise PeerServerError(f"a peer server holds {home / 'server.lock'} but does not answer "
                                       f"on {client.path}") from None
@@ -117,6 +129,10 @@ async def stop_server(home: Path, timeout: float = 10.0) -> int | None:
             await client.shutdown()
     finally:
         await client.close()
+    return await _await_exit(home, info, timeout)
+
+
+async def _await_exit(home: Path, info: ServerInfo, timeout: float = 10.0) -> int:
     for sig in (None, signal.SIGTERM):
         if sig is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -160,15 +176,93 @@ def _lock_held(home: Path) -> bool:
     return False
 
 
-def _spawn(home: Path, ip: str, port: int, totallimit: int, alivetime: float, expiretime: float) -> subprocess.Popen[bytes]:
+def _spawn(home: Path, ip: str, port: int, totallimit: int, alivetime: float, expiretime: float,
+           listen: socket.socket | None = None, peer_id: str | None = None) -> subprocess.Popen[bytes]:
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "dfget", "server", "--home", str(home), "--ip", ip,
            "--port", str(port), "--totallimit", str(totallimit),
            "--alivetime", str(alivetime), "--expiretime", str(expiretime)]
+    fds: tuple[int, ...] = ()
+    if listen is not None and peer_id is not None:
+        cmd += ["--listen-fd", str(listen.fileno()), "--peer-id", peer_id]
+        fds = (listen.fileno(),)
     with open(logs / "server.log", "ab") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, pass_fds=fds)
+
+
+@dataclass
+class Launched:
+    """A peer server that answers (`starting` None), or one just started that does not
+    answer yet: its address and peer id are already known (we bound its socket and chose
+    its id), so a download registers with the supernode at once; connections to it wait
+    in the socket's backlog until it accepts, and control calls wait for `starting`."""
+
+    client: ControlClient
+    info: ServerInfo
+    starting: asyncio.Task[ServerInfo] | None = None
+
+
+PENDING = "server.pending"  # pid of a server started but perhaps not answering yet
+
+
+async def launch_server(home: Path, ip: str, port: int, totallimit: int, alivetime: float,
+                        expiretime: float) -> Launched:
+    """Like `ensure_server`, without waiting for a server we start to come up."""
+    await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True, mode=0o700)
+    client = ControlClient(home)
+    try:
+        return Launched(client, await client.info())
+    except PeerServerError:
+        pass
+    fd = await _acquire_launch_lock(home)
+    try:
+        try:
+            return Launched(client, await client.info())
+        except PeerServerError:
+            pass
+        other = _pending_pid(home)
+        if other is not None:  # another dfget started one a moment ago: wait for it
+            return Launched(client, await _wait_up(client, lambda: _alive(other), home))
+        peer_id = new_id()
+        try:
+            sock = listen_socket(ip, port)
+            sock.listen(512)
+        except OSError as exc:
+            await client.close()
+            raise PeerServerError(f"cannot listen on {ip}:{port}: {exc}") from None
+        with sock:
+            proc = _spawn(home, ip, port, totallimit, alivetime, expiretime, sock, peer_id)
+            bound = sock.getsockname()
+        _CHILDREN.append(proc)
+        (home / PENDING).write_text(str(proc.pid))
+        info = ServerInfo(peer_id=peer_id, ip=ip, port=int(bound[1]), pid=proc.pid, version="",
+                          totallimit=totallimit)
+        starting = asyncio.ensure_future(_wait_up(client, lambda: proc.poll() is None, home))
+        return Launched(client, info, starting)
+    finally:
+        os.close(fd)
+
+
+def _pending_pid(home: Path) -> int | None:
+    try:
+        pid = int((home / PENDING).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and _alive(pid) else None
+
+
+async def _wait_up(client: ControlClient, alive: Callable[[], bool], home: Path) -> ServerInfo:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            return await client.info()
+        except PeerServerError:
+            if not alive():
+                break
+        await asyncio.sleep(0.02)
+    raise PeerServerError(f"the peer server did not start; see {home / 'logs' / 'server.log'}")
 
 
 def _launch_lock(home: Path, deadline: float) -> int:

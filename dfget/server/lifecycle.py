@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,9 @@ from common.listen import listen_socket
 from ..neterr import describe
 from ..supernodes import PEER_SECRET_HEADER
 from .app import build_peer_app, runner_kwargs
+from . import spool
 from .control import build_control_app
+from .launcher import PENDING
 from .protocol import socket_path
 from .state import ServerConfig, ServerState
 from .table import FileEntry
@@ -167,6 +170,14 @@ class ListenError(Exception):
     """The peer port cannot be had (taken, or --ip is not an address of this host)."""
 
 
+def _peer_socket(cfg: ServerConfig) -> socket.socket:
+    if cfg.listen_fd >= 0:  # bound (and listening) by the dfget that started us
+        sock = socket.socket(fileno=cfg.listen_fd)
+        sock.setblocking(False)
+        return sock
+    return listen_socket(cfg.ip, cfg.port)
+
+
 async def serve(cfg: ServerConfig) -> None:
     state = ServerState(cfg)
     loop = asyncio.get_running_loop()
@@ -187,12 +198,11 @@ async def serve(cfg: ServerConfig) -> None:
         await control_runner.setup()
         try:
             try:
-                site = web.SockSite(peer_runner, listen_socket(cfg.ip, cfg.port))
-                await site.start()
+                peer_sock = _peer_socket(cfg)
             except OSError as exc:
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ListenError(f"cannot listen on {hostport(cfg.ip, cfg.port)} (--ip, --port): {why}") from None
-            state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            state.port = peer_sock.getsockname()[1]
             sock = socket_path(cfg.home)
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()  # stale: we hold the lock, so nobody else serves it
@@ -202,6 +212,13 @@ async def serve(cfg: ServerConfig) -> None:
             finally:
                 os.umask(old)
             os.chmod(sock, 0o600)  # only this user's dfget processes may control us
+            # What the dfget that started us left (it may have finished before we were
+            # up) is in the table before the first peer request is accepted (they wait
+            # in the socket's backlog meanwhile).
+            await spool.replay(cfg.home, sock)
+            with contextlib.suppress(OSError):
+                (cfg.home / PENDING).unlink()
+            await web.SockSite(peer_runner, peer_sock).start()
             log.info("peer server %s on %s:%d, control %s", state.peer_id, cfg.ip, state.port, sock)
             await _periodic(state, notifier)
         finally:

@@ -33,6 +33,10 @@ class ServerConfig:
     max_requests: int = 256  # requests in progress at once (uploads included); more get 503
     log_level: str = "info"
     log_json: bool = False
+    # Started by a dfget that bound the peer socket (so it knew the address at once) and
+    # chose the peer id (so it could register before we were up).
+    listen_fd: int = -1
+    peer_id: str | None = None
 
 
 @dataclass
@@ -57,6 +61,8 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.throttle = Throttle(self.config.totallimit)
+        if self.config.peer_id:
+            self.peer_id = self.config.peer_id
 
     def set_totallimit(self, rate: int) -> None:
         self.throttle = Throttle(rate)
