@@ -337,7 +337,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "--home", str(home) + ("" if k == 0 else f"-{k}"),
                                     "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8",
                                     "--allow-peer", "127.0.0.0/8", "--max-bandwidth", "0",
-                                    "--log-level", "warning", "--gc-initial-delay", "1h"]))
+                                    "--log-level", "warning", "--gc-initial-delay", "1h",
+                                    # every simulated client registers from 127.0.0.1: the
+                                    # per-address limit models many hosts, as in bench.soak
+                                    "--register-rate", "1000"]))
             _wait_port(api_port)
             apis.append(f"http://127.0.0.1:{api_port}")
         sn = sns[0]
