@@ -63,6 +63,15 @@ def dfget(url: str, sn_url: str, out: Path, home: Path, ip: str
     return res
 
 
+def _wait_server_info(home: Path) -> dict[str, object]:
+    for _ in range(200):  # 10 s at most
+        try:
+            return _server_info(home)
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return _server_info(home)
+
+
 def test_metrics_and_json_logs_after_real_downloads(tmp_path: Path, origin, supernode) -> None:  # type: ignore[no-untyped-def]
     origin.put_random("m.bin", SIZE, seed=9)
     want = (origin.dir / "m.bin").read_bytes()
@@ -85,7 +94,8 @@ def test_metrics_and_json_logs_after_real_downloads(tmp_path: Path, origin, supe
                 time.sleep(0.05)
         a = dfget(url, sn.url, tmp_path / "out-a", homes["a"], ips["a"])
         b = dfget(url, sn.url, tmp_path / "out-b", homes["b"], ips["b"])
-        info_a, info_b = _server_info(homes["a"]), _server_info(homes["b"])
+        # dfget does not wait for the peer server it starts (B's): it may still be coming up
+        info_a, info_b = _server_info(homes["a"]), _wait_server_info(homes["b"])
         peer_a = scrape(f"http://{ips['a']}:{info_a['port']}")
         server_a.kill()  # gone without a word: the supernode still lists A and B as holders
         os.kill(info_b["pid"], signal.SIGKILL)
