@@ -59,8 +59,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from dfget.throttle import Throttle
 from common.units import parse_size
+from dfget.throttle import Throttle
 
 CHUNK = 256 * 1024
 THROTTLED_CHUNK = 64 * 1024
@@ -212,7 +212,7 @@ def if_range_holds(header: str | None, etag: str | None, mtime: int) -> bool:
     return date is not None and int(date) == mtime
 
 
-def select_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+def select_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     """(start, count), None for the whole body, or "416"."""
     if header is None:
         return None

@@ -28,8 +28,8 @@ from dfget.download import download
 from dfget.server.launcher import ControlClient
 
 from . import routes
-from .front import Front
 from .blobs import CHUNK, BlobFetch, Downloader, blob_paths
+from .front import Front
 from .metrics import Metrics
 
 log = logging.getLogger("dfdaemon")
@@ -386,7 +386,7 @@ class Daemon:
 
         try:
             while True:
-                await fetch.wait(lambda: limit() > sent)
+                await fetch.wait(lambda sent=sent: limit() > sent)  # bound now: `sent` moves on
                 if fetch.state in ("bad", "failed"):
                     log.warning("%s: aborting the response after %d bytes: %s", digest or "download",
                                 sent, fetch.error)

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import click
+
 from common import logs
 from common.listen import listen_socket
 from common.netpolicy import AddressPolicy

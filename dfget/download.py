@@ -21,7 +21,6 @@ from common.errors import (
     P2PFailed,
     SupernodeUnavailable,
 )
-from .throttle import Throttle
 from common.wire import BackToSourceReason
 
 from .config import DownloadConfig, local_ip_towards
@@ -32,6 +31,7 @@ from .p2p import P2PGaveUp, P2PSession
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits
 from .progress import Stats
+from .throttle import Throttle
 
 if TYPE_CHECKING:
     import aiohttp

@@ -21,8 +21,8 @@ from common.tokenheaders import CLIENT_HEADER, TOKEN_HEADER
 from common.wire import Assignment
 
 from .output import PartFile
-from .throttle import Throttle
 from .piecewire import Head, PieceProtocol, WireError, dechunk, open_piece
+from .throttle import Throttle
 
 log = logging.getLogger("dfget.piece")
 CHUNK = 1 << 20  # bytes handed to a worker thread at once

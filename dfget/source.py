@@ -22,10 +22,10 @@ from common.errors import (
     OriginUnauthorized,
     OriginUnavailable,
 )
-from .throttle import Throttle
 
 from .neterr import describe
 from .output import PartFile
+from .throttle import Throttle
 
 log = logging.getLogger("dfget.source")
 CHUNK = 1 << 20
@@ -39,7 +39,7 @@ class SourceResult:
     md5: str | None
 
 
-def _write(part: PartFile, md5: "hashlib._Hash | None", offset: int, data: bytes) -> None:
+def _write(part: PartFile, md5: hashlib._Hash | None, offset: int, data: bytes) -> None:
     if md5 is not None:
         md5.update(data)
     part.write(offset, data)
@@ -93,7 +93,7 @@ async def _once(session: aiohttp.ClientSession, url: str, headers: dict[str, str
     return SourceResult(received, md5.hexdigest() if md5 is not None else None)
 
 
-async def _stream(resp: aiohttp.ClientResponse, part: PartFile, md5: "hashlib._Hash | None",
+async def _stream(resp: aiohttp.ClientResponse, part: PartFile, md5: hashlib._Hash | None,
                   throttles: tuple[Throttle, ...], on_bytes: Callable[[int], None]) -> int:
     declared = resp.content_length
     received = 0

@@ -13,7 +13,6 @@ in the metrics); POST /shutdown.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from common.errors import BadRequest
 from common.taskid import is_task_id
 from common.wire import decode
 
-from .protocol import BackToSource, Limits, MarkVerified, PeerSecret, MovedFile, RegisterFile, ServerInfo, TrustKeys
+from .protocol import BackToSource, Limits, MarkVerified, MovedFile, PeerSecret, RegisterFile, ServerInfo, TrustKeys
 from .state import ServerState
 from .table import FileEntry
 

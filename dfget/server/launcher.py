@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import msgspec
@@ -28,10 +28,10 @@ from ..httpclient import HttpClient
 from ..neterr import describe
 from .protocol import (
     BackToSource,
-    PeerSecret,
     Limits,
     MarkVerified,
     MovedFile,
+    PeerSecret,
     RegisterFile,
     ServerInfo,
     TrustKeys,

@@ -20,14 +20,13 @@ from aiohttp import web
 
 from common import logs, wire
 from common.errors import DfError
-
 from common.hostport import hostport
 from common.listen import listen_socket
 
 from ..neterr import describe
 from ..supernodes import PEER_SECRET_HEADER
-from .app import build_peer_app, runner_kwargs
 from . import spool
+from .app import build_peer_app, runner_kwargs
 from .control import build_control_app
 from .launcher import PENDING
 from .protocol import socket_path

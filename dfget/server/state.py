@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..throttle import Throttle
 from common.taskid import new_id
 
+from ..throttle import Throttle
 from .metrics import PeerMetrics
 from .table import FileTable
 from .trust import TrustedKeys

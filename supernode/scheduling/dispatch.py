@@ -23,12 +23,23 @@ from collections.abc import Callable, Iterator
 from common import errors, wire
 from common.pieces import piece_range
 from common.tokens import Signer
-
 from supernode.cdn.fetch import Cdn
 from supernode.store.events import EventHub
-from supernode.store.repo import PeerInfo, ReportRefused, Repo, TaskMeta, now_ms
-from .policy import (Candidate, ClientState, Decision, Limits, RarityOrder, SourceState, assign, assign_free,
-                        cdn_copy_limit, rank_ordered, wanted)
+from supernode.store.repo import PeerInfo, Repo, ReportRefused, TaskMeta, now_ms
+
+from .policy import (
+    Candidate,
+    ClientState,
+    Decision,
+    Limits,
+    RarityOrder,
+    SourceState,
+    assign,
+    assign_free,
+    cdn_copy_limit,
+    rank_ordered,
+    wanted,
+)
 from .view import SOURCE_KINDS, ClientRec, Flags, TaskView
 from .views import Views
 
@@ -206,7 +217,8 @@ class Dispatcher:
                 self.round_sizes[1] += len(batch)
                 try:
                     await self._round(task_id, batch)
-                except Exception as exc:  # the store failed, the task went: every pull of the round hears it
+                except Exception as exc:  # noqa: BLE001 - whatever failed the round (the store, the task
+                    # gone) is every one of its pulls' answer: each handler raises it to its client
                     for ask in batch:
                         if not ask.fut.done():
                             ask.fut.set_exception(exc)
@@ -336,7 +348,7 @@ class Dispatcher:
                     rnd.pending_only.add(n)
                 counts[n] += 1
         rnd.counts = counts
-        rnd.cdn_open = bool(meta.cdn) and not (meta.cdn in view.bad) and await self._reachable(meta.cdn)
+        rnd.cdn_open = bool(meta.cdn) and meta.cdn not in view.bad and await self._reachable(meta.cdn)
         if meta.cdn:
             rnd.sources[meta.cdn] = SourceState(meta.cdn, "cdn", len(sending), view.fails.get(meta.cdn, 0),
                                                 bad=meta.cdn in view.bad)

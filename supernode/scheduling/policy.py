@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import bisect
 import random
-from itertools import compress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Literal, NamedTuple
 
 from supernode.store.bitmaps import Bitmap

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from itertools import compress
 
 from supernode.store.repo import PeerInfo, TaskMeta
+
 from .policy import RarityOrder
 
 SOURCE_KINDS = ("peer", "peer-cdn")  # clients whose peer server serves pieces to others

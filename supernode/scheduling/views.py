@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 from supernode.store.events import EventHub
 from supernode.store.repo import Repo
+
 from .view import TaskView
 
 log = logging.getLogger("supernode.views")
