@@ -5,6 +5,7 @@ supernode on `--listen ::` taking IPv4 and IPv6 clients on one port (dual stack)
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from pathlib import Path
@@ -55,16 +56,27 @@ def test_hostport_brackets_ipv6_only() -> None:
 @pytest.mark.parametrize(("host", "v4", "v6"), [("::", True, True), ("::1", False, True),
                                                  ("127.0.0.1", True, False)])
 async def test_listen_socket_is_dual_stack_only_for_the_wildcard(host: str, v4: bool, v6: bool) -> None:
+    # Whether a connect succeeds says nothing on its own: another process may listen on the
+    # same port number in the other family. Our server answers with a token only it knows.
+    token = os.urandom(16)
+
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(token)
+        await w.drain()
+        w.close()
+
     sock = listen_socket(host, 0)
     port = sock.getsockname()[1]
-    server = await asyncio.start_server(lambda r, w: w.close(), sock=sock)
+    server = await asyncio.start_server(answer, sock=sock)
     try:
         for addr, want in (("127.0.0.1", v4), ("::1", v6)):
             try:
-                _, w = await asyncio.open_connection(addr, port)
-                w.close()
-                got = True
-            except OSError:
+                r, w = await asyncio.open_connection(addr, port)
+                try:
+                    got = await asyncio.wait_for(r.read(len(token)), 5) == token
+                finally:
+                    w.close()
+            except (TimeoutError, OSError):
                 got = False
             assert got == want, (host, addr)
     finally:
