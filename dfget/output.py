@@ -134,9 +134,11 @@ class PartFile:
                 pos += len(chunk)
         return h.hexdigest()
 
-    def finish(self, length: int, md5: str | None, md5_actual: str | None = None) -> None:
-        """fsync, check size and md5, then rename onto the output. On an integrity failure
-        the temporary file is removed; the output is never touched."""
+    def finish(self, length: int, md5: str | None, md5_actual: str | None = None, *,
+               keep_part: bool = False) -> None:
+        """fsync, check size and md5, then rename onto the output (`keep_part`: link it
+        there, the part file's name stays until release()). On an integrity failure the
+        temporary file is removed; the output is never touched."""
         assert self.fd is not None
         with disk_errors(f"cannot finish {self.path}"):
             os.fsync(self.fd)
@@ -150,10 +152,31 @@ class PartFile:
                 self.discard()
                 raise IntegrityError(f"md5 mismatch: expected {md5}, got {actual}")
         with disk_errors(f"cannot move the download to {self.output}"):
-            os.replace(self.path, self.output)
-            _fsync_dir(self.output.parent)
+            if keep_part:
+                # The output appears under its name while the part file keeps its own, so
+                # the peer server serving the part path never finds it gone: the caller
+                # tells it the new path, then calls release(). A file system without
+                # hard links gets the plain rename.
+                staged = self.path.with_name(self.path.name + ".done")
+                try:
+                    os.link(self.path, staged)
+                except OSError:
+                    os.replace(self.path, self.output)
+                else:
+                    os.replace(staged, self.output)
+            else:
+                os.replace(self.path, self.output)
+                _fsync_dir(self.output.parent)
         self._drop_cid()
         self.close()
+
+    def release(self) -> None:
+        """After finish(keep_part=True) and the peer server's news of the new path: the
+        part file's name goes."""
+        with disk_errors(f"cannot remove {self.path}"):
+            self.path.unlink(missing_ok=True)
+        with disk_errors(f"cannot sync {self.output.parent}"):
+            _fsync_dir(self.output.parent)
 
     def close(self) -> None:
         if self.fd is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -344,8 +345,11 @@ class P2PSession:
     async def _finish(self) -> None:
         assert self.task is not None
         length = self.task.length
-        await asyncio.to_thread(self.part.finish, length, self.cfg.md5)
-        await self.peer.moved(self.task_id, self.cfg.output)
+        await asyncio.to_thread(functools.partial(self.part.finish, length, self.cfg.md5, keep_part=True))
+        try:
+            await self.peer.moved(self.task_id, self.cfg.output)
+        finally:
+            await asyncio.to_thread(self.part.release)
         with contextlib.suppress(SupernodeDown, DfError):
             await self._final_report("finished")
 

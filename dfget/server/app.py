@@ -115,11 +115,28 @@ def _log_upload(request: web.Request, status: int, t0: float) -> None:
                      "ms": round(ms, 1)})
 
 
+# A piece request can overtake our own dfget's news of the piece: its control calls wait
+# in a queue while the server it launched comes up (the request waits in the socket's
+# backlog, and the server may take it first), and the rename of a finished download
+# comes just before the call that tells us the new path. The supernode sent the request
+# because our dfget reported the piece, so the news is on its way: wait for it this long
+# before answering 404 (the peer would count a failure against us, and fetch the piece
+# from the seed instead).
+CATCH_UP = 2.0
+YOUNG = 10.0  # a server this new (s) may not have had its first registrations yet
+
+
 async def _serve_piece(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.last_request = time.monotonic()
     task_id = request.match_info["task_id"]
+    deadline = time.monotonic() + CATCH_UP
     entry = state.table.get(task_id) if is_task_id(task_id) else None
+    while entry is None and is_task_id(task_id) and time.monotonic() - state.started < YOUNG:
+        if time.monotonic() >= deadline:
+            break
+        await state.wait_table(deadline - time.monotonic())
+        entry = state.table.get(task_id)
     if entry is None or entry.length < 0:
         return _error(404, "not_found", "unknown task")
     ranges = request.headers.getall("Range", [])
@@ -137,9 +154,19 @@ async def _serve_piece(request: web.Request) -> web.StreamResponse:
         return _error(400, "bad_request", "the range spans several pieces")
     if entry.piece_auth and (refused := await _check_token(request, state, entry, rng.start, rng.end)):
         return refused
-    if not entry.holds(piece):
+    while True:
+        held, valid = entry.holds(piece), entry.still_valid()
+        # only a download in progress has news on its way (a finished one moved already)
+        if (held and valid) or not entry.in_progress() or time.monotonic() >= deadline:
+            break
+        await state.wait_table(deadline - time.monotonic())
+        now = state.table.get(task_id)
+        if now is None:
+            return _error(404, "not_found", "unknown task")
+        entry = now
+    if not held:
         return _error(404, "not_found", "piece not held")
-    if not entry.still_valid():
+    if not valid:
         request.app[FILE_DROPPED](entry)  # type: ignore[operator]
         return _error(404, "not_found", "file no longer available")
     if state.active_uploads >= state.config.max_uploads:

@@ -78,6 +78,7 @@ async def register_file(request: web.Request) -> web.Response:
                                piece_size=body.piece_size, supernodes=list(body.supernodes),
                                owner_pid=body.owner_pid, piece_auth=body.piece_auth,
                                clients=list(body.clients)))
+    s.table_changed()
     # Another download of the task replaced the entry: what the old one's clients hold is
     # no longer served here, and supernodes that still list them send peers into 404s.
     left = [c for c in old.clients if c not in body.clients] if old is not None else []
@@ -92,6 +93,7 @@ async def mark_verified(request: web.Request) -> web.Response:
     body = await _body(request, MarkVerified)
     if not s.table.mark(tid, body.pieces, body.length):
         raise web.HTTPNotFound(text="unknown task")
+    s.table_changed()
     return _json({"ok": True})
 
 
@@ -101,6 +103,7 @@ async def moved(request: web.Request) -> web.Response:
     body = await _body(request, MovedFile)
     if not s.table.moved(tid, Path(body.path)):
         raise web.HTTPNotFound(text="unknown task or file")
+    s.table_changed()
     return _json({"ok": True})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class ServerState:
     keys: TrustedKeys = field(default_factory=TrustedKeys)
     auth_refused: collections.Counter[str] = field(default_factory=collections.Counter)
     throttle: Throttle = field(init=False)
+    started: float = field(default_factory=time.monotonic)
+    _table_changed: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.throttle = Throttle(self.config.totallimit)
@@ -66,6 +69,21 @@ class ServerState:
 
     def set_totallimit(self, rate: int) -> None:
         self.throttle = Throttle(rate)
+
+    def table_changed(self) -> None:
+        """A control call changed the file table: wake the piece requests waiting on it."""
+        fut, self._table_changed = self._table_changed, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait_table(self, timeout: float) -> None:
+        """Until the next change of the file table, or `timeout` seconds."""
+        if timeout <= 0:
+            return
+        if self._table_changed is None:
+            self._table_changed = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._table_changed), timeout)
 
     def idle_for(self, now: float) -> float:
         return now - self.last_request
