@@ -92,13 +92,13 @@ async def test_matching_gets_go_through_the_swarm_origin_once(world: tuple[Origi
     assert origin.bytes["/files/big.bin"] == 12 * MIB  # the supernode fetched it once
     ms = [await d.metrics() for d in daemons]
     assert sum(metric(m, "dfdaemon_blobs_total", result="proxy_swarm") for m in ms) == 2
-    # every byte through the swarm (peers or the supernode's seed), none fetched directly;
-    # with two hosts and a 3-piece file the seed may well serve both whole (super-seeding
-    # feeds a client that has nothing in flight), so no share from peers is asserted
+    # every byte through the swarm, none fetched directly; the seed sends each of the 3
+    # pieces once, the other host takes them from its peer: (N-1)/N from peers
     peer = sum(metric(m, "dfdaemon_blob_bytes_total", source="peer") for m in ms)
     seed = sum(metric(m, "dfdaemon_blob_bytes_total", source="supernode") for m in ms)
     direct = sum(metric(m, "dfdaemon_blob_bytes_total", source="origin") for m in ms)
     assert peer + seed == 2 * 12 * MIB and direct == 0, (peer, seed, direct)
+    assert peer >= 12 * MIB, (peer, seed)
 
 
 async def test_a_registry_blob_url_is_one_task_by_digest(world: tuple[Origin, list[DaemonProc]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from supernode.scheduling.policy import (
     Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, assign_free, cdn_copy_limit,
     rank,
+    rescue_in,
+    starving,
     wanted,
 )
 from supernode.store.bitmaps import decode_counts
@@ -115,9 +118,14 @@ LIM = Limits(max_inflight=4, peer_uploads=2, cdn_uploads=1, source_fail_limit=3,
         ("super-seeding: a piece the CDN is already sending is not sent twice",
          [Candidate(0, True, (), copies=1), Candidate(1, True, (), copies=0)], [src(CDN, "cdn")],
          ClientState(ME, inflight=frozenset({7})), 1, [Decision(1, CDN)]),
-        ("super-seeding: a client with nothing in flight is fed by the CDN all the same",
-         [Candidate(0, True, (A,), copies=1)], [src(A, load=2), src(CDN, "cdn")], ClientState(ME), 1,
+        ("super-seeding: a client with nothing in flight for rescue_after is fed by the CDN all the same",
+         [Candidate(0, True, (A,), copies=1)], [src(A, load=2), src(CDN, "cdn")], ClientState(ME, idle_for=10.0), 1,
          [Decision(0, CDN)]),
+        ("super-seeding: a client idle for less than rescue_after waits for the peers",
+         [Candidate(0, True, (A,), copies=1)], [src(A, load=2), src(CDN, "cdn")], ClientState(ME, idle_for=9.9), 1,
+         []),
+        ("super-seeding: a client that ended a piece a moment ago waits for the peers",
+         [Candidate(0, True, (), copies=1)], [src(CDN, "cdn")], ClientState(ME, idle_for=0.0), 1, []),
         ("super-seeding: that rescue is one piece, not a licence for the whole pull",
          [Candidate(0, True, (A,), copies=1), Candidate(1, True, (A,), copies=1)],
          [src(A, load=2), src(CDN, "cdn")], ClientState(ME), 2, [Decision(0, CDN)]),
@@ -132,6 +140,28 @@ LIM = Limits(max_inflight=4, peer_uploads=2, cdn_uploads=1, source_fail_limit=3,
 def test_assign(name, cands, sources, client, want, expected) -> None:
     got = assign(cands, {s.sid: s for s in sources}, CDN, client, want, LIM)
     assert got == expected, name
+
+
+@pytest.mark.parametrize(("inflight", "idle_for", "hungry", "wait"), [
+    ((), 0.0, False, 2.0), ((), 1.5, False, 0.5), ((), 2.0, True, 0.0), ((), 60.0, True, 0.0),
+    ((3,), 60.0, False, math.inf),
+])
+def test_starving_after_rescue_after_with_nothing_in_flight(inflight, idle_for, hungry, wait) -> None:
+    client = ClientState(ME, inflight=frozenset(inflight), idle_for=idle_for)
+    lim = Limits(rescue_after=2.0)
+    assert starving(client, lim) is hungry and rescue_in(client, lim) == pytest.approx(wait)
+
+
+@pytest.mark.parametrize(("inflight", "dead", "expected"), [
+    ((), {0}, [Decision(0, CDN)]),  # its one copy is at a holder it cannot use
+    ((), set(), []),  # a peer copy will reach it: wait
+    ((7,), {0}, []),  # pieces in flight: not starving, no rescue
+])
+def test_a_dead_end_piece_is_a_rescue_at_once(inflight, dead, expected) -> None:
+    cands = [Candidate(0, True, (), copies=1), Candidate(1, True, (), copies=1)]
+    client = ClientState(ME, inflight=frozenset(inflight), idle_for=0.0)
+    got = assign(cands, {CDN: src(CDN, "cdn")}, CDN, client, 2, LIM, dead_end=dead.__contains__)
+    assert got == expected
 
 
 def test_cdn_copies_sets_how_many_copies_the_cdn_sends() -> None:

@@ -38,9 +38,11 @@ from .policy import (
     assign_free,
     cdn_copy_limit,
     rank_ordered,
+    rescue_in,
+    starving,
     wanted,
 )
-from .view import SOURCE_KINDS, ClientRec, Flags, TaskView
+from .view import HOLDER_SCAN, SOURCE_KINDS, ClientRec, Flags, TaskView
 from .views import Views
 
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
@@ -157,9 +159,11 @@ class Dispatcher:
                     return wire.PullReply("wait", meta.info(), done=done)
                 if meta.status != "failed":
                     await self.cdn.ensure(meta)  # take over an orphaned fetch or a dead seed
-                # no event marks a pending CDN upload going stale: look again by then
+                # no event marks a pending CDN upload going stale, or this client's wait
+                # earning it a rescue piece: look again by then
+                until = min(remaining, self._next_stale(view, meta), self._next_rescue(view, meta, req.cid))
                 async with idle() if idle is not None else contextlib.nullcontext():
-                    await self.hub.wait(task_id, gen, min(remaining, self._next_stale(view, meta)), parked)
+                    await self.hub.wait(task_id, gen, until, parked)
                     parked = None
             finally:
                 if parked is not None:
@@ -387,14 +391,14 @@ class Dispatcher:
             for d in chosen:
                 taken[d.source] = taken.get(d.source, 0) + 1
             chosen += assign(cands, rnd.sources, cdn, client, want - len(chosen), self.limits,
-                             cdn_copies=rnd.copy_limit, taken=taken)
+                             cdn_copies=rnd.copy_limit, taken=taken, dead_end=self._dead_end(rnd, client))
             return self._items(rnd, client, chosen)
         for window in (4 * want, WIDE_WINDOW):
             ranked = rank_ordered(rnd.order, view.cdn, client, max(window, want), self.rng, cdn_open=cdn_open,
                                   exclude=rnd.pending_only)
             cands = _candidates(view, ranked, counts, cdn_open, self.rng.getrandbits)
             chosen = assign(cands, rnd.sources, cdn if cdn_open else None, client, want, self.limits,
-                            cdn_copies=rnd.copy_limit, taken=rnd.taken)
+                            cdn_copies=rnd.copy_limit, taken=rnd.taken, dead_end=self._dead_end(rnd, client))
             if len(chosen) >= want or len(ranked) < window:
                 break
         return self._items(rnd, client, chosen)
@@ -438,15 +442,20 @@ class Dispatcher:
             deadline = now + int(((end - start + 1) / self.min_rate + 30) * 1000)
             # The claim re-checks super-seeding atomically (another supernode deciding
             # from its own view must not seed the same piece). The starving client's one
-            # rescue piece (see scheduler.assign) may exceed the limit, but only by the
+            # rescue piece (see policy.assign) may exceed the limit, but only by the
             # copy it adds to what this round saw; CDN-only clients are not limited.
             max_copies = rnd.copy_limit
-            if i == 0 and not client.inflight:
+            if i == 0 and not client.inflight and (starving(client, self.limits)
+                                                   or self._dead_end(rnd, client)(d.piece)):
                 max_copies = max(max_copies, counts[d.piece] + 1)
             kind = rnd.sources[d.source].kind
             rnd.taken[d.source] = rnd.taken.get(d.source, 0) + 1
             if kind == "cdn":
-                counts[d.piece] += 1  # one more copy for the decisions after this one
+                # one more copy for the decisions after this one, and (no peer holding it)
+                # a young CDN upload, as the next round will see it
+                if counts[d.piece] == 0:
+                    rnd.pending_only.add(d.piece)
+                counts[d.piece] += 1
             decisions.append((d.piece, d.source, kind))
             if kind != "cdn":
                 peer = rnd.view.clients.get(d.source)
@@ -463,6 +472,33 @@ class Dispatcher:
         left = [until - self._allowance_ms(meta, n) + PENDING_GRACE_MS - now
                 for n, until in view.sending(meta.cdn, now)]
         return max(0.05, min((ms for ms in left if ms > 0), default=float("inf")) / 1000)
+
+    def _dead_end(self, rnd: _Round, client: ClientState) -> Callable[[int], bool]:
+        """Whether no copy of a piece can reach this client but from the seed: the seed
+        is not sending it (an upload past PENDING_GRACE_MS does not count: its receiver
+        is likely dead), and its holders (the first HOLDER_SCAN) are all gone, bad,
+        failing, or on this client's blacklist."""
+        view, pending, sources, fail_limit = rnd.view, rnd.pending_only, rnd.sources, self.limits.source_fail_limit
+
+        def dead_end(n: int) -> bool:
+            if n in pending:  # the CDN is sending it (a young upload): a holder soon
+                return False
+            for h in itertools.islice(view.holders[n] if n < len(view.holders) else (), HOLDER_SCAN):
+                if h == client.cid or h in view.gone or h in client.blacklist:
+                    continue
+                src = sources.get(h)
+                if src is not None and src.kind == "peer" and not src.bad and src.failures < fail_limit:
+                    return False
+            return True
+
+        return dead_end
+
+    def _next_rescue(self, view: TaskView, meta: TaskMeta, cid: str) -> float:
+        """Seconds until this idle client may take a rescue piece (inf: not idle)."""
+        rec = view.clients.get(cid)
+        if rec is None:
+            return float("inf")
+        return max(0.05, rescue_in(_after_reports(rec, [], meta.cdn, now_ms(), self.limits), self.limits))
 
     def _allowance_ms(self, meta: TaskMeta, n: int) -> int:
         """An assignment's deadline is its start plus this (as claimed in _decide)."""
@@ -604,4 +640,5 @@ def _after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: in
     return ClientState(
         cid=rec.cid, have=have, inflight=frozenset(inflight), blacklist=frozenset(bl), failures=fails,
         cdn_only=rec.info is not None and rec.info.kind == "peer-cdn",
+        idle_for=0.0 if reports else time.monotonic() - rec.fed_at,
     )

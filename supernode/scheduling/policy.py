@@ -18,6 +18,7 @@ Policy (Dragonfly v1, kept):
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +40,11 @@ class Limits:
     # Super-seeding: the CDN sends a piece only while fewer than cdn_copy_limit() copies
     # of it exist in the swarm (peer holders plus the CDN's own transfers in flight). The
     # seed's upload is the scarce resource: spent on pieces the peers cannot trade yet,
-    # it buys the most. A client with nothing in flight is fed regardless (liveness).
+    # it buys the most. A client with nothing in flight is fed regardless (liveness) when
+    # no copy of the piece can reach it otherwise, or after waiting `rescue_after` s.
     cdn_copies: int = 1
     cdn_copies_step: int = 10  # one more allowed copy per this many clients of the task
+    rescue_after: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,23 @@ class ClientState:
     blacklist: frozenset[str] = frozenset()
     failures: int = 0
     cdn_only: bool = False  # pattern "cdn"
+    # seconds since it was last given a piece or ended one (registered, at first)
+    idle_for: float = math.inf
+
+
+def starving(client: ClientState, limits: Limits) -> bool:
+    """Whether the client may take one CDN piece past the super-seeding limit whatever
+    the piece: it has had nothing in flight for `limits.rescue_after`. Until then only a
+    `dead_end` piece (see `assign`) is a rescue: the pieces a client lacks are nearly
+    always on their way to a peer it can fetch them from a moment later, and waiting for
+    them is what keeps the seed at one copy per piece."""
+    return not client.inflight and client.idle_for >= limits.rescue_after
+
+
+def rescue_in(client: ClientState, limits: Limits) -> float:
+    """Seconds until `starving` turns true for a client that stays idle (inf: it has
+    pieces in flight)."""
+    return math.inf if client.inflight else max(0.0, limits.rescue_after - client.idle_for)
 
 
 # Built many times per pull: named tuples (a third of a frozen dataclass's cost).
@@ -250,6 +270,7 @@ def assign(
     *,
     cdn_copies: int | None = None,
     taken: Mapping[str, int] | None = None,
+    dead_end: Callable[[int], bool] | None = None,
 ) -> list[Decision]:
     """Pick a source for up to `want` of the ranked candidates (in their order).
 
@@ -258,9 +279,11 @@ def assign(
 
     A peer holder (the least loaded usable one) is preferred; the CDN serves a piece when
     no peer can and the piece has fewer than `cdn_copies` (default `limits.cdn_copies`)
-    copies in the swarm, or
-    when this client has nothing in flight at all (so no client ever starves), or when the
-    client is served by the CDN only.
+    copies in the swarm; or as the first piece of a client with nothing in flight that is
+    `starving` or for which the piece is a `dead_end` (no copy of it can reach this
+    client but the seed's: its holders are all ones it cannot use, and the seed is not
+    sending it to anyone), so that none waits for ever; or when the client is served by
+    the CDN only.
 
     Reads lazily: candidates are consumed only until `want` are placed, and a source
     is looked up (`sources.get`) only when a candidate names it."""
@@ -268,6 +291,8 @@ def assign(
     before = taken or {}
     cdn_only = client.cdn_only or client.failures > limits.client_fail_limit
     copy_limit = limits.cdn_copies if cdn_copies is None else cdn_copies
+    hungry = starving(client, limits)
+    idle = not client.inflight
     out: list[Decision] = []
     for cand in candidates:
         if len(out) >= want:
@@ -284,9 +309,9 @@ def assign(
                     load = src.load + before.get(h, 0)
                 if _usable(src, client, limits, load) and (best_load is None or load < best_load):
                     choice, best_load = h, load
-        starving = not client.inflight and not out
         if (choice is None and cand.on_cdn and cdn_source is not None
-                and (cdn_only or starving or cand.copies < copy_limit)):
+                and (cdn_only or cand.copies < copy_limit
+                     or (idle and not out and (hungry or (dead_end is not None and dead_end(cand.piece)))))):
             src = sources.get(cdn_source)
             if src is not None and _usable(src, client, limits,
                                           loads.get(cdn_source, src.load + before.get(cdn_source, 0))):

@@ -105,7 +105,9 @@ class ClientRec:
 
     def __init__(self, cid: str, info: PeerInfo | None, now: float = 0.0) -> None:
         self.cid = cid
-        self.fed_at = now  # when it was last given a piece (monotonic; its registration at first)
+        # when it was last given a piece or ended one (monotonic; its registration at
+        # first): how long a client with nothing in flight has waited (policy.starving)
+        self.fed_at = now
         self.info = info
         self.have = Flags()
         self.fly: dict[int, tuple[str, int]] = {}  # piece -> (source, deadline ms)
@@ -223,6 +225,7 @@ class TaskView:
                 rec = self.clients.get(f[1])
                 if rec is not None:
                     entry = rec.fly.pop(int(f[2]), None)
+                    rec.fed_at = self.now
                     if entry is not None:
                         up = self.uploads.get(entry[0])
                         if up is not None:
