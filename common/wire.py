@@ -114,10 +114,14 @@ class Report(Struct, frozen=True):
 Reports = Annotated[list[Report], Meta(max_length=64)]
 
 
+DEFAULT_PULL_WAIT = 20.0  # s a pull long-polls for an assignment, unless it says
+MAX_PULL_WAIT = 30.0
+
+
 class PullRequest(Struct, frozen=True):
     cid: Id32
     limit: Annotated[int, Meta(ge=1, le=16)] = 4
-    wait: Annotated[float, Meta(ge=0, le=30)] = 20.0
+    wait: Annotated[float, Meta(ge=0, le=MAX_PULL_WAIT)] = DEFAULT_PULL_WAIT
     reports: Reports = []
 
 

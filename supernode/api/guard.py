@@ -12,6 +12,11 @@
   (supernode/store/connection.py, `Store.slot`).
 - Rate: registrations per client address and pulls per client id, token buckets; over
   the rate 429 `too_many_requests` with Retry-After, before anything touches Redis.
+- Time: a request still in the handlers when its budget runs out (`budget_for`) is
+  answered 503 `busy` with Retry-After, in time for its client, which waits that out and
+  asks again. Without it, a supernode starved of CPU answered after dfget's timeout,
+  and dfget, seeing no answer, went to the origin: overload is to make things slower,
+  never send clients away while a supernode answers.
 """
 
 from __future__ import annotations
@@ -39,7 +44,16 @@ BODY_KEY: web.RequestKey[bytes] = web.RequestKey("df_body", bytes)
 EXEMPT = frozenset({"/_ping", "/version", "/metrics"})
 REGISTER_ROUTE = "/api/v1/tasks"
 PULL_ROUTE = "/api/v1/tasks/{task_id}/pull"
+# what dfget and peer servers call besides those two (with dfget's 5 s timeout)
+CLIENT_CALLS = frozenset({"/api/v1/tasks/{task_id}/report", "/api/v1/tasks/{task_id}/digests",
+                          "/api/v1/peers/heartbeat", "/api/v1/peers/down"})
 LINGER = 2.0  # seconds an unread request body is drained after the answer before closing
+# Time budgets (s) in the handlers, below dfget's timeouts (dfget/supernodes.py): 20 s
+# for a registration (which waits up to 10 s for the origin's first answer), 5 s for
+# other calls, a pull's own long-poll wait + 10 s.
+REGISTER_BUDGET = 15.0
+CALL_BUDGET = 4.0
+PULL_BUDGET = 6.0  # beyond the pull's wait
 
 
 @dataclass(frozen=True)
@@ -58,7 +72,7 @@ class Guard:
         # bursts: a host starting many downloads at once, a client draining its reports
         self.register = KeyedLimiter(limits.register_rate, limits.register_rate * 10)
         self.pull = KeyedLimiter(limits.pull_rate, limits.pull_rate * 2)
-        self.refused = {"busy": 0, "rate": 0}
+        self.refused = {"busy": 0, "rate": 0, "late": 0}
 
     @contextlib.asynccontextmanager
     async def idle(self) -> AsyncIterator[None]:
@@ -115,19 +129,32 @@ async def body_bytes(request: web.Request, cap: int, timeout: float) -> bytes:
     return data
 
 
-class _Cid(msgspec.Struct):
+class _Pull(msgspec.Struct):
     cid: wire.Id32
+    wait: float = wire.DEFAULT_PULL_WAIT
 
 
-def _cid_of(data: bytes, msgpack: bool) -> str | None:
-    """The client id of a pull body, or None when the body is not even that (the handler
-    then answers 400 without touching Redis)."""
+def _pull_of(data: bytes, msgpack: bool) -> _Pull | None:
+    """The client id and wait of a pull body, or None when the body is not even that (the
+    handler then answers 400 without touching Redis)."""
     try:
         if msgpack:
-            return msgspec.msgpack.decode(data, type=_Cid).cid
-        return msgspec.json.decode(data, type=_Cid).cid
+            return msgspec.msgpack.decode(data, type=_Pull)
+        return msgspec.json.decode(data, type=_Pull)
     except (msgspec.DecodeError, ValueError, RecursionError):  # as wire.decode: bad UTF-8, deep nesting
         return None
+
+
+def budget_for(method: str, route: str, pull: _Pull | None) -> float | None:
+    """Seconds a request of this route may spend in the handlers (None: no bound)."""
+    if method == "GET" and route != "/api/v1/tasks/{task_id}/digests":
+        return None  # listings, the UI, admin reads: not on a client's clock
+    if route == REGISTER_ROUTE:
+        return REGISTER_BUDGET
+    if route == PULL_ROUTE:
+        wait = pull.wait if pull is not None and math.isfinite(pull.wait) else wire.MAX_PULL_WAIT
+        return max(0.0, min(wait, wire.MAX_PULL_WAIT)) + PULL_BUDGET
+    return CALL_BUDGET if route in CLIENT_CALLS else None
 
 
 def _refuse(exc: errors.DfError, retry_after: float) -> errors.DfError:
@@ -151,18 +178,29 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise _refuse(errors.Busy("too many requests in progress"), 1)
     g.active += 1
     try:
+        pull = None
         if request.method == "POST":
             data = await body_bytes(request, g.limits.max_body, g.limits.body_timeout)
             wait = 0.0
             if route == REGISTER_ROUTE:
                 wait = g.register.check(request.remote or "local", time.monotonic())
             elif route == PULL_ROUTE:
-                cid = _cid_of(data, request.content_type == wire.MSGPACK_TYPE)
-                if cid is not None:
-                    wait = g.pull.check(cid, time.monotonic())
+                pull = _pull_of(data, request.content_type == wire.MSGPACK_TYPE)
+                if pull is not None:
+                    wait = g.pull.check(pull.cid, time.monotonic())
             if wait > 0:
                 g.refused["rate"] += 1
                 raise _refuse(errors.TooManyRequests("request rate over this client's limit"), wait)
-        return await handler(request)
+        budget = budget_for(request.method, route, pull)
+        if budget is None:
+            return await handler(request)
+        try:
+            async with asyncio.timeout(budget) as cm:
+                return await handler(request)
+        except TimeoutError:
+            if not cm.expired():
+                raise
+            g.refused["late"] += 1
+            raise _refuse(errors.Busy(f"not done within {budget:g} s; ask again"), 1) from None
     finally:
         g.active -= 1
