@@ -73,12 +73,18 @@ class Sim:
     def __init__(self) -> None:
         self.lat: list[float] = []
         self.pulls = self.assigned = self.finished = self.throttled = self.reregistered = 0
+        self.busy = 0
         self.errors: dict[str, int] = {}
         self.last_error = ""
 
     def error(self, kind: str, detail: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = detail[:300]
+
+
+def _is_busy(raw: bytes) -> bool:
+    """A 503 that says busy (the supernode shed the request: ask again), in JSON or msgpack."""
+    return b'"busy"' in raw or b"\xa4busy" in raw
 
 
 async def _call(session: Any, stats: Sim, method: str, url: str, body: object, typ: Any,
@@ -101,6 +107,11 @@ async def _call(session: Any, stats: Sim, method: str, url: str, body: object, t
         if status == 429:
             stats.throttled += 1
             await asyncio.sleep(float(retry) if retry.isdigit() else 1.0)
+            continue
+        if status == 503 and _is_busy(raw):
+            # the supernode sheds what it cannot do in time; dfget waits that out too
+            stats.busy += 1
+            await asyncio.sleep((float(retry) if retry.isdigit() else 1.0) * random.uniform(0.5, 1.5))
             continue
         if status == 200:
             return status, wire.decode(raw, typ, msgpack=True) if typ is not None else None
@@ -164,7 +175,8 @@ async def run_sim(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*(_sim_client(session, args.api, args.url, i, args.stop_at, args.think, stats)
                                for i in range(args.first, args.first + args.count)))
     return {"lat": stats.lat, "pulls": stats.pulls, "assigned": stats.assigned, "finished": stats.finished,
-            "throttled": stats.throttled, "reregistered": stats.reregistered, "errors": stats.errors,
+            "throttled": stats.throttled, "busy": stats.busy, "reregistered": stats.reregistered,
+            "errors": stats.errors,
             "last_error": stats.last_error, "cpu": time.process_time()}
 
 
@@ -428,6 +440,7 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
         "assignments": sum(r.get("assigned", 0) for r in sims),
         "sim_finished": sum(r.get("finished", 0) for r in sims),
         "throttled_429": sum(r.get("throttled", 0) for r in sims),
+        "busy_503": sum(r.get("busy", 0) for r in sims),
         "reregistered": sum(r.get("reregistered", 0) for r in sims),
         "supernode_rss_start_mib": round(start_mib, 1), "supernode_rss_end_mib": round(end_mib, 1),
         "supernode_rss_growth_pct": round(100 * (end_mib - start_mib) / start_mib, 1),
@@ -447,7 +460,7 @@ ROWS = [
     ("simulated clients / think s", ("clients", "think_s")), ("pulls / pulls per s", ("pulls", "pulls_per_s")),
     ("pull latency p50 / p99 ms", ("pull_p50_ms", "pull_p99_ms")),
     ("assignments / clients finished", ("assignments", "sim_finished")),
-    ("429 waited out / re-registrations", ("throttled_429", "reregistered")),
+    ("429 / 503 busy waited out / re-registrations", ("throttled_429", "busy_503", "reregistered")),
     ("supernode RSS start -> end MiB", ("supernode_rss_start_mib", "supernode_rss_end_mib")),
     ("supernode RSS growth % (target <= 20)", "supernode_rss_growth_pct"),
     ("supernode VmHWM MiB", "supernode_hwm_end_mib"),
