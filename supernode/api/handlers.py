@@ -125,7 +125,7 @@ async def register(request: web.Request) -> web.Response:
     if req.peer is None:
         info = PeerInfo("", "", 0, "none")
     else:
-        info = PeerInfo(req.peer.peer_id, req.peer.ip, req.peer.port, kind)
+        info = PeerInfo(req.peer.peer_id, req.peer.ip, req.peer.port, kind, req.peer.tls)
         st.metrics.seen_peer(req.peer.peer_id)
     if req.cid:
         old = await st.repo.peer_of(tid, req.cid)
