@@ -64,7 +64,9 @@ class Notifier:
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Notifier:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
+        tls = self.state.config.client_tls
+        connector = aiohttp.TCPConnector(ssl=tls.context() if tls.cacert or tls.cert else True)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -217,8 +219,10 @@ async def serve(cfg: ServerConfig) -> None:
             await spool.replay(cfg.home, sock)
             with contextlib.suppress(OSError):
                 (cfg.home / PENDING).unlink()
-            await web.SockSite(peer_runner, peer_sock).start()
-            log.info("peer server %s on %s:%d, control %s", state.peer_id, cfg.ip, state.port, sock)
+            ssl_context = cfg.tls.context() if cfg.tls is not None else None
+            await web.SockSite(peer_runner, peer_sock, ssl_context=ssl_context).start()
+            log.info("peer server %s on %s://%s, control %s", state.peer_id, "https" if ssl_context else "http",
+                     hostport(cfg.ip, state.port), sock)
             await _periodic(state, notifier)
         finally:
             log.info("shutting down")
