@@ -49,7 +49,7 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
         raise click.UsageError(str(exc)) from None
 
 
-def _tls(cacert: str | None, cert: str | None, key: str | None,
+def parse_tls(cacert: str | None, cert: str | None, key: str | None,
          client_ca: str | None) -> tuple[ClientTls, ServerTls | None]:
     """What we trust and present as a client, and how a peer server serves; every file is
     loaded once here so that a bad one is a usage error, not a failure mid-download."""
@@ -124,7 +124,7 @@ def download_cmd(url: str, output: str | None, create_dirs: bool, md5: str | Non
                  log_level: str | None, log_json: bool, cacert: str | None, cert: str | None,
                  key: str | None, client_ca: str | None) -> None:
     """Download URL through the supernodes (P2P), back to the origin if that fails."""
-    client_tls, server_tls = _cfg(_tls, cacert, cert, key, client_ca)
+    client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
     cfg = C.DownloadConfig(
         url=_cfg(C.check_url, url), output=_cfg(C.default_output, url, output), create_dirs=create_dirs,
         home=Path(home).expanduser().absolute(), nodes=_cfg(C.parse_nodes, node),
@@ -212,7 +212,7 @@ def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, e
 
     if peer_id is not None and not (len(peer_id) == 32 and all(c in "0123456789abcdef" for c in peer_id)):
         raise click.UsageError("--peer-id must be 32 lower-case hex digits")
-    client_tls, server_tls = _cfg(_tls, cacert, cert, key, client_ca)
+    client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
 
     cfg = ServerConfig(
         home=Path(home).expanduser().absolute(), ip=ip, port=port,
