@@ -21,7 +21,8 @@ import pytest
 
 from common.errors import EXIT_TLS
 from conftest import LOOPBACK, REPO_ROOT, OriginProc, ProcessRunner, _child_env, free_ports
-from dfget.server.launcher import ControlClient
+from dfget.server.launcher import ControlClient, PeerServerError
+from dfget.server.protocol import ServerInfo
 from dfget_support import run_dfget, stop_server
 from tls_support import CertFiles, TestCA
 
@@ -108,6 +109,21 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+async def _peer_server_info(home: Path) -> ServerInfo:
+    """The peer server dfget started for `home`, once it answers (dfget may have finished
+    before the server it started was up)."""
+    client = ControlClient(home)
+    try:
+        for _ in range(200):
+            try:
+                return await client.info()
+            except PeerServerError:
+                await asyncio.sleep(0.05)
+        return await client.info()
+    finally:
+        await client.close()
+
+
 def _host_tls(pki: Pki, i: int) -> list[str]:
     return ["--cacert", pki.ca.cert, "--cert", pki.hosts[i].cert, "--key", pki.hosts[i].key]
 
@@ -151,11 +167,7 @@ async def test_swarm_over_tls_gives_byte_identical_files(
     assert origin.stats()["bytes_sent"] == size  # fetched once, by the CDN
     # every peer server serves TLS only: it says so, and a plain request gets no answer
     for home in homes:
-        client = ControlClient(home)
-        try:
-            info = await client.info()
-        finally:
-            await client.close()
+        info = await _peer_server_info(home)
         assert info.tls
         assert _plain_request_answer(info.port) == b""
 
@@ -242,11 +254,7 @@ async def test_mutual_tls_needs_a_client_certificate(
         assert r.code == 0, r.stderr
         assert _sha(outs[i]) == want
     assert int(r.report["bytes_from_peers"]) > 0  # the second host fetched from the first's peer server
-    client = ControlClient(homes[0])
-    try:
-        info = await client.info()
-    finally:
-        await client.close()
+    info = await _peer_server_info(homes[0])
     trusting = ssl.create_default_context(cafile=pki.ca.cert)
     assert not _https_ok(f"https://{LOOPBACK}:{info.port}/_ping", trusting)  # no client certificate
     trusting.load_cert_chain(pki.hosts[2].cert, pki.hosts[2].key)

@@ -22,6 +22,7 @@ from common import logs, wire
 from common.errors import DfError
 from common.hostport import hostport
 from common.listen import listen_socket
+from common.tls import tls_loop_factory
 
 from ..neterr import describe
 from ..supernodes import PEER_SECRET_HEADER
@@ -239,8 +240,9 @@ def run_server(cfg: ServerConfig) -> int:
     logs.setup(cfg.log_level, as_json=cfg.log_json,
                text_format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        with server_lock(cfg.home):
-            asyncio.run(serve(cfg))
+        # Plain HTTP keeps the standard loop, whose loop.sendfile aiohttp uses (uvloop has none).
+        with server_lock(cfg.home), asyncio.Runner(loop_factory=tls_loop_factory(cfg.tls is not None)) as runner:
+            runner.run(serve(cfg))
     except AlreadyRunning as exc:
         log.info("%s", exc)
         return 0
