@@ -58,7 +58,9 @@ class Response:
 
 
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-_Key = tuple[str, int, bool]  # host, port, TLS
+# host, port, and the TLS context the connection was verified with: one made with another
+# context (other trusted CAs, another client certificate) is not reused
+_Key = tuple[str, int, ssl.SSLContext | None]
 
 
 def _where(host: str, port: int) -> str:
@@ -95,7 +97,7 @@ class HttpClient:
         """OSError (HttpError included) or TimeoutError when no answer came; TlsFailure
         when TLS (`tls` given) cannot work with this server."""
         async with asyncio.timeout(timeout):
-            key = (host, port, tls is not None)
+            key = (host, port, tls)
             closed_fresh = 0
             while True:
                 conn, reused = await self._connect(key, tls)
