@@ -18,11 +18,8 @@ twice, nor at all when nothing speaks TLS).
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import os
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -117,16 +114,3 @@ def describe(exc: BaseException, where: str) -> str:
                 f"with a certificate its --client-ca trusts")
     return f"TLS with {where} failed ({reason})"
 
-
-def tls_loop_factory(tls: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop for a process that moves bulk bytes over TLS (where installed;
-    not with DF_NO_UVLOOP=1): asyncio's TLS transport is written in Python, and cost a
-    peer server about 3.5 times the CPU per GiB of uvloop's (bench/results/tls.md). There
-    is no sendfile to lose: the bytes must be encrypted anyway. None: the standard loop."""
-    if not tls or os.environ.get("DF_NO_UVLOOP"):
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop

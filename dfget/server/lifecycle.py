@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +22,6 @@ from common import logs, wire
 from common.errors import DfError
 from common.hostport import hostport
 from common.listen import listen_socket
-from common.tls import tls_loop_factory
 
 from ..neterr import describe
 from ..supernodes import PEER_SECRET_HEADER
@@ -236,12 +235,26 @@ async def serve(cfg: ServerConfig) -> None:
                 socket_path(cfg.home).unlink()
 
 
+def _loop_factory(tls: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when serving TLS (where installed; not with DF_NO_UVLOOP=1):
+    asyncio's TLS transport is written in Python and cost the peer server about 3.5 times
+    the CPU per GiB of uvloop's (bench/results/tls.md), and over TLS there is no sendfile
+    to lose. Plain HTTP keeps the standard loop, whose loop.sendfile aiohttp uses (uvloop
+    has none)."""
+    if not tls or os.environ.get("DF_NO_UVLOOP"):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run_server(cfg: ServerConfig) -> int:
     logs.setup(cfg.log_level, as_json=cfg.log_json,
                text_format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        # Plain HTTP keeps the standard loop, whose loop.sendfile aiohttp uses (uvloop has none).
-        with server_lock(cfg.home), asyncio.Runner(loop_factory=tls_loop_factory(cfg.tls is not None)) as runner:
+        with server_lock(cfg.home), asyncio.Runner(loop_factory=_loop_factory(cfg.tls is not None)) as runner:
             runner.run(serve(cfg))
     except AlreadyRunning as exc:
         log.info("%s", exc)
