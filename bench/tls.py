@@ -1,7 +1,7 @@
 """The throughput cost of TLS per GiB (issue 14): the same downloads over plain HTTP and
 over TLS, on loopback.
 
-    python -m bench.tls [--size 512MiB] [--runs 2]
+    python -m bench.tls [--size 512MiB] [--runs 3]
 
 For each mode, one origin (plain: it is outside the swarm), one supernode (embedded
 store; with --cert/--key in the TLS mode) and dfget hosts (with --cacert/--cert/--key in
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=512 * MIB)
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args(argv)
