@@ -99,17 +99,34 @@ def is_tls_error(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError)
 
 
+UNTRUSTED, NOT_TLS, CLIENT_CERT, OTHER = "untrusted", "not_tls", "client_cert", "other"
+
+
+def classify(exc: BaseException) -> str:
+    """Which TLS failure this is: UNTRUSTED (the server's certificate), NOT_TLS (the other
+    side speaks plain HTTP), CLIENT_CERT (ours was refused or missing), OTHER."""
+    err = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return UNTRUSTED
+    upper = str(getattr(err, "reason", None) or err or exc).upper()
+    if any(r in upper for r in _NOT_TLS):
+        return NOT_TLS
+    if any(r in upper for r in _CLIENT_CERT):
+        return CLIENT_CERT
+    return OTHER
+
+
 def describe(exc: BaseException, where: str) -> str:
     """One line for a TLS failure talking to `where` (host:port), saying which flag helps."""
     err = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    kind = classify(exc)
     if isinstance(err, ssl.SSLCertVerificationError):
         why = err.verify_message or err.reason or "verification failed"
         return f"TLS certificate of {where} not trusted ({why}); pass --cacert with the CA that signed it"
     reason = str(getattr(err, "reason", None) or err or exc)
-    upper = reason.upper()
-    if any(r in upper for r in _NOT_TLS):
+    if kind == NOT_TLS:
         return f"{where} does not speak TLS ({reason.lower()}); check the address's scheme (http or https)"
-    if any(r in upper for r in _CLIENT_CERT):
+    if kind == CLIENT_CERT:
         return (f"{where} refused our TLS client certificate ({reason.lower()}); pass --cert/--key "
                 f"with a certificate its --client-ca trusts")
     return f"TLS with {where} failed ({reason})"

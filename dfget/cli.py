@@ -3,7 +3,8 @@
 
 Exit codes (common/errors.py, README "Exit codes"): 0 ok, 1 unexpected, 2 bad
 arguments, 3 no supernode reachable (with --notbs), 4 origin error, 5 integrity,
-6 timeout, 7 local disk error, 8 P2P failed (with --notbs), 130 interrupted.
+6 timeout, 7 local disk error, 8 P2P failed (with --notbs), 9 TLS with a supernode cannot
+work as configured (certificate not trusted, client certificate refused), 130 interrupted.
 """
 
 from __future__ import annotations

@@ -40,7 +40,16 @@ class NoAnswer(HttpError):
 
 class TlsFailure(HttpError):
     """TLS with this server cannot work as configured: its certificate is not trusted, it
-    does not speak TLS, or it refused our client certificate. Asking again will not help."""
+    does not speak TLS, or it refused our client certificate. Asking again will not help.
+    `kind`: common.tls.UNTRUSTED, NOT_TLS, CLIENT_CERT or OTHER."""
+
+    def __init__(self, message: str, kind: str = tlsconf.OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _tls_failure(exc: BaseException, host: str, port: int) -> TlsFailure:
+    return TlsFailure(tlsconf.describe(exc, _where(host, port)), tlsconf.classify(exc))
 
 
 def os_reason(err: OSError) -> str:
@@ -119,11 +128,12 @@ class HttpClient:
                             continue
                         raise TlsFailure(
                             f"{_where(host, port)} closed the TLS connection without answering: it requires "
-                            "a client certificate its --client-ca trusts (pass --cert/--key)") from None
+                            "a client certificate its --client-ca trusts (pass --cert/--key)",
+                            tlsconf.CLIENT_CERT) from None
                     raise
                 except ssl.SSLError as exc:
                     conn[1].close()
-                    raise TlsFailure(tlsconf.describe(exc, _where(host, port))) from exc
+                    raise _tls_failure(exc, host, port) from exc
                 except BaseException:
                     conn[1].close()
                     raise
@@ -147,7 +157,7 @@ class HttpClient:
                 r, w = await asyncio.open_connection(key[0], key[1], limit=HEAD_MAX, ssl=tls,
                                                      server_hostname=key[0] if tls is not None else None)
         except ssl.SSLError as exc:
-            raise TlsFailure(tlsconf.describe(exc, _where(key[0], key[1]))) from exc
+            raise _tls_failure(exc, key[0], key[1]) from exc
         except OSError as exc:
             where = self.unix or _where(key[0], key[1])
             raise ConnectError(f"cannot connect to {where}: {os_reason(exc)}") from exc

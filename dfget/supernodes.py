@@ -22,6 +22,7 @@ import random
 import ssl
 from typing import TypeVar
 
+from common import tls as tlsconf
 from common import wire
 from common.errors import DfError, SupernodeUnavailable, TlsError, from_wire
 from common.tls import ClientTls
@@ -157,7 +158,10 @@ class Supernodes:
                 resp = await self.http.request(method, node.host, node.port, path, data, headers, timeout,
                                                tls=self._context())
             except TlsFailure as exc:
-                if "does not speak TLS" in str(exc):
+                # Only a server that showed a certificate, or took the handshake and then
+                # wanted a client certificate, speaks TLS: anything else is still a server
+                # that closed a plain request (down, or not HTTP).
+                if exc.kind not in (tlsconf.UNTRUSTED, tlsconf.CLIENT_CERT):
                     raise NoAnswer("connection closed before an answer") from None
                 raise TlsError(str(exc)) from None
             self.nodes[i] = dataclasses.replace(node, scheme="https")
