@@ -149,6 +149,8 @@ class Supernodes:
             resp = await self.http.request(method, node.host, node.port, path, data, headers, timeout,
                                            tls=self._context() if node.tls else None)
         except TlsFailure as exc:
+            if exc.kind == tlsconf.OTHER:
+                raise  # a TLS stream broken mid-answer: the supernode is down, not misconfigured
             raise TlsError(str(exc)) from None
         except NoAnswer:
             if i not in self.upgradable:
