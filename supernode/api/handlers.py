@@ -234,7 +234,7 @@ async def task_peers(request: web.Request) -> web.Response:
     await _known_task(st, tid)
     clients = await st.repo.all_clients(tid)
     return reply(request, {"peers": [
-        {"cid": c, "peer_id": p.peer_id, "ip": p.ip, "port": p.port, "kind": p.kind}
+        {"cid": c, "peer_id": p.peer_id, "ip": p.ip, "port": p.port, "kind": p.kind, "tls": p.tls}
         for c, p in clients.items() if p.kind in ("peer", "peer-cdn")]})
 
 
