@@ -114,3 +114,19 @@ async def test_https_origin_trusted_with_cacert(tmp_path: Path, ca: TestCA) -> N
         assert "certificate" in r.stderr.lower()
     finally:
         await runner.cleanup()
+
+
+async def test_a_supernode_announces_whether_its_download_port_speaks_tls() -> None:
+    """Another supernode hands out this one's CDN copy with the scheme it announced."""
+    from supernode.store.connection import Store, connect
+    from supernode.store.repo import Repo
+
+    store = Store(connect(None), embedded=True)
+    try:
+        repo = Repo(store)
+        await repo.announce_supernode("a" * 32, "10.0.0.1", 8002, 8001, tls=True)
+        await repo.announce_supernode("b" * 32, "10.0.0.2", 8002, 8001)
+        assert await repo.supernode_address("a" * 32) == ("10.0.0.1", 8001, True)
+        assert await repo.supernode_address("b" * 32) == ("10.0.0.2", 8001, False)
+    finally:
+        await store.close()
