@@ -283,3 +283,24 @@ def test_unusable_tls_files_are_usage_errors(tmp_path: Path, pki: Pki, program: 
                           cwd=REPO_ROOT, env=_child_env())
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+def test_tls_settings_from_the_config_file_and_the_environment(tmp_path: Path, pki: Pki) -> None:
+    """As every supernode option: cert/key in the --config file, the client CA in
+    SUPERNODE_CLIENT_CA."""
+    port, dport = free_ports(2)
+    config = tmp_path / "supernode.yaml"
+    config.write_text(f"cert: {pki.supernode.cert}\nkey: {pki.supernode.key}\n")
+    cmd = [sys.executable, "-m", "supernode", "--config", str(config), "--listen", LOOPBACK, "--port", str(port),
+           "--download-port", str(dport), "--home", str(tmp_path / "sn"), "--advertise-ip", LOOPBACK]
+    runner = ProcessRunner(cmd, tmp_path / "sn.log", env=_child_env(SUPERNODE_CLIENT_CA=pki.ca.cert), cwd=REPO_ROOT)
+    with runner:
+        with_cert = ssl.create_default_context(cafile=pki.ca.cert)
+        with_cert.load_cert_chain(pki.hosts[0].cert, pki.hosts[0].key)
+        deadline = time.monotonic() + 20
+        while not _https_ok(f"https://{LOOPBACK}:{port}/_ping", with_cert):
+            assert runner.returncode is None and time.monotonic() < deadline, runner.log_tail()
+            time.sleep(0.05)
+        assert not _https_ok(f"https://{LOOPBACK}:{port}/_ping", ssl.create_default_context(cafile=pki.ca.cert))
+        assert _plain_request_answer(port) == b"" and _plain_request_answer(dport) == b""
+        assert "client certificates required" in runner.log_tail()
