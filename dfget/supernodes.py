@@ -25,6 +25,7 @@ from typing import TypeVar
 from common import tls as tlsconf
 from common import wire
 from common.errors import DfError, SupernodeUnavailable, TlsError, from_wire
+from common.hostport import hostport
 from common.tls import ClientTls
 
 from .config import Node
@@ -69,6 +70,7 @@ class Supernodes:
         # be upgraded (never the other way: a TLS supernode is never spoken to in plain)
         bare = "https" if self.tls.cacert or self.tls.cert else "http"
         self.upgradable = {i for i, n in enumerate(nodes) if not n.scheme and bare == "http"}
+        self.explicit = {i for i, n in enumerate(nodes) if n.scheme}
         self.nodes = [n if n.scheme else dataclasses.replace(n, scheme=bare) for n in nodes]
         self.index = 0
         self.busy_at = -1e9  # monotonic time a supernode last answered "busy, come back later"
@@ -151,7 +153,11 @@ class Supernodes:
         except TlsFailure as exc:
             if exc.kind == tlsconf.OTHER:
                 raise  # a TLS stream broken mid-answer: the supernode is down, not misconfigured
-            raise TlsError(str(exc)) from None
+            hint = ""
+            if exc.kind == tlsconf.NOT_TLS and i not in self.explicit:
+                plain = f"http://{hostport(node.host, node.port)}"
+                hint = f" (with --cacert a bare host:port is https; write -n {plain} for plain)"
+            raise TlsError(str(exc) + hint) from None
         except NoAnswer:
             if i not in self.upgradable:
                 raise

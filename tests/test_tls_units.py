@@ -130,3 +130,17 @@ async def test_a_supernode_announces_whether_its_download_port_speaks_tls() -> N
         assert await repo.supernode_address("b" * 32) == ("10.0.0.2", 8001, False)
     finally:
         await store.close()
+
+
+async def test_cacert_with_a_plain_supernode_is_an_error_with_the_way_out(tmp_path: Path, ca: TestCA) -> None:
+    """--cacert makes a bare host:port https; a plain supernode there is not silently
+    spoken to in plain (that would be a downgrade), and the message says how to."""
+    runner, port = await _serve(None)
+    try:
+        r = await run_dfget("-u", "http://127.0.0.1:1/f", "-o", str(tmp_path / "f"), "-n", f"127.0.0.1:{port}",
+                            "--no-serve", "--home", str(tmp_path / "h"), "--cacert", ca.cert)
+        assert r.code == 9, r.stderr
+        assert f"127.0.0.1:{port} does not speak TLS" in r.stderr
+        assert f"write -n http://127.0.0.1:{port} for plain" in r.stderr
+    finally:
+        await runner.cleanup()
