@@ -55,7 +55,8 @@ class TestCA:
         self.cert = str(directory / f"{slug}.pem")
         Path(self.cert).write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, *, server: bool = True, client: bool = True) -> CertFiles:
+    def issue(self, name: str, *, server: bool = True, client: bool = True, ips: tuple[str, ...] = ()) -> CertFiles:
+        """A leaf certificate (and key) named for 127.0.0.1, ::1, localhost and `ips`."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
@@ -68,9 +69,10 @@ class TestCA:
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False))
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1")),
-                x509.DNSName("localhost")]), critical=False)
+            names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip))
+                                             for ip in ("127.0.0.1", "::1", *ips)]
+            builder = builder.add_extension(x509.SubjectAlternativeName([*names, x509.DNSName("localhost")]),
+                                            critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         files = CertFiles(str(self.dir / f"{name}.pem"), str(self.dir / f"{name}.key"))
         Path(files.cert).write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -304,3 +304,32 @@ def test_tls_settings_from_the_config_file_and_the_environment(tmp_path: Path, p
         assert not _https_ok(f"https://{LOOPBACK}:{port}/_ping", ssl.create_default_context(cafile=pki.ca.cert))
         assert _plain_request_answer(port) == b"" and _plain_request_answer(dport) == b""
         assert "client certificates required" in runner.log_tail()
+
+
+async def test_dfdaemon_fetches_through_a_tls_swarm(
+        tmp_path: Path, pki: Pki, origin: OriginProc, tls_supernode: Callable[..., TlsSupernode]) -> None:
+    """dfdaemon passes --cacert/--cert/--key to the downloads and the peer server it starts."""
+    import aiohttp
+
+    from registry_support import DaemonProc, metric
+
+    size = 6 * MIB + 7
+    origin.put_random("big.bin", size, seed=8)
+    sn = tls_supernode()
+    host = pki.ca.issue("dfdaemon-host", ips=("127.0.0.11",))
+    daemon = DaemonProc(tmp_path / "hosts", 1, "http://127.0.0.1:9", sn.port, "--proxy-allow", "127.0.0.0/8",
+                        "--rule", r"\.bin$", "--cacert", pki.ca.cert, "--cert", host.cert, "--key", host.key)
+    await asyncio.to_thread(daemon.start)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(origin.url("big.bin"), proxy=f"http://{daemon.hostport}") as r:
+                status, body = r.status, await r.read()
+        assert status == 200
+        assert hashlib.sha256(body).hexdigest() == _sha(origin.dir / "big.bin")
+        m = await daemon.metrics()
+        assert metric(m, "dfdaemon_blob_bytes_total", source="supernode") == size  # over TLS, from the CDN
+        assert metric(m, "dfdaemon_blob_bytes_total", source="origin") == 0
+        assert origin.stats()["bytes_sent"] == size  # the supernode's fetch, once
+        assert (await _peer_server_info(daemon.home)).tls
+    finally:
+        await daemon.stop()
