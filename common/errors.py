@@ -202,6 +202,16 @@ class SupernodeUnavailable(DfError):
     exit_code = 3
 
 
+class TlsError(DfError):
+    """TLS with a supernode cannot work as configured (its certificate is not trusted, it
+    does not speak TLS, it refused our client certificate): the user must fix a flag, and
+    going to the origin instead would hide that (the supernode answers)."""
+
+    code = "tls"
+    status = 502
+    exit_code = 9
+
+
 class PeerError(DfError):
     """A peer refused, reset, timed out or sent a wrong body."""
 
@@ -273,4 +283,5 @@ EXIT_INTEGRITY = 5
 EXIT_TIMEOUT = 6
 EXIT_DISK = 7
 EXIT_P2P_FAILED = 8
+EXIT_TLS = 9
 EXIT_INTERRUPTED = 130

@@ -53,6 +53,7 @@ class PeerAddr(Struct, frozen=True):
     peer_id: Id32
     ip: Ip
     port: Port
+    tls: bool = False  # the peer server serves pieces over TLS (https)
 
 
 class RegisterRequest(Struct, frozen=True):
@@ -130,6 +131,7 @@ class Source(Struct, frozen=True):
     ip: Ip
     port: Port
     kind: Literal["peer", "cdn"]
+    tls: bool = False  # fetch over https: the scheme travels with every source
 
 
 class Assignment(Struct, frozen=True):

@@ -23,6 +23,7 @@ from common.errors import DfError, IntegrityError, OriginError
 from common.netpolicy import AddressPolicy
 from common.taskid import redact_url
 from common.taskid import task_id as make_task_id
+from common.tls import ClientTls, ServerTls
 from dfget.config import DownloadConfig, Node
 from dfget.download import download
 from dfget.server.launcher import ControlClient
@@ -50,6 +51,10 @@ class Settings:
     # where the HTTP proxy (and CONNECT) may connect: by default not loopback, link-local
     # (cloud metadata), unspecified or multicast (common.netpolicy)
     proxy_policy: AddressPolicy = field(default_factory=AddressPolicy)
+    # TLS as dfget takes it (--cacert/--cert/--key/--client-ca): towards the supernodes,
+    # peers and https upstreams, and for the peer server dfdaemon starts
+    tls: ClientTls = field(default_factory=ClientTls)
+    server_tls: ServerTls | None = None
 
 
 class Daemon:
@@ -62,7 +67,9 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, _app: web.Application) -> None:
+        tls = self.s.tls
         self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=tls.context() if tls.cacert or tls.cert else True),
             auto_decompress=False, trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60))
 
@@ -219,7 +226,8 @@ class Daemon:
         cfg = DownloadConfig(
             url=url, output=out, home=self.s.home, nodes=self.s.nodes,
             identifier=identifier, headers=headers, locallimit=self.s.locallimit, ip=self.s.ip,
-            port=self.s.peer_port, alivetime=self.s.alivetime, expiretime=self.s.expiretime)
+            port=self.s.peer_port, alivetime=self.s.alivetime, expiretime=self.s.expiretime,
+            tls=self.s.tls, server_tls=self.s.server_tls)
         fetch = BlobFetch(cfg, key if identifier else None, self.downloader)
         self.fetches[key] = fetch
         fetch.start()

@@ -14,6 +14,8 @@ import click
 from common import logs
 from common.listen import listen_socket
 from common.netpolicy import AddressPolicy
+from common.tls import TlsConfigError
+from dfget.cli import parse_tls, tls_options
 from dfget.config import ConfigError, local_ip_towards, parse_duration, parse_nodes, parse_rate
 
 from . import routes
@@ -62,9 +64,11 @@ def _registry(value: str | None) -> str | None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json", is_flag=True, help="one JSON object per log line")
+@tls_options
 def main(registry: str | None, port: int, listen: str, nodes: str, home: str, ip: str | None,
          peer_port: int, rules: tuple[str, ...], proxy_allow: tuple[str, ...], alivetime: str, expiretime: str,
-         max_fetches: int, locallimit: str, log_level: str, log_json: bool) -> None:
+         max_fetches: int, locallimit: str, log_level: str, log_json: bool, cacert: str | None,
+         cert: str | None, key: str | None, client_ca: str | None) -> None:
     """Registry mirror (/v2/...) and HTTP proxy: blob GETs through the P2P swarm."""
     try:
         node_list = parse_nodes(nodes)
@@ -73,14 +77,16 @@ def main(registry: str | None, port: int, listen: str, nodes: str, home: str, ip
         policy = AddressPolicy.build(allow=list(proxy_allow))
         alive = parse_duration(alivetime, "--alivetime")
         expire = parse_duration(expiretime, "--expiretime")
-    except (ConfigError, ValueError) as exc:
+        client_tls, server_tls = parse_tls(cacert, cert, key, client_ca)
+    except (ConfigError, TlsConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     reg = _registry(registry)
     logs.setup(log_level, as_json=log_json, text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(home=Path(home).expanduser().absolute(), nodes=node_list,
                         ip=ip or local_ip_towards(node_list[0]), registry=reg, peer_port=peer_port,
                         locallimit=limit, rules=rule_list, proxy_policy=policy,
-                        alivetime=alive, expiretime=expire, max_fetches=max_fetches)
+                        alivetime=alive, expiretime=expire, max_fetches=max_fetches,
+                        tls=client_tls, server_tls=server_tls)
     try:
         sock = listen_socket(listen, port)
     except OSError as exc:

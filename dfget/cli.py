@@ -3,7 +3,8 @@
 
 Exit codes (common/errors.py, README "Exit codes"): 0 ok, 1 unexpected, 2 bad
 arguments, 3 no supernode reachable (with --notbs), 4 origin error, 5 integrity,
-6 timeout, 7 local disk error, 8 P2P failed (with --notbs), 130 interrupted.
+6 timeout, 7 local disk error, 8 P2P failed (with --notbs), 9 TLS with a supernode cannot
+work as configured (certificate not trusted, client certificate refused), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from common.errors import (
     DfError,
     DownloadTimeout,
 )
+from common.tls import ClientTls, ServerTls, TlsConfigError, check_pair
 
 from . import config as C
 from . import notices
@@ -44,8 +46,41 @@ LEVELS = list(logs.LEVELS)
 def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
     try:
         return fn(*args, **kw)
-    except C.ConfigError as exc:
+    except (C.ConfigError, TlsConfigError) as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def parse_tls(cacert: str | None, cert: str | None, key: str | None,
+         client_ca: str | None) -> tuple[ClientTls, ServerTls | None]:
+    """What we trust and present as a client, and how a peer server serves; every file is
+    loaded once here so that a bad one is a usage error, not a failure mid-download."""
+    check_pair(cert, key)
+    if client_ca and not cert:
+        raise TlsConfigError("--client-ca needs --cert/--key (the peer server must serve TLS to ask for "
+                             "client certificates)")
+    client = ClientTls(cacert, cert, key)
+    server = ServerTls(cert, key, client_ca) if cert and key else None
+    if cacert or cert:
+        client.context()
+    if server is not None:
+        server.context()
+    return client, server
+
+
+def tls_options(fn):  # type: ignore[no-untyped-def]
+    """--cacert/--cert/--key/--client-ca, the same on dfget and dfget server."""
+    path = click.Path(dir_okay=False)
+    for flag, help_ in reversed([
+        ("--cacert", "PEM file of CA certificates trusted (besides the system's) for https supernodes, "
+                     "peers and origins; with it a bare --node host:port is spoken to over https."),
+        ("--cert", "PEM certificate: the peer server serves pieces over TLS with it, and it is the "
+                   "client certificate presented to servers that ask (mutual TLS)."),
+        ("--key", "PEM private key of --cert."),
+        ("--client-ca", "PEM file of the CA(s) whose client certificates the peer server requires "
+                        "(mutual TLS; needs --cert/--key)."),
+    ]):
+        fn = click.option(flag, type=path, default=None, help=help_)(fn)
+    return fn
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=DOWNLOAD_EPILOG)
@@ -81,13 +116,16 @@ def _cfg(fn, *args, **kw):  # type: ignore[no-untyped-def]
               help="Log level on stderr (default: info with --verbose, else error); "
               "debug logs every piece.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@tls_options
 def download_cmd(url: str, output: str | None, create_dirs: bool, md5: str | None, identifier: str | None, node: str,
                  headers: tuple[str, ...], filter_: str | None, locallimit: str, totallimit: str,
                  minrate: str, timeout: str | None, pattern: str, notbs: bool, showbar: bool | None,
                  verbose: bool, home: str, ip: str | None, port: int, as_json: bool, pull_limit: int,
                  expiretime: str, alivetime: str, stall_timeout: str, no_serve: bool,
-                 log_level: str | None, log_json: bool) -> None:
+                 log_level: str | None, log_json: bool, cacert: str | None, cert: str | None,
+                 key: str | None, client_ca: str | None) -> None:
     """Download URL through the supernodes (P2P), back to the origin if that fails."""
+    client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
     cfg = C.DownloadConfig(
         url=_cfg(C.check_url, url), output=_cfg(C.default_output, url, output), create_dirs=create_dirs,
         home=Path(home).expanduser().absolute(), nodes=_cfg(C.parse_nodes, node),
@@ -101,7 +139,7 @@ def download_cmd(url: str, output: str | None, create_dirs: bool, md5: str | Non
         stall_timeout=_cfg(C.parse_duration, stall_timeout, "--stall-timeout"),
         alivetime=_cfg(C.parse_duration, alivetime, "--alivetime"),
         expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), serve=not no_serve,
-        log_level=log_level, log_json=log_json)
+        log_level=log_level, log_json=log_json, tls=client_tls, server_tls=server_tls)
     sys.exit(run(cfg))
 
 
@@ -164,15 +202,18 @@ async def _main(cfg: C.DownloadConfig, stats: Stats) -> None:
 @click.option("--listen-fd", default=-1, type=int, hidden=True,
               help="Peer socket already bound and listening (set by the dfget that starts us).")
 @click.option("--peer-id", default=None, hidden=True, help="Peer id chosen by the dfget that starts us.")
+@tls_options
 def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, expiretime: str,
                max_uploads: int, upload_timeout: str, scan_interval: str, log_level: str,
-               log_json: bool, listen_fd: int, peer_id: str | None) -> None:
+               log_json: bool, listen_fd: int, peer_id: str | None, cacert: str | None, cert: str | None,
+               key: str | None, client_ca: str | None) -> None:
     """Run this host's peer server (normally started by dfget itself)."""
     from .server.lifecycle import ListenError, run_server
     from .server.state import ServerConfig
 
     if peer_id is not None and not (len(peer_id) == 32 and all(c in "0123456789abcdef" for c in peer_id)):
         raise click.UsageError("--peer-id must be 32 lower-case hex digits")
+    client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
 
     cfg = ServerConfig(
         home=Path(home).expanduser().absolute(), ip=ip, port=port,
@@ -181,7 +222,8 @@ def server_cmd(home: str, ip: str, port: int, totallimit: str, alivetime: str, e
         expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), max_uploads=max_uploads,
         upload_timeout=_cfg(C.parse_duration, upload_timeout, "--upload-timeout"),
         scan_interval=_cfg(C.parse_duration, scan_interval, "--scan-interval"),
-        log_level=log_level, log_json=log_json, listen_fd=listen_fd, peer_id=peer_id)
+        log_level=log_level, log_json=log_json, listen_fd=listen_fd, peer_id=peer_id,
+        tls=server_tls, client_tls=client_tls)
     try:
         code = run_server(cfg)
     except ListenError as exc:

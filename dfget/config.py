@@ -12,7 +12,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from common import units
-from common.hostport import http_base
+from common.hostport import hostport
+from common.tls import ClientTls, ServerTls
 
 DEFAULT_NODE_PORT = 8002
 DEFAULT_PULL_LIMIT = 4
@@ -30,10 +31,17 @@ class Node:
     host: str
     port: int
     weight: int = 1
+    # "https" or "http" as written in --node; "" when not written (dfget.supernodes
+    # decides: https with --cacert, else http, upgraded to https if the port speaks TLS)
+    scheme: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
 
     @property
     def base_url(self) -> str:
-        return http_base(self.host, self.port)
+        return f"{self.scheme or 'http'}://{hostport(self.host, self.port)}"
 
 
 @dataclass(frozen=True)
@@ -67,23 +75,33 @@ class DownloadConfig:
     expiretime: float = 180.0
     # Peer server is optional: tests and `--pattern source` may run without one.
     serve: bool = True
+    # --cacert (trusted besides the system CAs) and --cert/--key (our client certificate)
+    tls: ClientTls = field(default_factory=ClientTls)
+    # the peer server we start serves pieces over TLS with these (--cert/--key/--client-ca)
+    server_tls: ServerTls | None = None
 
 
 def parse_nodes(text: str) -> tuple[Node, ...]:
-    """`host[:port][=weight],...` ordered by weight (highest first), then as given."""
+    """`[http://|https://]host[:port][=weight],...` ordered by weight (highest first),
+    then as given."""
     nodes: list[tuple[int, int, Node]] = []
     for i, item in enumerate(p.strip() for p in text.split(",")):
         if not item:
             continue
-        m = _NODE_RE.match(item)
+        scheme, sep, rest = item.partition("://")
+        if not sep:
+            scheme, rest = "", item
+        elif scheme.lower() not in ("http", "https"):
+            raise ConfigError(f"bad --node entry {item!r} (the scheme may be http:// or https://)")
+        m = _NODE_RE.match(rest.rstrip("/"))
         if not m:
-            raise ConfigError(f"bad --node entry {item!r} (use host[:port][=weight])")
+            raise ConfigError(f"bad --node entry {item!r} (use [https://]host[:port][=weight])")
         host, port_s, weight_s = m.groups()
         port = int(port_s) if port_s else DEFAULT_NODE_PORT
         weight = int(weight_s) if weight_s else 1
         if not 1 <= port <= 65535:
             raise ConfigError(f"bad port in --node entry {item!r}")
-        nodes.append((-weight, i, Node(host, port, weight)))
+        nodes.append((-weight, i, Node(host, port, weight, scheme.lower())))
     if not nodes:
         raise ConfigError("--node is empty")
     return tuple(n for _, _, n in sorted(nodes, key=lambda t: (t[0], t[1])))

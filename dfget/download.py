@@ -20,6 +20,7 @@ from common.errors import (
     OriginUnauthorized,
     P2PFailed,
     SupernodeUnavailable,
+    TlsError,
 )
 from common.wire import BackToSourceReason
 
@@ -38,14 +39,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dfget")
 # Final answers about the file itself: going to the origin ourselves would only repeat them.
-_FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, LocalDiskError)
+# A supernode TLS cannot work with answers all the same: the user must fix a flag.
+_FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, LocalDiskError, TlsError)
 
 
 def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
     """Only to go to the origin: importing aiohttp is a good part of a small download's cost."""
     import aiohttp
 
-    connector = aiohttp.TCPConnector(limit=64, limit_per_host=16, ttl_dns_cache=60)
+    # an https origin is verified against the system CAs plus --cacert
+    ssl = cfg.tls.context() if cfg.tls.cacert or cfg.tls.cert else True
+    connector = aiohttp.TCPConnector(limit=64, limit_per_host=16, ttl_dns_cache=60, ssl=ssl)
     return aiohttp.ClientSession(
         connector=connector, read_bufsize=256 << 10, auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30))
@@ -98,8 +102,9 @@ async def _p2p(cfg: DownloadConfig, http: HttpClient, part: PartFile, stats: Sta
     peer = PeerLink(None, None)
     if cfg.serve:
         ip = cfg.ip or local_ip_towards(cfg.nodes[0])
-        peer = await PeerLink.start(cfg.home, ip, cfg.port, cfg.totallimit, cfg.alivetime, cfg.expiretime)
-    p2p = P2PSession(cfg, http, part, stats, peer, FetchLimits(cfg.minrate, throttles))
+        peer = await PeerLink.start(cfg.home, ip, cfg.port, cfg.totallimit, cfg.alivetime, cfg.expiretime,
+                                    tls=cfg.server_tls, cacert=cfg.tls.cacert)
+    p2p = P2PSession(cfg, http, part, stats, peer, FetchLimits(cfg.minrate, throttles, cfg.tls))
     why: tuple[BackToSourceReason, str] | None = None
     try:
         await p2p.run()

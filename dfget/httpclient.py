@@ -1,9 +1,10 @@
 """A small keep-alive HTTP/1.1 client for dfget's control traffic: the supernode API
-(JSON requests of a few KiB) and the peer server's Unix control socket.
+(JSON requests of a few KiB) and the peer server's Unix control socket; over TLS when
+the caller passes an `ssl.SSLContext` (a supernode with `--cert/--key`).
 
 Why not aiohttp here: importing aiohttp costs dfget ~0.15 s of CPU on every run (its
 client alone builds a TLS context at import), which was a third of the fixed cost of a
-small download. These calls are plain http:// with small bodies, so asyncio streams do.
+small download. These calls are small bodies, so asyncio streams do (with TLS too).
 aiohttp is still used, and imported only then, to download straight from the origin
 (https, redirects, compression, all of HTTP).
 """
@@ -14,7 +15,10 @@ import asyncio
 import contextlib
 import errno
 import os
+import ssl
 from dataclasses import dataclass
+
+from common import tls as tlsconf
 
 HEAD_MAX = 64 << 10
 BODY_MAX = 64 << 20  # a digests reply of a huge task is the largest answer we expect
@@ -27,6 +31,25 @@ class HttpError(OSError):
 
 class ConnectError(HttpError):
     """No connection (refused, unreachable, no such socket): nothing was sent."""
+
+
+class NoAnswer(HttpError):
+    """The connection closed before a byte of an answer came. On a fresh plain
+    connection that is also what a TLS server does with plain HTTP."""
+
+
+class TlsFailure(HttpError):
+    """TLS with this server cannot work as configured: its certificate is not trusted, it
+    does not speak TLS, or it refused our client certificate. Asking again will not help.
+    `kind`: common.tls.UNTRUSTED, NOT_TLS, CLIENT_CERT or OTHER."""
+
+    def __init__(self, message: str, kind: str = tlsconf.OTHER) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _tls_failure(exc: BaseException, host: str, port: int) -> TlsFailure:
+    return TlsFailure(tlsconf.describe(exc, _where(host, port)), tlsconf.classify(exc))
 
 
 def os_reason(err: OSError) -> str:
@@ -44,6 +67,13 @@ class Response:
 
 
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# host, port, and the TLS context the connection was verified with: one made with another
+# context (other trusted CAs, another client certificate) is not reused
+_Key = tuple[str, int, ssl.SSLContext | None]
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class HttpClient:
@@ -51,7 +81,7 @@ class HttpClient:
 
     def __init__(self, unix: str | None = None) -> None:
         self.unix = unix
-        self.idle: dict[tuple[str, int], list[_Conn]] = {}
+        self.idle: dict[_Key, list[_Conn]] = {}
         self.closed = False
 
     async def __aenter__(self) -> HttpClient:
@@ -71,21 +101,39 @@ class HttpClient:
                 await w.wait_closed()
 
     async def request(self, method: str, host: str, port: int, path: str, body: bytes | None = None,
-                      headers: dict[str, str] | None = None, timeout: float = 30.0) -> Response:
-        """OSError (HttpError included) or TimeoutError when no answer came."""
+                      headers: dict[str, str] | None = None, timeout: float = 30.0,
+                      tls: ssl.SSLContext | None = None) -> Response:
+        """OSError (HttpError included) or TimeoutError when no answer came; TlsFailure
+        when TLS (`tls` given) cannot work with this server."""
         async with asyncio.timeout(timeout):
-            key = (host, port)
+            key = (host, port, tls)
+            closed_fresh = 0
             while True:
-                conn, reused = await self._connect(key)
+                conn, reused = await self._connect(key, tls)
                 try:
                     resp, keep = await self._exchange(conn, method, host, port, path, body, headers or {})
                 except (HttpError, ConnectionError) as exc:
                     conn[1].close()
                     # A kept-alive connection the server closed meanwhile: not an answer,
                     # and nothing was processed (no byte of a response came); ask anew.
-                    if reused and isinstance(exc, _Stale):
+                    if reused and isinstance(exc, NoAnswer):
                         continue
+                    if tls is not None and not reused and isinstance(exc, (NoAnswer, ConnectionResetError)):
+                        # A TLS server that rejects our client certificate (or the lack of
+                        # one) closes or resets once its side of the handshake fails: under
+                        # TLS 1.3 we see that only after our side of it succeeded, before any
+                        # answer. Twice in a row on fresh connections is no accident.
+                        closed_fresh += 1
+                        if closed_fresh < 2:
+                            continue
+                        raise TlsFailure(
+                            f"{_where(host, port)} closed the TLS connection without answering: it requires "
+                            "a client certificate its --client-ca trusts (pass --cert/--key)",
+                            tlsconf.CLIENT_CERT) from None
                     raise
+                except ssl.SSLError as exc:
+                    conn[1].close()
+                    raise _tls_failure(exc, host, port) from exc
                 except BaseException:
                     conn[1].close()
                     raise
@@ -95,7 +143,7 @@ class HttpClient:
                     conn[1].close()
                 return resp
 
-    async def _connect(self, key: tuple[str, int]) -> tuple[_Conn, bool]:
+    async def _connect(self, key: _Key, tls: ssl.SSLContext | None) -> tuple[_Conn, bool]:
         pool = self.idle.get(key, [])
         while pool:
             r, w = pool.pop()
@@ -106,9 +154,12 @@ class HttpClient:
             if self.unix is not None:
                 r, w = await asyncio.open_unix_connection(self.unix, limit=HEAD_MAX)
             else:
-                r, w = await asyncio.open_connection(key[0], key[1], limit=HEAD_MAX)
+                r, w = await asyncio.open_connection(key[0], key[1], limit=HEAD_MAX, ssl=tls,
+                                                     server_hostname=key[0] if tls is not None else None)
+        except ssl.SSLError as exc:
+            raise _tls_failure(exc, key[0], key[1]) from exc
         except OSError as exc:
-            where = self.unix or (f"[{key[0]}]:{key[1]}" if ":" in key[0] else f"{key[0]}:{key[1]}")
+            where = self.unix or _where(key[0], key[1])
             raise ConnectError(f"cannot connect to {where}: {os_reason(exc)}") from exc
         return (r, w), False
 
@@ -126,7 +177,7 @@ class HttpClient:
             raw = await r.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
-                raise _Stale("connection closed before an answer") from None
+                raise NoAnswer("connection closed before an answer") from None
             raise HttpError("connection closed in the response head") from None
         except asyncio.LimitOverrunError:
             raise HttpError("response head too large") from None
@@ -135,10 +186,6 @@ class HttpClient:
         framed = "content-length" in hdrs or "chunked" in hdrs.get("transfer-encoding", "").lower()
         keep = framed and hdrs.get("connection", "").lower() != "close"
         return Response(status, hdrs, data), keep
-
-
-class _Stale(HttpError):
-    pass
 
 
 def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:

@@ -52,7 +52,7 @@ class P2PSession:
                  stats: Stats, peer: PeerLink, limits: FetchLimits) -> None:
         self.cfg, self.part, self.stats = cfg, part, stats
         self.peer, self.limits = peer, limits
-        self.sn = Supernodes(http, cfg.nodes)
+        self.sn = Supernodes(http, cfg.nodes, cfg.tls)
         self.cid: str | None = None
         self.cids: list[str] = []  # every client id supernodes gave this download
         self.task: wire.TaskInfo | None = None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common import wire
 from common.hostport import hostport
+from common.tls import ServerTls
 from common.wire import PeerAddr, PieceKey
 
 from .notices import notice
@@ -54,9 +55,12 @@ class PeerLink:
 
     @classmethod
     async def start(cls, home: Path, ip: str, port: int, totallimit: int, alivetime: float,
-                    expiretime: float) -> PeerLink:
+                    expiretime: float, tls: ServerTls | None = None, cacert: str | None = None) -> PeerLink:
+        """`tls`: a server we start serves pieces over TLS (one already running for this
+        home keeps the scheme it has; `addr` says which); `cacert`: what it trusts when it
+        talks to the supernodes (heartbeats, keys)."""
         try:
-            launched = await launch_server(home, ip, port, totallimit, alivetime, expiretime)
+            launched = await launch_server(home, ip, port, totallimit, alivetime, expiretime, tls, cacert)
         except (PeerServerError, OSError, TimeoutError) as exc:
             log.warning("peer server unavailable, downloading without serving: %s", exc)
             return cls(None, None)
@@ -71,7 +75,7 @@ class PeerLink:
     def addr(self) -> PeerAddr | None:
         if self.info is None or self.client is None:
             return None
-        return PeerAddr(peer_id=self.info.peer_id, ip=self.info.ip, port=self.info.port)
+        return PeerAddr(peer_id=self.info.peer_id, ip=self.info.ip, port=self.info.port, tls=self.info.tls)
 
     def _up(self) -> bool:
         return self.starting is None or (self.starting.done() and not self.starting.cancelled()

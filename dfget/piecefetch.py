@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from common import digest
-from common.hostport import http_base
+from common import tls as tlsconf
+from common.hostport import hostport
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.tokenheaders import CLIENT_HEADER, TOKEN_HEADER
 from common.wire import Assignment
@@ -43,13 +44,15 @@ class PieceFailed(Exception):
 class FetchLimits:
     minrate: int  # bytes/s; the piece deadline is len/minrate + 10 s
     throttles: tuple[Throttle, ...] = ()
+    tls: tlsconf.ClientTls = field(default_factory=tlsconf.ClientTls)  # for sources that serve over TLS (Source.tls)
 
     def deadline(self, nbytes: int) -> float:
         return nbytes / max(self.minrate, 1) + 10.0
 
 
 def piece_url(task_id: str, a: Assignment) -> str:
-    return f"{http_base(a.source.ip, a.source.port)}/peer/file/{task_id}"
+    scheme = "https" if a.source.tls else "http"
+    return f"{scheme}://{hostport(a.source.ip, a.source.port)}/peer/file/{task_id}"
 
 
 def _write_and_hash(part: PartFile, hasher: Any, offset: int, data: memoryview) -> None:
@@ -103,7 +106,10 @@ async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
     except TimeoutError:
         raise PieceFailed("timeout", f"piece {a.piece} not received in time") from None
     except _Refused as exc:
-        raise PieceFailed("refused", f"cannot connect to {a.source.ip}:{a.source.port}: {exc.__cause__}") from None
+        where = hostport(a.source.ip, a.source.port)
+        if tlsconf.is_tls_error(exc):
+            raise PieceFailed("refused", tlsconf.describe(exc.__cause__ or exc, where)) from None
+        raise PieceFailed("refused", f"cannot connect to {where}: {exc.__cause__}") from None
     except WireError as exc:
         raise PieceFailed(exc.reason, str(exc)) from None
     except OSError as exc:
@@ -122,7 +128,8 @@ async def _fetch(session: object | None, task_id: str, a: Assignment, part: Part
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 proto, transport = await open_piece(a.source.ip, a.source.port, path, a.start, a.end,
-                                                    CHUNK, expected, extra)
+                                                    CHUNK, expected, extra,
+                                                    tls=limits.tls.context() if a.source.tls else None)
         except (OSError, TimeoutError) as exc:
             raise _Refused() from exc
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from dataclasses import dataclass
 
 HEAD_MAX = 16 << 10
@@ -218,11 +219,14 @@ class PieceProtocol(asyncio.BufferedProtocol):
 
 
 async def open_piece(host: str, port: int, path: str, first: int, last: int,
-                     bufsize: int, limit: int, extra: str = "") -> tuple[PieceProtocol, asyncio.Transport]:
+                     bufsize: int, limit: int, extra: str = "",
+                     tls: ssl.SSLContext | None = None) -> tuple[PieceProtocol, asyncio.Transport]:
     """`extra`: more header lines, each ending in CRLF (checked values only: the piece
-    token and client id)."""
+    token and client id). `tls`: the source serves over TLS (asyncio's TLS transport
+    hands the decrypted bytes to the same buffers)."""
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_connection(lambda: PieceProtocol(bufsize, limit), host, port)
+    transport, proto = await loop.create_connection(lambda: PieceProtocol(bufsize, limit), host, port, ssl=tls,
+                                                    server_hostname=host if tls is not None else None)
     hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     transport.write(
         f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nRange: bytes={first}-{last}\r\n{extra}"

@@ -3,20 +3,33 @@
 `SupernodeDown` means "try another supernode" (connection refused/reset/timeout, 5xx
 that is not an origin failure); every other error answer is rebuilt with
 `common.errors.from_wire` and raised as-is.
+
+TLS: a supernode written `https://host:port` in --node is spoken to over TLS, one written
+`http://` in plain HTTP; one written bare `host:port` over TLS when --cacert is given,
+else in plain HTTP, switching to TLS (verified as ever) when the port turns out to speak
+it (a TLS server closes a plain connection without a word). A supernode TLS cannot work
+with (certificate not trusted, client certificate refused) is no reason to download from
+the origin while it answers: when no supernode could be used and one of them failed so,
+`TlsError` ends the download with the reason (exit code 9).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
+import ssl
 from typing import TypeVar
 
+from common import tls as tlsconf
 from common import wire
-from common.errors import DfError, SupernodeUnavailable, from_wire
+from common.errors import DfError, SupernodeUnavailable, TlsError, from_wire
+from common.hostport import hostport
+from common.tls import ClientTls
 
 from .config import Node
-from .httpclient import HttpClient
+from .httpclient import HttpClient, NoAnswer, TlsFailure
 from .neterr import describe
 
 log = logging.getLogger("dfget.supernode")
@@ -50,9 +63,15 @@ class SupernodeDown(Exception):
 
 
 class Supernodes:
-    def __init__(self, http: HttpClient, nodes: tuple[Node, ...]) -> None:
+    def __init__(self, http: HttpClient, nodes: tuple[Node, ...], tls: ClientTls | None = None) -> None:
         self.http = http
-        self.nodes = nodes
+        self.tls = tls or ClientTls()
+        # a bare host:port: https with --cacert/--cert (TLS asked for), else http that may
+        # be upgraded (never the other way: a TLS supernode is never spoken to in plain)
+        bare = "https" if self.tls.cacert or self.tls.cert else "http"
+        self.upgradable = {i for i, n in enumerate(nodes) if not n.scheme and bare == "http"}
+        self.explicit = {i for i, n in enumerate(nodes) if n.scheme}
+        self.nodes = [n if n.scheme else dataclasses.replace(n, scheme=bare) for n in nodes]
         self.index = 0
         self.busy_at = -1e9  # monotonic time a supernode last answered "busy, come back later"
         self.busy_waits = 0  # such answers waited out (the --json report's busy_waits)
@@ -76,13 +95,18 @@ class Supernodes:
         delay = 0.5
         while True:
             errors: list[str] = []
+            tls_errors: list[str] = []
             busy = False
             for k in range(count):
                 i = (first + k) % count
                 try:
-                    reply = await self._call(self.nodes[i], "POST", "/api/v1/tasks", req,
+                    reply = await self._call(i, "POST", "/api/v1/tasks", req,
                                              wire.RegisterReply, REGISTER_TIMEOUT,
                                              self._secret_header(self.nodes[i]) if req.peer else None)
+                except TlsError as exc:
+                    log.warning("supernode %s: %s", self.nodes[i].base_url, exc.message)
+                    tls_errors.append(exc.message)
+                    continue
                 except SupernodeDown as exc:
                     log.info("supernode %s: %s", self.nodes[i].base_url, exc)
                     errors.append(f"{self.nodes[i].base_url}: {exc}")
@@ -90,6 +114,8 @@ class Supernodes:
                     continue
                 self.index = i
                 return reply
+            if tls_errors and not busy:
+                raise TlsError("; ".join(tls_errors))
             # Every supernode refused. One that answered 503 is alive but overloaded (a
             # swarm starting all at once): ask again with backoff instead of sending the
             # whole swarm to the origin, which is what the system exists to prevent.
@@ -106,17 +132,54 @@ class Supernodes:
         return {PEER_SECRET_HEADER: secret} if secret else None
 
     async def pull(self, task_id: str, req: wire.PullRequest) -> wire.PullReply:
-        return await self._call(self.current, "POST", f"/api/v1/tasks/{task_id}/pull", req,
+        return await self._call(self.index, "POST", f"/api/v1/tasks/{task_id}/pull", req,
                                 wire.PullReply, req.wait + API_TIMEOUT * 2)
 
     async def report(self, task_id: str, req: wire.ReportRequest) -> None:
-        await self._call(self.current, "POST", f"/api/v1/tasks/{task_id}/report", req, None, API_TIMEOUT)
+        await self._call(self.index, "POST", f"/api/v1/tasks/{task_id}/report", req, None, API_TIMEOUT)
 
     async def digests(self, task_id: str) -> wire.DigestsReply:
-        return await self._call(self.current, "GET", f"/api/v1/tasks/{task_id}/digests", None,
+        return await self._call(self.index, "GET", f"/api/v1/tasks/{task_id}/digests", None,
                                 wire.DigestsReply, API_TIMEOUT)
 
-    async def _call(self, node: Node, method: str, path: str, body: object,
+    async def _send(self, i: int, method: str, path: str, data: bytes | None, headers: dict[str, str],
+                    timeout: float) -> tuple[bytes, int, str]:
+        """One request to node `i`, upgraded to TLS if it is a bare host:port that closed
+        a plain connection without a word (what a TLS server does)."""
+        node = self.nodes[i]
+        try:
+            resp = await self.http.request(method, node.host, node.port, path, data, headers, timeout,
+                                           tls=self._context() if node.tls else None)
+        except TlsFailure as exc:
+            if exc.kind == tlsconf.OTHER:
+                raise  # a TLS stream broken mid-answer: the supernode is down, not misconfigured
+            hint = ""
+            if exc.kind == tlsconf.NOT_TLS and i not in self.explicit:
+                plain = f"http://{hostport(node.host, node.port)}"
+                hint = f" (with --cacert a bare host:port is https; write -n {plain} for plain)"
+            raise TlsError(str(exc) + hint) from None
+        except NoAnswer:
+            if i not in self.upgradable:
+                raise
+            self.upgradable.discard(i)
+            try:
+                resp = await self.http.request(method, node.host, node.port, path, data, headers, timeout,
+                                               tls=self._context())
+            except TlsFailure as exc:
+                # Only a server that showed a certificate, or took the handshake and then
+                # wanted a client certificate, speaks TLS: anything else is still a server
+                # that closed a plain request (down, or not HTTP).
+                if exc.kind not in (tlsconf.UNTRUSTED, tlsconf.CLIENT_CERT):
+                    raise NoAnswer("connection closed before an answer") from None
+                raise TlsError(str(exc)) from None
+            self.nodes[i] = dataclasses.replace(node, scheme="https")
+            log.info("supernode %s speaks TLS: talking to it over https", node.base_url)
+        return resp.body, resp.status, resp.headers.get("retry-after", "")
+
+    def _context(self) -> ssl.SSLContext:
+        return self.tls.context()
+
+    async def _call(self, i: int, method: str, path: str, body: object,
                     typ: type[T] | None, timeout: float, extra: dict[str, str] | None = None) -> T:
         data = wire.encode(body) if body is not None else None
         headers = {"Content-Type": wire.JSON_TYPE, "Accept": wire.JSON_TYPE, **(extra or {})}
@@ -125,8 +188,7 @@ class Supernodes:
         throttled = 0
         while True:
             try:
-                resp = await self.http.request(method, node.host, node.port, path, data, headers, timeout)
-                raw, status, retry_after = resp.body, resp.status, resp.headers.get("retry-after", "")
+                raw, status, retry_after = await self._send(i, method, path, data, headers, timeout)
             except (OSError, TimeoutError) as exc:
                 raise SupernodeDown(describe(exc)) from None
             throttled += status == 429

@@ -20,9 +20,10 @@ from pathlib import Path
 from aiohttp import web
 
 from common import errors
-from common.hostport import hostport, http_base
+from common.hostport import hostport
 from common.listen import listen_socket
 from common.taskid import is_short_id, new_id
+from common.tls import ServerTls
 from common.tokens import Signer
 
 from .api import guard, preheat, ui
@@ -76,8 +77,10 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     settings.home.mkdir(parents=True, exist_ok=True)
     signer = Signer(await asyncio.to_thread(load_or_create_key, settings.home))  # before opening anything
     store = Store(connect(settings.redis_url), embedded=not settings.redis_url)
+    client_tls = settings.client_tls()
     origin = OriginClient(settings.origin_policy(), OriginSettings(read_timeout=settings.origin_read_timeout,
-                                                                 retries=settings.origin_retries))
+                                                                 retries=settings.origin_retries),
+                          tls=client_tls.context() if client_tls.cacert or client_tls.cert else None)
     await origin.start()
     cache = PieceCache(settings.home)
     await asyncio.to_thread(_load_cache, cache)
@@ -98,7 +101,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
                                 **guard.runner_kwargs(settings.header_timeout))
     await seed_runner.setup()
     try:
-        await _listen(seed_runner, "--download-port", settings.listen, settings.download_port)
+        await _listen(seed_runner, "--download-port", settings.listen, settings.download_port, settings.server_tls())
     except BaseException:  # nothing after this point started yet: close what did
         await seed_runner.cleanup()
         await origin.close()
@@ -113,7 +116,8 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     hub.on_gap = views.invalidate_all
     dispatcher = Dispatcher(repo, hub, cdn, views=views, sn_id=sn_id, address=(ip, download_port), limits=limits,
                             min_rate=settings.origin_min_rate,
-                            signer=signer if settings.piece_auth else None, token_ttl=settings.piece_token_ttl)
+                            signer=signer if settings.piece_auth else None, token_ttl=settings.piece_token_ttl,
+                            tls=settings.server_tls() is not None)
     st = SupernodeState(settings=settings, sn_id=sn_id, policy=settings.origin_policy(), store=store,
                         repo=repo, hub=hub, cache=cache, cdn=cdn, seed=seed, dispatcher=dispatcher,
                         metrics=metrics, download_port=download_port, keyring=keyring,
@@ -135,7 +139,8 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("cannot publish the piece-token key yet: %s", exc.message)
     background.start("keys", keyring.run(), name="keys")
     api_port = app.get(API_PORT, settings.port)
-    background.start("announce", announce_loop(st, ip, api_port, download_port), name="announce")
+    background.start("announce", announce_loop(st, ip, api_port, download_port, settings.server_tls() is not None),
+                     name="announce")
     try:
         yield
     finally:
@@ -179,10 +184,11 @@ class ListenError(errors.StartupError):
     code = "listen_failed"
 
 
-async def _listen(runner: web.AppRunner, flag: str, host: str, port: int) -> None:
-    """`--listen ::` is dual stack (common/listen.py)."""
+async def _listen(runner: web.AppRunner, flag: str, host: str, port: int, tls: ServerTls | None = None) -> None:
+    """`--listen ::` is dual stack (common/listen.py). With `tls` the port speaks only
+    HTTPS: a plain HTTP request gets its connection closed (the handshake fails)."""
     try:
-        site = web.SockSite(runner, listen_socket(host, port))
+        site = web.SockSite(runner, listen_socket(host, port), ssl_context=tls.context() if tls else None)
         await site.start()
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -198,14 +204,16 @@ async def serve(settings: Settings) -> None:
                            **guard.runner_kwargs(settings.header_timeout))
     try:
         await runner.setup()
-        await _listen(runner, "--port", settings.listen, settings.port)
+        await _listen(runner, "--port", settings.listen, settings.port, settings.server_tls())
     except BaseException:
         await runner.cleanup()  # the store, the seed and their tasks, already started
         raise
     st = app[STATE]
     port = runner.addresses[0][1]
-    log.info("supernode %s ready: api %s download port %d store %s", st.sn_id[:8],
-             http_base(settings.public_ip(), port), st.download_port, "redis" if settings.redis_url else "embedded")
+    scheme = "https" if settings.server_tls() else "http"
+    log.info("supernode %s ready: api %s://%s download port %d store %s%s", st.sn_id[:8], scheme,
+             hostport(settings.public_ip(), port), st.download_port, "redis" if settings.redis_url else "embedded",
+             " (client certificates required)" if settings.client_ca else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

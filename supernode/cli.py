@@ -80,6 +80,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--piece-token-ttl", dict(default="5m", show_default=True, help="Validity of a piece token.")),
     ("--admin-token", dict(default=None, help="Bearer token admin operations need (delete, preheat, peer listings); prefer the env var or --admin-token-file. Unset: admin operations are open.")),
     ("--admin-token-file", dict(default=None, type=click.Path(dir_okay=False), help="File holding the admin token.")),
+    ("--cert", dict(default=None, type=click.Path(dir_okay=False), help="PEM certificate (chain) of this supernode: the API and download ports serve HTTPS (needs --key); also the client certificate shown to peer servers that require one.")),
+    ("--key", dict(default=None, type=click.Path(dir_okay=False), help="PEM private key of --cert.")),
+    ("--client-ca", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s): require clients of both ports to present a certificate signed by one (mutual TLS; needs --cert).")),
+    ("--cacert", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s) trusted besides the system's when this supernode is the client: https origins and TLS peer servers.")),
 ]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.netpolicy import AddressPolicy
+from common.tls import ClientTls, ServerTls, TlsConfigError, check_pair
 
 
 def detect_ip() -> str:
@@ -71,6 +72,13 @@ class Settings:
     piece_auth: bool = True
     piece_token_ttl: float = 300.0
     admin_token: str = field(default="", repr=False)
+    # TLS (issue 14): both ports serve https with cert/key; client_ca makes them require a
+    # client certificate (mutual TLS); cacert is trusted (besides the system CAs) when we
+    # are the client: https origins, and peer servers a takeover copies pieces from
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+    cacert: str | None = None
 
     def validate(self) -> Settings:
         for name in ("port", "download_port"):
@@ -98,7 +106,30 @@ class Settings:
             raise ValueError("--piece-token-ttl must be between 10s and 24h")
         if self.admin_token and (len(self.admin_token) < 16 or self.admin_token != self.admin_token.strip()):
             raise ValueError("the admin token must be at least 16 characters, without surrounding spaces")
+        self._check_tls()
         return self
+
+    def _check_tls(self) -> None:
+        """Each file is loaded once now: a bad one is a usage error, not a failure later."""
+        try:
+            check_pair(self.cert, self.key)
+            if self.client_ca and not self.cert:
+                raise TlsConfigError("--client-ca needs --cert/--key (client certificates are asked for in "
+                                     "the TLS handshake)")
+            server = self.server_tls()
+            if server is not None:
+                server.context()
+            self.client_tls().context()
+        except TlsConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    def server_tls(self) -> ServerTls | None:
+        return ServerTls(self.cert, self.key, self.client_ca) if self.cert and self.key else None
+
+    def client_tls(self) -> ClientTls:
+        """What we trust as a client; our server certificate doubles as our client one
+        (for peer servers that require one)."""
+        return ClientTls(self.cacert, self.cert, self.key)
 
     def origin_policy(self) -> AddressPolicy:
         return AddressPolicy.build(self.allow_origin, self.deny_origin)

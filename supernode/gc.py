@@ -69,13 +69,13 @@ async def gc_loop(st: SupernodeState) -> None:
         await asyncio.sleep(st.settings.gc_meta_interval)
 
 
-async def announce_loop(st: SupernodeState, ip: str, port: int, download_port: int) -> None:
+async def announce_loop(st: SupernodeState, ip: str, port: int, download_port: int, tls: bool = False) -> None:
     # The record lives two lease TTLs: a dead supernode's CDN copy is re-seeded elsewhere
     # (cdn.py) about as soon as a fetch it left would be taken over.
     ttl = st.settings.lease_ttl
     while True:
         try:
-            await st.repo.announce_supernode(st.sn_id, ip, port, download_port, int(ttl * 2000))
+            await st.repo.announce_supernode(st.sn_id, ip, port, download_port, int(ttl * 2000), tls)
         except errors.StoreError as exc:
             log.warning("cannot announce this supernode: %s", exc.message)
         raise_if_cancelled()

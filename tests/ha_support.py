@@ -401,7 +401,7 @@ async def exercise_store(url: str) -> dict[str, Any]:
         await repo.forget_host(peer_a)  # DEL of two keys in two slots
         assert not await repo.is_alive(peer_a)
         await repo.announce_supernode(cdn, "127.0.0.1", 1, 2)
-        assert await repo.supernode_address(cdn) == ("127.0.0.1", 2)
+        assert await repo.supernode_address(cdn) == ("127.0.0.1", 2, False)
         await repo.touch(tid)
         assert tid in await repo.list_tasks() and tid in await repo.idle_tasks(-10_000)
         assert await repo.keep_lease(tid, cdn, 0) and await repo.lease_holder(tid) is None

@@ -44,7 +44,8 @@ async def test_admin_operations_need_the_token(admin_api: Api, origin) -> None: 
     assert origin.stats()["requests"] == 1  # the refused preheat fetched nothing
     status, peers = await call(admin_api, "GET", f"/api/v1/tasks/{tid}/peers", f"Bearer {TOKEN}")
     assert status == 200 and peers["peers"] == [
-        {"cid": reg["cid"], "peer_id": peers["peers"][0]["peer_id"], "ip": "10.0.0.7", "port": 15001, "kind": "peer"}]
+        {"cid": reg["cid"], "peer_id": peers["peers"][0]["peer_id"], "ip": "10.0.0.7", "port": 15001, "kind": "peer",
+         "tls": False}]
     status, _ = await call(admin_api, "GET", f"/api/v1/tasks/{tid}", f"bearer  {TOKEN} ")
     assert status == 200
     status, ui = await call(admin_api, "GET", "/api/v1/ui/peers", f"Bearer {TOKEN}")

@@ -58,7 +58,8 @@ async def info(request: web.Request) -> web.Response:
     s = request.app[STATE]
     return _json(ServerInfo(peer_id=s.peer_id, ip=s.config.ip, port=s.port, pid=os.getpid(),
                             version=__version__, totallimit=int(s.throttle.bucket.rate),
-                            auth_refused=dict(s.auth_refused), peer_secrets=dict(s.peer_secrets)))
+                            auth_refused=dict(s.auth_refused), peer_secrets=dict(s.peer_secrets),
+                            tls=s.config.tls is not None))
 
 
 async def list_files(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ import msgspec
 from common import wire
 from common.listen import listen_socket
 from common.taskid import new_id
+from common.tls import ServerTls
 
 from ..httpclient import HttpClient
 from ..neterr import describe
@@ -176,13 +177,21 @@ def _lock_held(home: Path) -> bool:
     return False
 
 
+def _tls_args(tls: ServerTls | None, cacert: str | None) -> list[str]:
+    args = ["--cacert", cacert] if cacert else []
+    if tls is not None:
+        args += ["--cert", tls.cert, "--key", tls.key] + (["--client-ca", tls.client_ca] if tls.client_ca else [])
+    return args
+
+
 def _spawn(home: Path, ip: str, port: int, totallimit: int, alivetime: float, expiretime: float,
-           listen: socket.socket | None = None, peer_id: str | None = None) -> subprocess.Popen[bytes]:
+           listen: socket.socket | None = None, peer_id: str | None = None,
+           tls: ServerTls | None = None, cacert: str | None = None) -> subprocess.Popen[bytes]:
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "dfget", "server", "--home", str(home), "--ip", ip,
            "--port", str(port), "--totallimit", str(totallimit),
-           "--alivetime", str(alivetime), "--expiretime", str(expiretime)]
+           "--alivetime", str(alivetime), "--expiretime", str(expiretime), *_tls_args(tls, cacert)]
     fds: tuple[int, ...] = ()
     if listen is not None and peer_id is not None:
         cmd += ["--listen-fd", str(listen.fileno()), "--peer-id", peer_id]
@@ -208,7 +217,7 @@ PENDING = "server.pending"  # pid of a server started but perhaps not answering 
 
 
 async def launch_server(home: Path, ip: str, port: int, totallimit: int, alivetime: float,
-                        expiretime: float) -> Launched:
+                        expiretime: float, tls: ServerTls | None = None, cacert: str | None = None) -> Launched:
     """Like `ensure_server`, without waiting for a server we start to come up."""
     await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True, mode=0o700)
     client = ControlClient(home)
@@ -233,12 +242,12 @@ async def launch_server(home: Path, ip: str, port: int, totallimit: int, aliveti
             await client.close()
             raise PeerServerError(f"cannot listen on {ip}:{port}: {exc}") from None
         with sock:
-            proc = _spawn(home, ip, port, totallimit, alivetime, expiretime, sock, peer_id)
+            proc = _spawn(home, ip, port, totallimit, alivetime, expiretime, sock, peer_id, tls, cacert)
             bound = sock.getsockname()
         _CHILDREN.append(proc)
         (home / PENDING).write_text(str(proc.pid))
         info = ServerInfo(peer_id=peer_id, ip=ip, port=int(bound[1]), pid=proc.pid, version="",
-                          totallimit=totallimit)
+                          totallimit=totallimit, tls=tls is not None)
         starting = asyncio.ensure_future(_wait_up(client, lambda: proc.poll() is None, home))
         return Launched(client, info, starting)
     finally:
@@ -301,6 +310,7 @@ def _close_acquired(fut: asyncio.Future[int]) -> None:
 async def ensure_server(home: Path, ip: str, port: int, totallimit: int, alivetime: float,
                         expiretime: float,
                         on_start: Callable[[ServerInfo], None] | None = None,
+                        tls: ServerTls | None = None, cacert: str | None = None,
                         ) -> tuple[ControlClient, ServerInfo]:
     """Reuse the running server or start one (then `on_start` is called with it);
     concurrent dfgets serialize on a lock so only one of them starts it."""
@@ -316,7 +326,7 @@ async def ensure_server(home: Path, ip: str, port: int, totallimit: int, aliveti
             return client, await client.info()
         except PeerServerError:
             pass
-        proc = _spawn(home, ip, port, totallimit, alivetime, expiretime)
+        proc = _spawn(home, ip, port, totallimit, alivetime, expiretime, tls=tls, cacert=cacert)
         _CHILDREN.append(proc)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

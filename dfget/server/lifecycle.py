@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -64,7 +64,9 @@ class Notifier:
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Notifier:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
+        tls = self.state.config.client_tls
+        connector = aiohttp.TCPConnector(ssl=tls.context() if tls.cacert or tls.cert else True)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -217,8 +219,10 @@ async def serve(cfg: ServerConfig) -> None:
             await spool.replay(cfg.home, sock)
             with contextlib.suppress(OSError):
                 (cfg.home / PENDING).unlink()
-            await web.SockSite(peer_runner, peer_sock).start()
-            log.info("peer server %s on %s:%d, control %s", state.peer_id, cfg.ip, state.port, sock)
+            ssl_context = cfg.tls.context() if cfg.tls is not None else None
+            await web.SockSite(peer_runner, peer_sock, ssl_context=ssl_context).start()
+            log.info("peer server %s on %s://%s, control %s", state.peer_id, "https" if ssl_context else "http",
+                     hostport(cfg.ip, state.port), sock)
             await _periodic(state, notifier)
         finally:
             log.info("shutting down")
@@ -231,12 +235,27 @@ async def serve(cfg: ServerConfig) -> None:
                 socket_path(cfg.home).unlink()
 
 
+def _loop_factory(tls: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when serving TLS (where installed; not with DF_NO_UVLOOP=1):
+    asyncio's TLS transport is written in Python and cost the peer server about 3.5 times
+    the CPU per GiB of uvloop's (bench/results/tls.md), and over TLS there is no sendfile
+    to lose. Plain HTTP keeps the standard loop, whose loop.sendfile aiohttp uses (uvloop
+    has none)."""
+    if not tls or os.environ.get("DF_NO_UVLOOP"):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run_server(cfg: ServerConfig) -> int:
     logs.setup(cfg.log_level, as_json=cfg.log_json,
                text_format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        with server_lock(cfg.home):
-            asyncio.run(serve(cfg))
+        with server_lock(cfg.home), asyncio.Runner(loop_factory=_loop_factory(cfg.tls is not None)) as runner:
+            runner.run(serve(cfg))
     except AlreadyRunning as exc:
         log.info("%s", exc)
         return 0

@@ -34,6 +34,7 @@ class ServerInfo(Struct, frozen=True):
     # supernode base URL -> this peer's secret there (RegisterReply.peer_secret), so that
     # every dfget of this host registers the peer with it
     peer_secrets: dict[str, str] = {}
+    tls: bool = False  # pieces are served over TLS (--cert/--key)
 
 
 class RegisterFile(Struct, frozen=True):

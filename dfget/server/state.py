@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.taskid import new_id
+from common.tls import ClientTls, ServerTls
 
 from ..throttle import Throttle
 from .metrics import PeerMetrics
@@ -38,6 +39,9 @@ class ServerConfig:
     # chose the peer id (so it could register before we were up).
     listen_fd: int = -1
     peer_id: str | None = None
+    tls: ServerTls | None = None  # serve pieces over TLS (--cert/--key, --client-ca)
+    # how we talk to https supernodes: --cacert, and our --cert/--key as client certificate
+    client_tls: ClientTls = field(default_factory=ClientTls)
 
 
 @dataclass

@@ -125,7 +125,7 @@ async def register(request: web.Request) -> web.Response:
     if req.peer is None:
         info = PeerInfo("", "", 0, "none")
     else:
-        info = PeerInfo(req.peer.peer_id, req.peer.ip, req.peer.port, kind)
+        info = PeerInfo(req.peer.peer_id, req.peer.ip, req.peer.port, kind, req.peer.tls)
         st.metrics.seen_peer(req.peer.peer_id)
     if req.cid:
         old = await st.repo.peer_of(tid, req.cid)
@@ -234,7 +234,7 @@ async def task_peers(request: web.Request) -> web.Response:
     await _known_task(st, tid)
     clients = await st.repo.all_clients(tid)
     return reply(request, {"peers": [
-        {"cid": c, "peer_id": p.peer_id, "ip": p.ip, "port": p.port, "kind": p.kind}
+        {"cid": c, "peer_id": p.peer_id, "ip": p.ip, "port": p.port, "kind": p.kind, "tls": p.tls}
         for c, p in clients.items() if p.kind in ("peer", "peer-cdn")]})
 
 

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -112,13 +113,19 @@ class OriginSettings:
 
 
 class OriginClient:
-    def __init__(self, policy: AddressPolicy, settings: OriginSettings = OriginSettings()) -> None:
+    """`tls`: how https origins and TLS peer servers (a takeover's copies) are verified,
+    and the client certificate shown to those that ask; None: system CAs only."""
+
+    def __init__(self, policy: AddressPolicy, settings: OriginSettings = OriginSettings(),
+                 tls: ssl.SSLContext | None = None) -> None:
         self.policy = policy
         self.settings = settings
+        self.tls = tls
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(resolver=PolicyResolver(self.policy), limit=256, ttl_dns_cache=10)
+        connector = aiohttp.TCPConnector(resolver=PolicyResolver(self.policy), limit=256, ttl_dns_cache=10,
+                                         ssl=self.tls if self.tls is not None else True)
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,

@@ -59,7 +59,10 @@ class _FileResponse(web.FileResponse):
     async def _sendfile(self, request: web.BaseRequest, fobj, offset: int, count: int):  # type: ignore[no-untyped-def]
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None or count <= 0 or self.compression:
+        # Over TLS the bytes must go through the transport to be encrypted: sendfile on
+        # the socket would put the file on the wire in clear, inside a TLS stream.
+        tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+        if sock is None or count <= 0 or self.compression or tls:
             return await super()._sendfile(request, fobj, offset, count)
         writer = await web.StreamResponse.prepare(self, request)
         assert writer is not None and transport is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from common import digest
-from common.hostport import http_base
+from common.hostport import hostport
 from common.netpolicy import AddressPolicy
 from common.pieces import piece_range
 from common.tokens import CLIENT_HEADER, TOKEN_HEADER, Signer
@@ -125,7 +125,7 @@ class PeerCopier:
 
     async def _piece_from(self, session: aiohttp.ClientSession, info: PeerInfo, task_id: str,
                           start: int, end: int, auth: dict[str, str]) -> bytes | None:
-        url = f"{http_base(info.ip, info.port)}/peer/file/{task_id}"
+        url = f"{'https' if info.tls else 'http'}://{hostport(info.ip, info.port)}/peer/file/{task_id}"
         size = end - start + 1
         try:
             async with asyncio.timeout(size / self.min_rate + 10):

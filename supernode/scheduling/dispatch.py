@@ -105,7 +105,8 @@ class _Round:
 class Dispatcher:
     def __init__(self, repo: Repo, hub: EventHub, cdn: Cdn, *, sn_id: str, address: tuple[str, int],
                  limits: Limits, min_rate: int = 64 << 10, rng: random.Random | None = None,
-                 signer: Signer | None = None, token_ttl: float = 300.0, views: Views | None = None) -> None:
+                 signer: Signer | None = None, token_ttl: float = 300.0, views: Views | None = None,
+                 tls: bool = False) -> None:
         self.repo = repo
         self.views = views or Views(repo, hub, peer_cap=limits.peer_uploads)
         self.signer = signer  # piece tokens (None: --no-piece-auth)
@@ -114,10 +115,11 @@ class Dispatcher:
         self.cdn = cdn
         self.sn_id = sn_id
         self.address = address  # our advertised ip and download port
+        self.tls = tls  # our download port serves TLS
         self.limits = limits
         self.min_rate = min_rate
         self.rng = rng or random.Random()
-        self._sn_addr: dict[str, tuple[str, int]] = {}
+        self._sn_addr: dict[str, tuple[str, int, bool]] = {}
         self._sn_seen: dict[str, tuple[float, bool]] = {}  # sid -> (checked at, alive)
         self.assigned = 0
         self.draining = False
@@ -513,10 +515,10 @@ class Dispatcher:
 
     async def _source(self, sid: str, kind: str, info: PeerInfo | None) -> wire.Source:
         if kind == "cdn":
-            ip, port = self.address if sid == self.sn_id else await self._supernode(sid)
-            return wire.Source(sid, ip, port, "cdn")
+            ip, port, tls = (*self.address, self.tls) if sid == self.sn_id else await self._supernode(sid)
+            return wire.Source(sid, ip, port, "cdn", tls)
         assert info is not None
-        return wire.Source(sid, info.ip, info.port, "peer")
+        return wire.Source(sid, info.ip, info.port, "peer", info.tls)
 
     async def _reachable(self, sid: str) -> bool:
         """Whether the supernode holding the CDN copy is alive (its record not expired),
@@ -532,7 +534,7 @@ class Dispatcher:
             known = self._sn_seen[sid] = (now, addr is not None)
         return known[1]
 
-    async def _supernode(self, sid: str) -> tuple[str, int]:
+    async def _supernode(self, sid: str) -> tuple[str, int, bool]:
         if sid not in self._sn_addr:
             addr = await self.repo.supernode_address(sid)
             if addr is None:

@@ -96,16 +96,18 @@ class PeerInfo:
     ip: str
     port: int
     kind: str
+    tls: bool = False  # its peer server serves over TLS
 
     def encode(self) -> str:
-        return f"{self.peer_id}|{self.ip}|{self.port}|{self.kind}"
+        # a fifth field only when set: records of plain peers read as they always did
+        return f"{self.peer_id}|{self.ip}|{self.port}|{self.kind}" + ("|tls" if self.tls else "")
 
     @classmethod
     def decode(cls, raw: str) -> PeerInfo | None:
         parts = raw.split("|")
-        if len(parts) != 4:
+        if len(parts) not in (4, 5):
             return None
-        return cls(parts[0], parts[1], int(parts[2]), parts[3])
+        return cls(parts[0], parts[1], int(parts[2]), parts[3], len(parts) == 5 and parts[4] == "tls")
 
 
 class SourceLoad(NamedTuple):
@@ -436,10 +438,10 @@ class Repo:
             digests=_s(res[1]).split(",") if pieces else [],
         )
         for entry in _s(res[2]).split(";") if res[2] else ():
-            # sid | peer_id|ip|port|kind (empty if not a client) | uploads | failures
+            # sid | peer_id|ip|port|kind[|tls] (empty if not a client) | uploads | failures
             parts = entry.split("|")
             sid, fails, load = parts[0], parts[-1], parts[-2]
-            info = PeerInfo.decode("|".join(parts[1:-2])) if len(parts) == 7 else None
+            info = PeerInfo.decode("|".join(parts[1:-2])) if len(parts) in (7, 8) else None
             kind = "cdn" if sid == cdn_id else "peer"
             if info is not None:
                 d.addresses[sid] = info
@@ -585,8 +587,9 @@ class Repo:
     # --- supernodes -------------------------------------------------------------------
     @translate
     async def announce_supernode(self, sn_id: str, ip: str, port: int, download_port: int,
-                                 ttl_ms: int = keys.SUPERNODE_TTL_MS) -> None:
-        await self.r.hset(keys.supernode(sn_id), mapping={"ip": ip, "port": port, "download_port": download_port})
+                                 ttl_ms: int = keys.SUPERNODE_TTL_MS, tls: bool = False) -> None:
+        await self.r.hset(keys.supernode(sn_id), mapping={"ip": ip, "port": port, "download_port": download_port,
+                                                          "tls": int(tls)})
         await self.r.pexpire(keys.supernode(sn_id), ttl_ms)
 
     @translate
@@ -595,12 +598,13 @@ class Repo:
         return int(await self.r.pttl(keys.supernode(sn_id)))
 
     @translate
-    async def supernode_address(self, sn_id: str) -> tuple[str, int] | None:
+    async def supernode_address(self, sn_id: str) -> tuple[str, int, bool] | None:
+        """Where a supernode's download port is: ip, port, and whether it serves TLS."""
         h = await self.r.hgetall(keys.supernode(sn_id))
         if not h:
             return None
         d = {_s(a): _s(b) for a, b in h.items()}
-        return d["ip"], int(d["download_port"])
+        return d["ip"], int(d["download_port"]), d.get("tls") == "1"
 
 
 __all__ = [
