@@ -46,6 +46,7 @@ from .policy import (
     piece_allowance_ms,
     piece_bounds,
     rank_ordered,
+    rarest_sampled,
     source_first,
     wanted,
 )
@@ -408,17 +409,7 @@ class Dispatcher:
         rand = rng.getrandbits
 
         def pick(common: int) -> int:
-            # the rarest of a few of the pieces in `common`, found from random points on
-            # (C-speed searches; listing all of them cost more than the rest of a pull)
-            held = common.to_bytes(count, "little")
-            best, fewest = -1, 1 << 30
-            for _ in range(PICK_SAMPLE):
-                n = held.find(1, rand(32) % count)
-                if n < 0:
-                    n = held.find(1)
-                if counts[n] < fewest:
-                    best, fewest = n, counts[n]
-            return best
+            return rarest_sampled(common.to_bytes(count, "little"), counts, rand, PICK_SAMPLE)
 
         return assign_free(rnd.free, rng.randrange(len(rnd.free) or 1), rnd.sources, client, want, self.limits,
                            missing=missing, holdings=rnd.holdings, pick=pick, taken=rnd.taken)

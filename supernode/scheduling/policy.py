@@ -421,6 +421,22 @@ def cdn_open_to(client: ClientState, task_open: bool, cdn: SourceState | None,
             and cdn.load + taken.get(cdn.sid, 0) < limits.cdn_uploads)
 
 
+def rarest_sampled(held: bytes, counts: Sequence[int], rand: Callable[[int], int], sample: int) -> int:
+    """The rarest (fewest copies in `counts`) of `sample` pieces picked among those `held`
+    marks (one byte per piece, 1: a candidate; at least one), each the first candidate
+    from a random point on (`rand(32)`), wrapping round: C-speed searches, where listing
+    every candidate cost more than the rest of a pull. Ties go to the first found."""
+    count = len(held)
+    best, fewest = -1, 1 << 30
+    for _ in range(sample):
+        n = held.find(1, rand(32) % count)
+        if n < 0:
+            n = held.find(1)
+        if counts[n] < fewest:
+            best, fewest = n, counts[n]
+    return best
+
+
 def source_first(count: int, client: ClientState) -> bool:
     """Decide source first (assign_free) rather than piece first (rank + assign): while
     the client misses more than ENDGAME pieces besides those in flight."""
