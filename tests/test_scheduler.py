@@ -9,7 +9,7 @@ import pytest
 from supernode.scheduling.policy import (
     Bitmap, Candidate, ClientState, Decision, Limits, SourceState, allowance_ms, assign, assign_free,
     cdn_copy_limit, cdn_open_to, cdn_open_to_task, claim_copies, count_cdn_uploads, next_stale_s,
-    piece_allowance_ms, piece_bounds, rank, source_first, wanted,
+    piece_allowance_ms, piece_bounds, rank, rarest_sampled, source_first, wanted,
 )
 from supernode.store.bitmaps import decode_counts
 
@@ -360,3 +360,14 @@ def test_source_first_until_the_endgame(count, held, inflight, expected) -> None
 def test_claim_copies(name, first, inflight, failures, cdn_only, copies, expected) -> None:
     client = ClientState(ME, inflight=frozenset(inflight), failures=failures, cdn_only=cdn_only)
     assert claim_copies(first, client, copies, 2, Limits(client_fail_limit=5)) == expected, name
+
+
+@pytest.mark.parametrize("name, held, counts, draws, expected", [
+    ("the rarest of those found", [0, 1, 0, 1, 1], [9, 3, 9, 1, 2], [0, 2, 4], 3),
+    ("found from each point on", [1, 0, 0, 1, 0], [5, 9, 9, 4, 9], [1, 1, 1], 3),
+    ("wrapping round past the last", [1, 0, 0, 0, 0], [5, 9, 9, 9, 9], [3, 4, 9], 0),
+    ("ties go to the first found", [0, 1, 0, 1, 0], [9, 2, 9, 2, 9], [2, 0, 2], 3),
+])
+def test_rarest_sampled(name, held, counts, draws, expected) -> None:
+    it = iter(draws)
+    assert rarest_sampled(bytes(held), counts, lambda bits: next(it), len(draws)) == expected, name
