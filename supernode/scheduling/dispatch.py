@@ -56,12 +56,6 @@ from .views import Views
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
 HOLDER_SAMPLE = 4  # holders looked at per candidate piece (the least loaded of a few random ones)
 WIDE_WINDOW = 64  # candidates ranked when the narrow window (4 per wanted piece) is not enough
-# Source first (policy.source_first): a client missing more than ENDGAME pieces is given,
-# from each of a few free sources, the rarest piece that source has and it lacks. Rarest
-# first over the whole task sends every client to the same few holders of the rarest
-# pieces, which are then always busy: in a closed loop of 2,000 clients 80 % of
-# piece-first decisions found nothing while 1,700 sources had a free slot. Near its end a
-# client looks at its few missing pieces' free holders instead (piece first).
 PICK_SAMPLE = 6  # pieces a source could send that the rarest is picked from
 MAX_ROUND = 128  # pulls decided and claimed together at most
 MAX_GRANTS = 8  # assignments per piece token (common/tokens.py)
