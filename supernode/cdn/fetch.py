@@ -64,6 +64,9 @@ def file_digest(digests: dict[int, str], count: int) -> str:
 
 
 class Cdn:
+    """This supernode's CDN: the fetches running here (`running`), the leases it holds
+    or watches (`leases`), the repair of bad cached pieces and the takeover's peer copier."""
+
     def __init__(
         self, repo: Repo, origin: OriginClient, cache: PieceCache, sn_id: str,
         throttle: Throttle, settings: CdnSettings = CdnSettings(),
@@ -210,7 +213,7 @@ class Cdn:
                 return
         if published and not meta.range:
             partial = entry if entry is not None and not entry.complete else None
-            if await self._take_over(meta, partial, published):
+            if await takeover.take_over(self, meta, partial, published):
                 return
         if entry is not None and (entry.etag or entry.last_modified) and not entry.complete:
             start = await asyncio.to_thread(trusted_prefix, self.cache.data_path(entry.task_id), entry)
@@ -313,7 +316,7 @@ class Cdn:
             return False
         self.cache.adopt(entry)
         await self._announce(meta, entry)
-        await self._finish(meta, entry, count)
+        await self.finish_fetch(meta, entry, count)
         log.info("task %s: reused cached file after revalidation", meta.task_id[:12])
         return True
 
@@ -385,72 +388,10 @@ class Cdn:
                 await pipe.settle()  # never close the fd under a write
             os.close(fd)
         if finish:
-            await self._finish(meta, entry, piece_count(entry.length, ps))
+            await self.finish_fetch(meta, entry, piece_count(entry.length, ps))
 
-    # --- taking over a fetch another supernode left unfinished --------------------------
-    async def _take_over(self, meta: TaskMeta, entry: CacheEntry | None, published: dict[int, str]) -> bool:
-        """Finish a fetch whose pieces were partly published by someone else (a dead
-        supernode, or this one before a restart): pieces already here stay, pieces live
-        peers hold are copied from them (checked against the published digest), and only
-        the rest comes from the origin, as Range + If-Range runs. False when that cannot
-        be done safely (no validator, unknown length) or is not needed (everything
-        published is here): the caller then fetches as usual."""
-        tid, length, ps = meta.task_id, meta.length, meta.piece_size
-        if length <= 0 or ps <= 0:
-            return False
-        etag, lm = await self.repo.origin_validators(tid)
-        same = entry is not None and (entry.length, entry.piece_size) == (length, ps) and (
-            not (etag or lm) or (entry.etag, entry.last_modified) == (etag, lm))
-        if same and entry is not None and not (etag or lm):
-            etag, lm = entry.etag, entry.last_modified
-        if not (etag or lm):
-            return False  # a Range without If-Range could splice two versions of the file
-        if same and entry is not None and set(published) <= set(entry.digests):
-            return False  # our own partial copy has it all: a plain resume
-        path = self.cache.data_path(tid)
-        have = await asyncio.to_thread(takeover.trusted_pieces, path, entry, published) if same and entry else {}
-        if not same:
-            self.cache.remove(tid)
-            entry = self.cache.create(tid)
-            entry.length, entry.piece_size, entry.etag, entry.last_modified = length, ps, etag, lm
-        assert entry is not None
-        entry.digests, entry.complete = have, False
-        await asyncio.to_thread(takeover.allocate, path, length)
-        self.cache.adopt(entry)
-        if not await self.repo.adopt_cdn(tid, self.sn_id, sorted(have.items())):
-            return True  # finished, failed or deleted meanwhile: nothing left to fetch
-        count = piece_count(length, ps)
-        missing = [n for n in range(count) if n not in have]
-        sources = await self.copier.sources(tid, [n for n in missing if n in published])
-        direct = [n for n in missing if n not in sources]
-        log.info("task %s: taking over the fetch: %d pieces here, %d to copy from peers, %d from the origin",
-                 tid[:12], len(have), len(sources), len(direct))
-        peers0, origin0 = self.copier.bytes_copied, self.bytes_fetched
-        assert self.origin.session is not None
-        copier = asyncio.create_task(self.copier.copy(self.origin.session, tid, entry, path, sources,
-                                                      published, self.sn_id))
-        try:
-            for a, b in takeover.runs(direct):
-                await self._fetch_run(meta, entry, a, b, published)
-            left = await copier
-            for a, b in takeover.runs(left):
-                await self._fetch_run(meta, entry, a, b, published)
-        except NoResume as exc:
-            log.warning("task %s: %s; fetching the whole file again", tid[:12], exc)
-            with contextlib.suppress(errors.StoreError):
-                await self.repo.adopt_cdn(tid, self.sn_id, [])
-            return False
-        finally:
-            await cancel_and_wait(copier)
-        if len(entry.digests) < count:
-            raise errors.TaskFailed("internal error: pieces missing after a takeover")
-        await self._finish(meta, entry, count)
-        log.info("task %s: takeover done: %d bytes copied from peers, %d fetched from the origin",
-                 tid[:12], self.copier.bytes_copied - peers0, self.bytes_fetched - origin0)
-        return True
-
-    async def _fetch_run(self, meta: TaskMeta, entry: CacheEntry, a: int, b: int,
-                         published: dict[int, str]) -> None:
+    async def fetch_run(self, meta: TaskMeta, entry: CacheEntry, a: int, b: int,
+                        published: dict[int, str]) -> None:
         """Pieces [a, b) from the origin with Range + If-Range; a broken transfer resumes
         inside the run."""
         ps, attempt = entry.piece_size, 0
@@ -476,7 +417,9 @@ class Cdn:
             finally:
                 resp.release()
 
-    async def _finish(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
+    async def finish_fetch(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
+        """The whole file is here: check it against a content identifier, mark the cache
+        entry complete and record success with every digest (store outages ridden out)."""
         if is_content_identifier(meta.identifier):
             # The task is named by the digest of its bytes (a registry blob): a URL that
             # served other bytes must not poison the task for every URL sharing the digest.
