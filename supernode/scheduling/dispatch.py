@@ -50,7 +50,7 @@ from .policy import (
     source_first,
     wanted,
 )
-from .view import SOURCE_KINDS, ClientRec, Flags, TaskView
+from .view import SOURCE_KINDS, ClientRec, TaskView, after_reports
 from .views import Views
 
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
@@ -254,7 +254,7 @@ class Dispatcher:
                 if not ask.fut.done():
                     ask.fut.set_exception(errors.NotFound("unknown client for this task"))
                 continue
-            client = _after_reports(rec, ask.reports, meta.cdn, now, self.limits)
+            client = after_reports(rec, ask.reports, meta.cdn, now)
             done = client.have.count()
             state = None
             if meta.status == "failed":
@@ -548,26 +548,3 @@ class _Sources(dict[str, SourceState]):
             src = self[sid] = SourceState(sid, "peer", v.load_of(sid, self.now), v.fails.get(sid, 0),
                                           bad=sid in v.bad)
         return src
-
-
-def _after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: int, limits: Limits) -> ClientState:
-    """The client as it will be once the store has applied `reports` (scripts.py,
-    apply_reports), for deciding in the same round trip: pieces reported held, their
-    assignments over, failed sources avoided. The claim re-checks all of it."""
-    inflight = {n for n, (_, dl) in rec.fly.items() if dl >= now}
-    have, bl, fails = rec.have, rec.bl, rec.fails
-    if reports:
-        have, bl = Flags(bytearray(rec.have.data)), set(rec.bl)
-        for r in reports:
-            entry = rec.fly.get(r.piece)
-            inflight.discard(r.piece)
-            if r.result in ("have", "ok"):
-                if r.result == "have" or entry is not None:
-                    have.add(r.piece)
-            elif entry is not None and not (entry[0] == cdn and r.reason not in ("refused", "timeout")):
-                bl.add(entry[0])
-                fails += 1
-    return ClientState(
-        cid=rec.cid, have=have, inflight=frozenset(inflight), blacklist=frozenset(bl), failures=fails,
-        cdn_only=rec.info is not None and rec.info.kind == "peer-cdn",
-    )

@@ -92,6 +92,13 @@ def wanted(client: ClientState, requested: int, limits: Limits) -> int:
     return max(0, min(requested, limits.max_inflight - len(client.inflight)))
 
 
+def failure_blacklists(source: str, cdn: str, reason: str | None) -> bool:
+    """A failed piece puts its source on the client's blacklist, but for bad bytes from
+    the CDN copy: its supernode mends the piece and it stays the source of last resort.
+    (The pull script applies the same rule: supernode/store/scripts.py, apply_reports.)"""
+    return not (source == cdn and reason not in ("refused", "timeout"))
+
+
 def cdn_only(client: ClientState, limits: Limits) -> bool:
     """The client is served by the CDN only: it asked to be (pattern "cdn"), or it
     reported more than `client_fail_limit` failures."""

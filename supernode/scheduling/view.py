@@ -40,9 +40,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import compress
 
+from common import wire
 from supernode.store.repo import PeerInfo, TaskMeta
 
-from .policy import RarityOrder
+from .policy import ClientState, RarityOrder, failure_blacklists
 
 SOURCE_KINDS = ("peer", "peer-cdn")  # clients whose peer server serves pieces to others
 HOLDER_SCAN = 64  # holder list entries looked at at most for free ones, per piece
@@ -418,3 +419,26 @@ class TaskView:
         if meta is not None and meta.piece_count >= 0:
             return meta.piece_count
         return len(self.cdn.data)  # length unknown yet: what the CDN has so far
+
+
+def after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: int) -> ClientState:
+    """The client as it will be once the store has applied `reports` (scripts.py,
+    apply_reports), for deciding in the same round trip: pieces reported held, their
+    assignments over, failed sources avoided. The claim re-checks all of it."""
+    inflight = {n for n, (_, dl) in rec.fly.items() if dl >= now}
+    have, bl, fails = rec.have, rec.bl, rec.fails
+    if reports:
+        have, bl = Flags(bytearray(rec.have.data)), set(rec.bl)
+        for r in reports:
+            entry = rec.fly.get(r.piece)
+            inflight.discard(r.piece)
+            if r.result in ("have", "ok"):
+                if r.result == "have" or entry is not None:
+                    have.add(r.piece)
+            elif entry is not None and failure_blacklists(entry[0], cdn, r.reason):
+                bl.add(entry[0])
+                fails += 1
+    return ClientState(
+        cid=rec.cid, have=have, inflight=frozenset(inflight), blacklist=frozenset(bl), failures=fails,
+        cdn_only=rec.info is not None and rec.info.kind == "peer-cdn",
+    )
