@@ -8,7 +8,8 @@ import pytest
 
 from supernode.scheduling.policy import (
     Bitmap, Candidate, ClientState, Decision, Limits, SourceState, allowance_ms, assign, assign_free,
-    cdn_copy_limit, cdn_open_to, cdn_open_to_task, claim_copies, count_cdn_uploads, next_stale_s,
+    cdn_copy_limit, cdn_open_to, cdn_open_to_task, claim_copies, count_cdn_uploads, failure_blacklists,
+    next_stale_s,
     piece_allowance_ms, piece_bounds, rank, rarest_sampled, source_first, wanted,
 )
 from supernode.store.bitmaps import decode_counts
@@ -371,3 +372,11 @@ def test_claim_copies(name, first, inflight, failures, cdn_only, copies, expecte
 def test_rarest_sampled(name, held, counts, draws, expected) -> None:
     it = iter(draws)
     assert rarest_sampled(bytes(held), counts, lambda bits: next(it), len(draws)) == expected, name
+
+
+@pytest.mark.parametrize("source, reason, expected", [
+    (A, "timeout", True), (A, "digest", True), (CDN, "refused", True), (CDN, "timeout", True),
+    (CDN, "digest", False), (CDN, "not_found", False),
+])
+def test_failure_blacklists_but_bad_bytes_from_the_cdn(source, reason, expected) -> None:
+    assert failure_blacklists(source, CDN, reason) is expected
