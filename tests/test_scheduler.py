@@ -8,11 +8,10 @@ import random
 import pytest
 
 from supernode.scheduling.policy import (
-    Bitmap, Candidate, ClientState, Decision, Limits, SourceState, assign, assign_free, cdn_copy_limit,
-    rank,
-    rescue_in,
-    starving,
-    wanted,
+    Bitmap, Candidate, ClientState, Decision, Limits, SourceState, allowance_ms, assign, assign_free,
+    cdn_copy_limit, cdn_open_to, cdn_open_to_task, claim_copies, count_cdn_uploads, failure_blacklists,
+    next_stale_s,
+    piece_allowance_ms, piece_bounds, rank, rarest_sampled, rescue_in, source_first, starving, wanted,
 )
 from supernode.store.bitmaps import decode_counts
 
@@ -298,3 +297,114 @@ def test_assign_free_walks_round_from_its_start() -> None:
     got = assign_free([A, B, C], 2, srcs, ClientState(ME), 2, LIM, missing=_mask({1, 2, 3}),
                       holdings=lambda sid: _mask({1, 2, 3}), pick=_lowest)
     assert got == [Decision(1, C), Decision(2, A)]
+
+
+# --- the shell's decisions: deadlines, stale CDN uploads, the CDN as a source, rescue ---------
+GRACE = 10_000
+ALLOW = 40_000  # every piece's allowance below: its deadline is its start + 40 s
+
+
+@pytest.mark.parametrize("length, piece_size, n, expected", [
+    (10, 4, 0, (0, 3)), (10, 4, 2, (8, 9)),  # the last piece is short
+    (-1, 4, 2, (8, 11)),  # unknown length: every piece counts as full
+])
+def test_piece_bounds(length, piece_size, n, expected) -> None:
+    assert piece_bounds(length, piece_size, n) == expected
+
+
+@pytest.mark.parametrize("length, piece_size, n, min_rate, expected", [
+    (8 << 20, 4 << 20, 0, 64 << 10, 94_000),  # 4 MiB at 64 KiB/s: 64 s, plus 30 s
+    (5 << 20, 4 << 20, 1, 64 << 10, 46_000),  # the last piece, 1 MiB: 16 s + 30 s
+    (-1, 4 << 20, 3, 1 << 20, 34_000),  # unknown length: a full piece
+    (10, 10, 0, 3, 33_333),  # rounded down
+])
+def test_allowance_is_the_bytes_at_the_minimum_rate_plus_slack(length, piece_size, n, min_rate, expected) -> None:
+    assert piece_allowance_ms(length, piece_size, n, min_rate) == expected
+    start, end = piece_bounds(length, piece_size, n)
+    assert allowance_ms(end - start + 1, min_rate) == expected
+
+
+@pytest.mark.parametrize("name, counts, sending, now, expected_counts, pending", [
+    ("nothing sent", [0, 1], [], 0, [0, 1], set()),
+    ("a young upload hides a piece nobody holds", [0, 1], [(0, 40_000)], 0, [1, 1], {0}),
+    ("...but counts only as a copy where a peer holds it", [0, 1], [(1, 40_000)], 0, [0, 2], set()),
+    ("past the grace it hides nothing", [0, 0], [(0, 40_000)], 10_001, [1, 0], set()),
+    ("just within the grace", [0, 0], [(0, 40_000)], 9_999, [1, 0], {0}),
+    ("two uploads of one piece", [0, 0], [(0, 40_000), (0, 41_000)], 0, [2, 0], {0}),
+    ("pieces past the count are ignored", [0], [(5, 40_000)], 0, [0, 0], set()),
+    ("short counts are padded", [], [(1, 40_000)], 0, [0, 1], {1}),
+])
+def test_count_cdn_uploads(name, counts, sending, now, expected_counts, pending) -> None:
+    got = count_cdn_uploads(counts, 2, sending, now, lambda n: ALLOW, GRACE)
+    assert got == (expected_counts, pending), name
+
+
+@pytest.mark.parametrize("name, sending, now, expected", [
+    ("none", [], 0, float("inf")),
+    ("stale in 10 s", [(0, 40_000)], 0, 10.0),
+    ("the soonest", [(0, 40_000), (1, 35_000)], 0, 5.0),
+    ("already stale ones do not count", [(0, 40_000), (1, 10_000)], 0, 10.0),
+    ("at least 50 ms", [(0, 30_010)], 0, 0.05),
+])
+def test_next_stale(name, sending, now, expected) -> None:
+    assert next_stale_s(sending, now, lambda n: ALLOW, GRACE) == expected, name
+
+
+@pytest.mark.parametrize("cdn, bad, expected", [("", set(), False), (CDN, {CDN}, False), (CDN, {A}, True)])
+def test_cdn_open_to_task(cdn, bad, expected) -> None:
+    assert cdn_open_to_task(cdn, bad) is expected
+
+
+@pytest.mark.parametrize("name, task_open, load, taken, blacklist, expected", [
+    ("room", True, 2, 1, (), True),
+    ("closed to the task", False, 0, 0, (), False),
+    ("at its cap with this round's", True, 2, 2, (), False),
+    ("on the client's blacklist", True, 0, 0, (CDN,), False),
+])
+def test_cdn_open_to_a_client(name, task_open, load, taken, blacklist, expected) -> None:
+    client = ClientState(ME, blacklist=frozenset(blacklist))
+    state = src(CDN, "cdn", load=load)
+    assert cdn_open_to(client, task_open, state, {CDN: taken}, Limits(cdn_uploads=4)) is expected, name
+    assert not cdn_open_to(client, task_open, None, {}, Limits())
+
+
+@pytest.mark.parametrize("count, held, inflight, expected", [
+    (100, 30, 5, True), (100, 30, 6, False), (64, 0, 0, False), (65, 0, 0, True),
+])
+def test_source_first_until_the_endgame(count, held, inflight, expected) -> None:
+    have = Bitmap(bytes([0xFF] * (held // 8)) + bytes([(0xFF00 >> (held % 8)) & 0xFF]))
+    client = ClientState(ME, have=have, inflight=frozenset(range(90, 90 + inflight)))
+    assert client.have.count() == held
+    assert source_first(count, client) is expected
+
+
+@pytest.mark.parametrize("name, first, inflight, failures, cdn_only, copies, expected", [
+    ("the limit", False, (), 0, False, 5, 2),
+    ("rescue: the first piece of a client with nothing in flight", True, (), 0, False, 5, 6),
+    ("...never below the limit", True, (), 0, False, 0, 2),
+    ("no rescue with pieces in flight", True, (7,), 0, False, 5, 2),
+    ("CDN-only clients are not limited", True, (), 0, True, 5, 0),
+    ("nor clients past the failure limit", False, (), 6, False, 5, 0),
+])
+def test_claim_copies(name, first, inflight, failures, cdn_only, copies, expected) -> None:
+    client = ClientState(ME, inflight=frozenset(inflight), failures=failures, cdn_only=cdn_only)
+    assert claim_copies(first, client, copies, 2, Limits(client_fail_limit=5)) == expected, name
+
+
+@pytest.mark.parametrize("name, held, counts, draws, expected", [
+    ("the rarest of those found", [0, 1, 0, 1, 1], [9, 3, 9, 1, 2], [0, 2, 4], 3),
+    ("found from each point on", [1, 0, 0, 1, 0], [5, 9, 9, 4, 9], [1, 1, 1], 3),
+    ("wrapping round past the last", [1, 0, 0, 0, 0], [5, 9, 9, 9, 9], [3, 4, 9], 0),
+    ("ties go to the first found", [0, 1, 0, 1, 0], [9, 2, 9, 2, 9], [2, 0, 2], 3),
+])
+def test_rarest_sampled(name, held, counts, draws, expected) -> None:
+    it = iter(draws)
+    assert rarest_sampled(bytes(held), counts, lambda bits: next(it), len(draws)) == expected, name
+
+
+@pytest.mark.parametrize("source, reason, expected", [
+    (A, "timeout", True), (A, "digest", True), (CDN, "refused", True), (CDN, "timeout", True),
+    (CDN, "digest", False), (CDN, "not_found", False),
+])
+def test_failure_blacklists_but_bad_bytes_from_the_cdn(source, reason, expected) -> None:
+    assert failure_blacklists(source, CDN, reason) is expected

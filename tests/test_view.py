@@ -10,7 +10,7 @@ from common import wire
 from common.taskid import new_id
 from supernode.store.repo import PeerInfo, Repo
 from supernode.store.connection import Store, connect
-from supernode.scheduling.view import GAP_TIMEOUT, Flags, TaskView
+from supernode.scheduling.view import GAP_TIMEOUT, ClientRec, Flags, TaskView, after_reports
 
 A, B, CDN = "a" * 32, "b" * 32, "c" * 32
 
@@ -144,3 +144,27 @@ def test_a_client_that_serves_nobody_is_never_free() -> None:
     v = TaskView("t" * 64, peer_cap=2)
     v.apply([f"P {A} pa|127.0.0.2|1|cdn", "G 0 d0", f"H {A} 0"])
     assert v.free == set()
+
+
+def _rec() -> ClientRec:
+    rec = ClientRec(A, PeerInfo("pa", "127.0.0.2", 1, "peer"))
+    rec.have.add(0)
+    rec.fly = {1: (CDN, 5000), 2: (B, 5000), 3: (B, 500)}
+    return rec
+
+
+@pytest.mark.parametrize("name, reports, have, inflight, blacklist, failures", [
+    ("no reports: what is in flight and not past its deadline", [], [0], {1, 2}, set(), 0),
+    ("a piece done", [wire.Report(1, "ok", CDN)], [0, 1], {2}, set(), 0),
+    ("a piece done that was not assigned: nothing", [wire.Report(5, "ok", CDN)], [0], {1, 2}, set(), 0),
+    ("a piece held", [wire.Report(5, "have")], [0, 5], {1, 2}, set(), 0),
+    ("a peer failed", [wire.Report(2, "failed", B, "timeout")], [0], {1}, {B}, 1),
+    ("bad bytes from the CDN: not blacklisted", [wire.Report(1, "failed", CDN, "digest")], [0], {2}, set(), 0),
+    ("the CDN refused", [wire.Report(1, "failed", CDN, "refused")], [0], {2}, {CDN}, 1),
+])
+def test_a_client_after_its_reports(name, reports, have, inflight, blacklist, failures) -> None:
+    rec = _rec()
+    c = after_reports(rec, reports, CDN, 1000)
+    assert c.have.members(8) == have and c.inflight == inflight, name
+    assert c.blacklist == blacklist and c.failures == failures and not c.cdn_only, name
+    assert rec.have.members(8) == [0] and rec.bl == set()  # the view itself is unchanged

@@ -1,9 +1,9 @@
 """The CDN: fetch each task's file from its origin once, cluster-wide, into the piece
 cache, hashing every piece on the way and publishing it the moment it is on disk.
 
-Exactly-once: a fetch runs only while its supernode holds the task's lease in Redis
-(SET NX PX, renewed every third of its TTL). If that supernode dies the lease expires
-and the next supernode that sees the task unfinished takes the fetch over.
+`Cdn.ensure` starts a fetch where a task needs one and this supernode holds its lease
+(exactly-once: lease.py); a fetch rides out short store outages and records its failure
+in the task. The bytes go through the piece pipe (pipe.py).
 Resumption: the sidecar records verified pieces and the origin's validators; a
 restarted fetch asks for the rest with Range + If-Range, and re-verifies every piece it
 recomputes against digests already published, so two versions are never spliced.
@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
 
-from common import digest, errors
+from common import errors
 from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
-from common.ranges import RangeSyntaxError, parse_content_range
 from common.taskid import is_content_identifier, redact_url
 from supernode.store import keys
 from supernode.store.repo import Repo, TaskMeta, now_ms
@@ -34,13 +32,15 @@ from supernode.tasks import TaskOwner, cancel_and_wait
 
 from . import takeover
 from .cache import CacheEntry, PieceCache
+from .lease import Leases
 from .origin import OriginClient, validators
+from .pipe import BATCH, PiecePipe, sha256_file
 from .repair import CacheRepair
+from .resume import NoResume, check_resume, trusted_prefix, verify_file
 from .throttle import Throttle
 
 log = logging.getLogger("supernode.cdn")
 T = TypeVar("T")
-BATCH = 1 << 20  # bytes of a piece handed to the hashing/writing thread at once
 
 
 @dataclass(frozen=True)
@@ -63,35 +63,10 @@ def file_digest(digests: dict[int, str], count: int) -> str:
     return h.hexdigest()
 
 
-def _write_and_hash(fd: int, hasher: Any, offset: int, chunks: list[bytes]) -> None:
-    """One batch of a piece, as the chunks it arrived in: hashed and written unjoined."""
-    for c in chunks:
-        hasher.update(c)
-    total = sum(len(c) for c in chunks)
-    n = os.pwritev(fd, chunks, offset)
-    if n < total:
-        os.pwrite(fd, b"".join(chunks)[n:], offset + n)
-
-
-def _sha256_file(path: os.PathLike[str] | str, length: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = length
-        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
-
-
-def _hash_range(fd: int, offset: int, size: int) -> str:
-    return digest.of(os.pread(fd, size, offset))
-
-
-class _NoResume(Exception):
-    """The origin would not continue the same version with a Range."""
-
-
 class Cdn:
+    """This supernode's CDN: the fetches running here (`running`), the leases it holds
+    or watches (`leases`), the repair of bad cached pieces and the takeover's peer copier."""
+
     def __init__(
         self, repo: Repo, origin: OriginClient, cache: PieceCache, sn_id: str,
         throttle: Throttle, settings: CdnSettings = CdnSettings(),
@@ -103,8 +78,7 @@ class Cdn:
         self.throttle = throttle
         self.settings = settings
         self.running = TaskOwner(log)  # task id -> its fetch
-        self._watchers = TaskOwner(log)  # task id -> the watcher of its lease or seed
-        self._seed_checked: dict[str, float] = {}
+        self.leases = Leases(repo, cache, sn_id, settings.lease_ttl_ms, self.running, self._start)
         self._slots = asyncio.Semaphore(settings.max_fetches)
         self.bytes_fetched = 0
         self.repair = CacheRepair(self)
@@ -132,77 +106,29 @@ class Cdn:
         tid = meta.task_id
         if meta.status == "failed" or tid in self.running:
             return
-        if meta.status == "success" and not await self._seed_gone(meta):
-            if meta.cdn and meta.cdn != self.sn_id and len(self._watchers) < 1000:
-                self._watch(tid, lambda: self._watch_seed(tid, meta.cdn))
+        if meta.status == "success" and not await self.leases.seed_gone(meta):
+            if meta.cdn and meta.cdn != self.sn_id and len(self.leases.watchers) < 1000:
+                self.leases.watch(tid, lambda: self.leases.watch_seed(tid, meta.cdn))
             return
         if not await self.repo.take_lease(tid, self.sn_id, self.settings.lease_ttl_ms):
             # Our own lease from before a restart (same home, same id) is ours to resume.
             if await self.repo.lease_holder(tid) != self.sn_id:
-                self._watch(tid, lambda: self._watch_lease(tid))
+                self.leases.watch(tid, lambda: self.leases.watch_lease(tid))
                 return
         self._start(tid)
-
-    async def _seed_gone(self, meta: TaskMeta, *, fresh: bool = False) -> bool:
-        """A finished task whose CDN copy is on no live supernode: its supernode's liveness
-        record expired (it died), or it is us without the file (an emptied cache). At
-        most one Redis look-up per task a second."""
-        now = time.monotonic()
-        if not fresh and now - self._seed_checked.get(meta.task_id, -10.0) < 1.0:
-            return False
-        if len(self._seed_checked) > 10_000:
-            self._seed_checked.clear()
-        self._seed_checked[meta.task_id] = now
-        if meta.cdn == self.sn_id:
-            return meta.task_id not in self.cache.entries
-        return not meta.cdn or await self.repo.supernode_address(meta.cdn) is None
 
     def _start(self, task_id: str) -> None:
         if task_id in self.running:
             return  # another registration in this process started it while we awaited
         self.running.start(task_id, self._run(task_id), name=f"cdn-{task_id[:12]}")
 
-    def _watch(self, task_id: str, watcher: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        if task_id not in self._watchers:
-            self._watchers.start(task_id, watcher(), name=f"watch-{task_id[:12]}")
-
-    async def _watch_seed(self, task_id: str, cdn: str) -> None:
-        """One look when the seed's liveness record would expire: if it did (the seed
-        died) and the finished task still names it, seed the task here. One-shot: the
-        next idle pull arms it again."""
-        with contextlib.suppress(errors.StoreError):
-            left = await self.repo.supernode_ttl_ms(cdn)
-            await asyncio.sleep(min(max(left, 0), 300_000) / 1000 + 0.05)
-            meta = await self.repo.get_meta(task_id)
-            if (meta is not None and meta.status == "success" and meta.cdn == cdn
-                    and task_id not in self.running and await self._seed_gone(meta, fresh=True)
-                    and await self.repo.take_lease(task_id, self.sn_id, self.settings.lease_ttl_ms)):
-                self._start(task_id)
-
-    async def _watch_lease(self, task_id: str) -> None:
-        """Sleep until the holder's lease would expire, then try to take it; ends when
-        the task is finished, failed, gone or fetched here."""
-        while True:
-            try:
-                left = await self.repo.lease_ttl_ms(task_id)
-                await asyncio.sleep(max(left, 0) / 1000 + 0.05)
-                meta = await self.repo.get_meta(task_id)
-                if meta is None or meta.status in ("success", "failed") or task_id in self.running:
-                    return
-                if await self.repo.take_lease(task_id, self.sn_id, self.settings.lease_ttl_ms):
-                    log.info("task %s: the fetch's lease expired; taking it over", task_id[:12])
-                    self._start(task_id)
-                    return
-            except errors.StoreError:
-                await asyncio.sleep(1.0)  # Redis blip: try again, the task is still unfinished
-
     async def close(self) -> None:
         await self.repair.close()
-        await self._watchers.close()  # first: a watcher may start a fetch
+        await self.leases.close()  # first: a watcher may start a fetch
         await self.running.close()
 
     async def _run(self, task_id: str) -> None:
-        keeper = asyncio.create_task(self._keep_lease(task_id, asyncio.current_task()))
+        keeper = asyncio.create_task(self.leases.keep(task_id, asyncio.current_task()))
         try:
             async with self._slots:
                 await self._patiently(f"task {task_id[:12]}: fetch", lambda: self._fetch_current(task_id))
@@ -241,7 +167,7 @@ class Cdn:
         it resumes from the cache: Range for a partial file, revalidation for a whole one)."""
         meta = await self.repo.get_meta(task_id)
         if meta is None or meta.status == "failed" or (
-                meta.status == "success" and not await self._seed_gone(meta, fresh=True)):
+                meta.status == "success" and not await self.leases.seed_gone(meta, fresh=True)):
             return
         if meta.status == "success":
             log.warning("task %s: its CDN copy is gone (supernode %s); seeding it here",
@@ -272,23 +198,6 @@ class Cdn:
                             errors.CdnStorageError)):
             self.cache.remove(task_id)  # (a partial file on a full disk only blocks others)
 
-    async def _keep_lease(self, task_id: str, owner: asyncio.Task[Any] | None) -> None:
-        period = self.settings.lease_ttl_ms / 3000
-        while True:
-            await asyncio.sleep(period)
-            try:
-                ttl = self.settings.lease_ttl_ms
-                # a renewal that came late (a stalled loop, a Redis blip longer than the
-                # TTL) may take back a lease nobody else took: no one else is fetching
-                ok = (await self.repo.keep_lease(task_id, self.sn_id, ttl)
-                      or await self.repo.take_lease(task_id, self.sn_id, ttl))
-            except errors.StoreError:
-                continue  # Redis blip: keep fetching; the next renewal decides
-            if not ok and owner is not None:
-                log.warning("task %s: lease lost, stopping the fetch", task_id[:12])
-                owner.cancel()
-                return
-
     # --- the fetch ------------------------------------------------------------------
     async def _fetch(self, meta: TaskMeta) -> None:
         tid = meta.task_id
@@ -304,16 +213,16 @@ class Cdn:
                 return
         if published and not meta.range:
             partial = entry if entry is not None and not entry.complete else None
-            if await self._take_over(meta, partial, published):
+            if await takeover.take_over(self, meta, partial, published):
                 return
         if entry is not None and (entry.etag or entry.last_modified) and not entry.complete:
-            start = await asyncio.to_thread(self._trusted_prefix, entry)
+            start = await asyncio.to_thread(trusted_prefix, self.cache.data_path(entry.task_id), entry)
         attempt = 0
         while True:
             resp = await self._open(meta, entry, headers, start)
             try:
                 if resp.status == 206 and not meta.range and start > 0:
-                    entry = self._check_resume(resp, entry, start)
+                    entry = check_resume(resp, entry, start)
                 else:
                     start = 0
                     entry = self._new_entry(meta, resp)
@@ -371,20 +280,6 @@ class Cdn:
         entry.etag, entry.last_modified = validators(resp)
         return entry
 
-    def _check_resume(self, resp: Any, entry: CacheEntry | None, start: int) -> CacheEntry:
-        assert entry is not None
-        try:
-            a, _b, total = parse_content_range(resp.headers.get("Content-Range", ""))
-        except RangeSyntaxError as exc:
-            raise errors.OriginChanged(f"origin sent a bad Content-Range on resume: {exc}") from None
-        etag, _lm = validators(resp)
-        if a != start * entry.piece_size or (total is not None and total != entry.length) or (
-            entry.etag and etag and etag != entry.etag
-        ):
-            raise errors.OriginChanged("origin content changed while resuming")
-        log.info("task %s: resuming at piece %d", entry.task_id[:12], start)
-        return entry
-
     async def _announce(self, meta: TaskMeta, entry: CacheEntry) -> None:
         if meta.length >= 0 and entry.length >= 0 and meta.length != entry.length:
             raise errors.OriginChanged(f"origin length changed from {meta.length} to {entry.length}")
@@ -414,48 +309,16 @@ class Cdn:
         if status != 304:
             return False
         count = piece_count(entry.length, entry.piece_size)
-        ok = await asyncio.to_thread(self._verify_file, entry, count)
+        ok = await asyncio.to_thread(verify_file, self.cache.data_path(entry.task_id), entry, count)
         if not ok or any(published.get(n, d) != d for n, d in entry.digests.items()):
             log.warning("task %s: cached file failed re-verification; refetching", meta.task_id[:12])
             self.cache.remove(meta.task_id)
             return False
         self.cache.adopt(entry)
         await self._announce(meta, entry)
-        await self._finish(meta, entry, count)
+        await self.finish_fetch(meta, entry, count)
         log.info("task %s: reused cached file after revalidation", meta.task_id[:12])
         return True
-
-    def _trusted_prefix(self, entry: CacheEntry) -> int:
-        """Re-hash the recorded prefix of a partial file; keep only what still matches
-        (the sidecar may be ahead of what reached the disk before a crash)."""
-        n = entry.verified_prefix()
-        try:
-            fd = os.open(self.cache.data_path(entry.task_id), os.O_RDONLY)
-        except OSError:
-            entry.digests.clear()
-            return 0
-        try:
-            good = 0
-            while good < n and _hash_range(fd, good * entry.piece_size, entry.piece_size) == entry.digests[good]:
-                good += 1
-        finally:
-            os.close(fd)
-        entry.digests = {k: v for k, v in entry.digests.items() if k < good}
-        return good
-
-    def _verify_file(self, entry: CacheEntry, count: int) -> bool:
-        try:
-            fd = os.open(self.cache.data_path(entry.task_id), os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            for n in range(count):
-                size = min(entry.piece_size, entry.length - n * entry.piece_size)
-                if entry.digests.get(n) != _hash_range(fd, n * entry.piece_size, size):
-                    return False
-            return True
-        finally:
-            os.close(fd)
 
     async def _stream(self, meta: TaskMeta, entry: CacheEntry, resp: Any, start: int,
                       published: dict[int, str], *, stop: int | None = None, finish: bool = True) -> None:
@@ -464,11 +327,11 @@ class Cdn:
         end = entry.length if stop is None else min(stop * ps, entry.length)
         path = self.cache.data_path(meta.task_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        pipe: _PiecePipe | None = None
+        pipe: PiecePipe | None = None
         try:
             if entry.length >= 0:
                 os.ftruncate(fd, entry.length)
-            pipe = _PiecePipe(self, meta.task_id, entry, fd, published)
+            pipe = PiecePipe(self.repo, self.sn_id, self.cache, self._patiently, meta.task_id, entry, fd, published)
             # Chunks go on as aiohttp received them (no joining), in batches of about
             # BATCH bytes, each hashed and written in a worker while the next arrives:
             # a bytearray grown, sliced and shifted per piece cost three copies of every
@@ -525,72 +388,10 @@ class Cdn:
                 await pipe.settle()  # never close the fd under a write
             os.close(fd)
         if finish:
-            await self._finish(meta, entry, piece_count(entry.length, ps))
+            await self.finish_fetch(meta, entry, piece_count(entry.length, ps))
 
-    # --- taking over a fetch another supernode left unfinished --------------------------
-    async def _take_over(self, meta: TaskMeta, entry: CacheEntry | None, published: dict[int, str]) -> bool:
-        """Finish a fetch whose pieces were partly published by someone else (a dead
-        supernode, or this one before a restart): pieces already here stay, pieces live
-        peers hold are copied from them (checked against the published digest), and only
-        the rest comes from the origin, as Range + If-Range runs. False when that cannot
-        be done safely (no validator, unknown length) or is not needed (everything
-        published is here): the caller then fetches as usual."""
-        tid, length, ps = meta.task_id, meta.length, meta.piece_size
-        if length <= 0 or ps <= 0:
-            return False
-        etag, lm = await self.repo.origin_validators(tid)
-        same = entry is not None and (entry.length, entry.piece_size) == (length, ps) and (
-            not (etag or lm) or (entry.etag, entry.last_modified) == (etag, lm))
-        if same and entry is not None and not (etag or lm):
-            etag, lm = entry.etag, entry.last_modified
-        if not (etag or lm):
-            return False  # a Range without If-Range could splice two versions of the file
-        if same and entry is not None and set(published) <= set(entry.digests):
-            return False  # our own partial copy has it all: a plain resume
-        path = self.cache.data_path(tid)
-        have = await asyncio.to_thread(takeover.trusted_pieces, path, entry, published) if same and entry else {}
-        if not same:
-            self.cache.remove(tid)
-            entry = self.cache.create(tid)
-            entry.length, entry.piece_size, entry.etag, entry.last_modified = length, ps, etag, lm
-        assert entry is not None
-        entry.digests, entry.complete = have, False
-        await asyncio.to_thread(takeover.allocate, path, length)
-        self.cache.adopt(entry)
-        if not await self.repo.adopt_cdn(tid, self.sn_id, sorted(have.items())):
-            return True  # finished, failed or deleted meanwhile: nothing left to fetch
-        count = piece_count(length, ps)
-        missing = [n for n in range(count) if n not in have]
-        sources = await self.copier.sources(tid, [n for n in missing if n in published])
-        direct = [n for n in missing if n not in sources]
-        log.info("task %s: taking over the fetch: %d pieces here, %d to copy from peers, %d from the origin",
-                 tid[:12], len(have), len(sources), len(direct))
-        peers0, origin0 = self.copier.bytes_copied, self.bytes_fetched
-        assert self.origin.session is not None
-        copier = asyncio.create_task(self.copier.copy(self.origin.session, tid, entry, path, sources,
-                                                      published, self.sn_id))
-        try:
-            for a, b in takeover.runs(direct):
-                await self._fetch_run(meta, entry, a, b, published)
-            left = await copier
-            for a, b in takeover.runs(left):
-                await self._fetch_run(meta, entry, a, b, published)
-        except _NoResume as exc:
-            log.warning("task %s: %s; fetching the whole file again", tid[:12], exc)
-            with contextlib.suppress(errors.StoreError):
-                await self.repo.adopt_cdn(tid, self.sn_id, [])
-            return False
-        finally:
-            await cancel_and_wait(copier)
-        if len(entry.digests) < count:
-            raise errors.TaskFailed("internal error: pieces missing after a takeover")
-        await self._finish(meta, entry, count)
-        log.info("task %s: takeover done: %d bytes copied from peers, %d fetched from the origin",
-                 tid[:12], self.copier.bytes_copied - peers0, self.bytes_fetched - origin0)
-        return True
-
-    async def _fetch_run(self, meta: TaskMeta, entry: CacheEntry, a: int, b: int,
-                         published: dict[int, str]) -> None:
+    async def fetch_run(self, meta: TaskMeta, entry: CacheEntry, a: int, b: int,
+                        published: dict[int, str]) -> None:
         """Pieces [a, b) from the origin with Range + If-Range; a broken transfer resumes
         inside the run."""
         ps, attempt = entry.piece_size, 0
@@ -604,8 +405,8 @@ class Cdn:
             resp = await self.origin.open(meta.url, h)
             try:
                 if resp.status != 206:
-                    raise _NoResume(f"origin answered {resp.status} to a resuming Range")
-                self._check_resume(resp, entry, first)  # the body's length is checked as it streams
+                    raise NoResume(f"origin answered {resp.status} to a resuming Range")
+                check_resume(resp, entry, first)  # the body's length is checked as it streams
                 await self._stream(meta, entry, resp, first, published, stop=b, finish=False)
                 return
             except (TimeoutError, aiohttp.ClientError, errors.OriginShortBody, errors.OriginUnavailable) as exc:
@@ -616,12 +417,14 @@ class Cdn:
             finally:
                 resp.release()
 
-    async def _finish(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
+    async def finish_fetch(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
+        """The whole file is here: check it against a content identifier, mark the cache
+        entry complete and record success with every digest (store outages ridden out)."""
         if is_content_identifier(meta.identifier):
             # The task is named by the digest of its bytes (a registry blob): a URL that
             # served other bytes must not poison the task for every URL sharing the digest.
             want = meta.identifier.split(":", 1)[1]
-            got = await asyncio.to_thread(_sha256_file, self.cache.data_path(meta.task_id), entry.length)
+            got = await asyncio.to_thread(sha256_file, self.cache.data_path(meta.task_id), entry.length)
             if got != want:
                 self.cache.remove(meta.task_id)
                 raise errors.ContentDigestMismatch(
@@ -635,67 +438,3 @@ class Cdn:
             meta.task_id, self.sn_id, fields, sorted(entry.digests.items())))
         log.info("task %s: CDN has %s (%d bytes, %d pieces)", meta.task_id[:12],
                  redact_url(meta.url), entry.length, count)
-
-
-class _PiecePipe:
-    """Hash + write a piece batch by batch in a worker thread while the loop reads on (one
-    batch in the thread at a time, so a piece's hasher sees its bytes in order); publish
-    each piece as it ends."""
-
-    def __init__(self, cdn: Cdn, task_id: str, entry: CacheEntry, fd: int, published: dict[int, str]) -> None:
-        self.cdn, self.task_id, self.entry, self.fd, self.published = cdn, task_id, entry, fd, published
-        self.pending: asyncio.Future[None] | None = None
-        self.piece = -1
-        self.hasher: Any = None
-        self.last_save = time.monotonic()
-        self.unpublished: list[tuple[int, str]] = []
-
-    async def add(self, piece: int, offset: int, chunks: list[bytes]) -> None:
-        await self._wait()
-        if piece != self.piece:
-            self.piece, self.hasher = piece, digest.new()
-        loop = asyncio.get_running_loop()
-        self.pending = loop.run_in_executor(None, _write_and_hash, self.fd, self.hasher, offset, chunks)
-
-    async def _wait(self) -> None:
-        if self.pending is not None:
-            p, self.pending = self.pending, None
-            await p
-
-    async def flush(self) -> None:
-        """Publish what a store outage held back (bounded wait, then StoreError)."""
-        if self.unpublished:
-            pieces = self.unpublished
-            await self.cdn._patiently(f"task {self.task_id[:12]}: publishing pieces",
-                                      lambda: self.cdn.repo.publish_pieces(self.task_id, self.cdn.sn_id, pieces))
-            self.unpublished = []
-
-    async def settle(self) -> None:
-        """Wait for the batch in the thread, whatever its outcome (error paths)."""
-        if self.pending is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.pending)
-            self.pending = None
-
-    async def end_piece(self, n: int) -> None:
-        await self._wait()
-        assert n == self.piece and self.hasher is not None
-        d = str(self.hasher.hexdigest())
-        self.piece, self.hasher = -1, None
-        old = self.published.get(n)
-        if old is not None and old != d:
-            raise errors.OriginChanged(f"piece {n} differs from the version already distributed")
-        self.entry.digests[n] = d
-        self.unpublished.append((n, d))
-        try:
-            await self.cdn.repo.publish_pieces(self.task_id, self.cdn.sn_id, self.unpublished)
-            self.unpublished = []
-        except errors.StoreError as exc:
-            # keep fetching through a store outage; these go out with the next piece
-            log.info("task %s: cannot publish %d pieces yet: %s", self.task_id[:12],
-                     len(self.unpublished), exc.message)
-        if time.monotonic() - self.last_save > 1.0:
-            self.last_save = time.monotonic()
-            # a copy: a takeover's peer copier adds digests on the loop meanwhile
-            snap = dataclasses.replace(self.entry, digests=dict(self.entry.digests))
-            await asyncio.to_thread(self.cdn.cache.save, snap)

@@ -1,26 +1,35 @@
 """What a supernode taking over another one's fetch (or re-seeding a task whose CDN died)
 needs besides the origin: which live peers hold the published pieces, copying pieces
 from them (each checked against its published digest), the pieces of its own partial
-file it can still trust, and the origin runs left to fetch. docs/ha.md tells the story.
+file it can still trust, and the origin runs left to fetch; and the takeover itself
+(`take_over`). docs/ha.md tells the story.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
-from common import digest
+from common import digest, errors
 from common.hostport import hostport
 from common.netpolicy import AddressPolicy
-from common.pieces import piece_range
+from common.pieces import piece_count, piece_range
 from common.tokens import CLIENT_HEADER, TOKEN_HEADER, Signer
-from supernode.store.repo import PeerInfo, Repo
+from supernode.store.repo import PeerInfo, Repo, TaskMeta
+from supernode.tasks import cancel_and_wait
 
-from .cache import CacheEntry, write_at
+from .cache import CacheEntry, PieceCache, write_at
+from .origin import OriginClient
+from .resume import NoResume
+
+log = logging.getLogger("supernode.cdn")
 
 SAMPLE = 8  # holders asked about per piece
 COPIES = 2  # pieces copied from peers at once
@@ -137,3 +146,82 @@ class PeerCopier:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
         return data if len(data) == size else None
+
+
+class Host(Protocol):
+    """What a takeover uses of the CDN (fetch.Cdn): its store, cache, peer copier and
+    origin client, and two steps of its fetch."""
+
+    repo: Repo
+    cache: PieceCache
+    copier: PeerCopier
+    origin: OriginClient
+    sn_id: str
+    bytes_fetched: int
+
+    async def fetch_run(self, meta: TaskMeta, entry: CacheEntry, a: int, b: int,
+                        published: dict[int, str]) -> None: ...
+
+    async def finish_fetch(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None: ...
+
+
+async def take_over(cdn: Host, meta: TaskMeta, entry: CacheEntry | None, published: dict[int, str]) -> bool:
+    """Finish a fetch whose pieces were partly published by someone else (a dead
+    supernode, or this one before a restart): pieces already here stay, pieces live
+    peers hold are copied from them (checked against the published digest), and only
+    the rest comes from the origin, as Range + If-Range runs. False when that cannot
+    be done safely (no validator, unknown length) or is not needed (everything
+    published is here): the caller then fetches as usual."""
+    tid, length, ps = meta.task_id, meta.length, meta.piece_size
+    if length <= 0 or ps <= 0:
+        return False
+    etag, lm = await cdn.repo.origin_validators(tid)
+    same = entry is not None and (entry.length, entry.piece_size) == (length, ps) and (
+        not (etag or lm) or (entry.etag, entry.last_modified) == (etag, lm))
+    if same and entry is not None and not (etag or lm):
+        etag, lm = entry.etag, entry.last_modified
+    if not (etag or lm):
+        return False  # a Range without If-Range could splice two versions of the file
+    if same and entry is not None and set(published) <= set(entry.digests):
+        return False  # our own partial copy has it all: a plain resume
+    path = cdn.cache.data_path(tid)
+    have = await asyncio.to_thread(trusted_pieces, path, entry, published) if same and entry else {}
+    if not same:
+        cdn.cache.remove(tid)
+        entry = cdn.cache.create(tid)
+        entry.length, entry.piece_size, entry.etag, entry.last_modified = length, ps, etag, lm
+    assert entry is not None
+    entry.digests, entry.complete = have, False
+    await asyncio.to_thread(allocate, path, length)
+    cdn.cache.adopt(entry)
+    if not await cdn.repo.adopt_cdn(tid, cdn.sn_id, sorted(have.items())):
+        return True  # finished, failed or deleted meanwhile: nothing left to fetch
+    count = piece_count(length, ps)
+    missing = [n for n in range(count) if n not in have]
+    sources = await cdn.copier.sources(tid, [n for n in missing if n in published])
+    direct = [n for n in missing if n not in sources]
+    log.info("task %s: taking over the fetch: %d pieces here, %d to copy from peers, %d from the origin",
+             tid[:12], len(have), len(sources), len(direct))
+    peers0, origin0 = cdn.copier.bytes_copied, cdn.bytes_fetched
+    assert cdn.origin.session is not None
+    copier = asyncio.create_task(cdn.copier.copy(cdn.origin.session, tid, entry, path, sources,
+                                                 published, cdn.sn_id))
+    try:
+        for a, b in runs(direct):
+            await cdn.fetch_run(meta, entry, a, b, published)
+        left = await copier
+        for a, b in runs(left):
+            await cdn.fetch_run(meta, entry, a, b, published)
+    except NoResume as exc:
+        log.warning("task %s: %s; fetching the whole file again", tid[:12], exc)
+        with contextlib.suppress(errors.StoreError):
+            await cdn.repo.adopt_cdn(tid, cdn.sn_id, [])
+        return False
+    finally:
+        await cancel_and_wait(copier)
+    if len(entry.digests) < count:
+        raise errors.TaskFailed("internal error: pieces missing after a takeover")
+    await cdn.finish_fetch(meta, entry, count)
+    log.info("task %s: takeover done: %d bytes copied from peers, %d fetched from the origin",
+             tid[:12], cdn.copier.bytes_copied - peers0, cdn.bytes_fetched - origin0)
+    return True

@@ -34,27 +34,29 @@ from .policy import (
     Limits,
     RarityOrder,
     SourceState,
+    allowance_ms,
     assign,
     assign_free,
     cdn_copy_limit,
+    cdn_open_to,
+    cdn_open_to_task,
+    claim_copies,
+    count_cdn_uploads,
+    next_stale_s,
+    piece_allowance_ms,
+    piece_bounds,
     rank_ordered,
+    rarest_sampled,
     rescue_in,
-    starving,
+    source_first,
     wanted,
 )
-from .view import HOLDER_SCAN, SOURCE_KINDS, ClientRec, Flags, TaskView
+from .view import HOLDER_SCAN, SOURCE_KINDS, ClientRec, TaskView, after_reports
 from .views import Views
 
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
 HOLDER_SAMPLE = 4  # holders looked at per candidate piece (the least loaded of a few random ones)
 WIDE_WINDOW = 64  # candidates ranked when the narrow window (4 per wanted piece) is not enough
-# Source first: a client missing more than ENDGAME pieces is given, from each of a few
-# free sources, the rarest piece that source has and it lacks. Rarest first over the
-# whole task sends every client to the same few holders of the rarest pieces, which are
-# then always busy: in a closed loop of 2,000 clients 80 % of piece-first decisions found
-# nothing while 1,700 sources had a free slot. Near its end a client looks at its few
-# missing pieces' free holders instead (piece first).
-ENDGAME = 64
 PICK_SAMPLE = 6  # pieces a source could send that the rarest is picked from
 MAX_ROUND = 128  # pulls decided and claimed together at most
 MAX_GRANTS = 8  # assignments per piece token (common/tokens.py)
@@ -257,7 +259,7 @@ class Dispatcher:
                 if not ask.fut.done():
                     ask.fut.set_exception(errors.NotFound("unknown client for this task"))
                 continue
-            client = _after_reports(rec, ask.reports, meta.cdn, now, self.limits)
+            client = after_reports(rec, ask.reports, meta.cdn, now)
             done = client.have.count()
             state = None
             if meta.status == "failed":
@@ -314,7 +316,7 @@ class Dispatcher:
             if kind != "cdn" and addr is None:
                 continue  # not a client even when decided (cannot happen: decisions name clients)
             src = await self._source(sid, kind, addr)
-            start, end = self._range(meta.length, meta.piece_size, piece)
+            start, end = piece_bounds(meta.length, meta.piece_size, piece)
             # bound to the server that will check it: a peer server knows its peer id, a
             # seed its supernode id
             at = addr.peer_id if src.kind == "peer" and addr is not None else sid
@@ -340,21 +342,10 @@ class Dispatcher:
         if meta.piece_size <= 0:
             return rnd
         view.expire(now)  # sources whose uploads ran out are free again
-        counts = view.counts[:count]
-        counts.extend([0] * (count - len(counts)))
         sending = view.sending(meta.cdn, now) if meta.cdn else []
-        for n, until in sending:
-            # a piece the CDN is sending now will have a peer holder in a moment: count it
-            # as a copy, so the seed sends distinct pieces instead of one piece twice
-            if n < count:
-                # ...but an upload running for over PENDING_GRACE is likely to a client
-                # that died (it never reports; its slot lasts to the deadline): it must not
-                # hide the piece from everyone else until then
-                if counts[n] == 0 and until - now > self._allowance_ms(meta, n) - PENDING_GRACE_MS:
-                    rnd.pending_only.add(n)
-                counts[n] += 1
-        rnd.counts = counts
-        rnd.cdn_open = bool(meta.cdn) and meta.cdn not in view.bad and await self._reachable(meta.cdn)
+        rnd.counts, rnd.pending_only = count_cdn_uploads(
+            view.counts, count, sending, now, self._allowance(meta), PENDING_GRACE_MS)
+        rnd.cdn_open = cdn_open_to_task(meta.cdn, view.bad) and await self._reachable(meta.cdn)
         if meta.cdn:
             rnd.sources[meta.cdn] = SourceState(meta.cdn, "cdn", len(sending), view.fails.get(meta.cdn, 0),
                                                 bad=meta.cdn in view.bad)
@@ -375,12 +366,12 @@ class Dispatcher:
             return [], []
         counts = rnd.counts
         cdn = meta.cdn
-        cdn_open = rnd.cdn_open and cdn not in client.blacklist and (
-            rnd.sources[cdn].load + rnd.taken.get(cdn, 0) < self.limits.cdn_uploads)
+        cdn_open = cdn_open_to(client, rnd.cdn_open, rnd.sources.get(cdn) if rnd.cdn_open else None,
+                               rnd.taken, self.limits)
         if not view.free and not cdn_open:
             return [], []  # every source is busy: nothing to look at
         chosen = []
-        if rnd.free is not None and rnd.count - client.have.count() - len(client.inflight) > ENDGAME:
+        if rnd.free is not None and source_first(rnd.count, client):
             chosen = self._from_free(rnd, client, want)
             if len(chosen) >= want or not cdn_open:
                 return self._items(rnd, client, chosen)
@@ -417,17 +408,7 @@ class Dispatcher:
         rand = rng.getrandbits
 
         def pick(common: int) -> int:
-            # the rarest of a few of the pieces in `common`, found from random points on
-            # (C-speed searches; listing all of them cost more than the rest of a pull)
-            held = common.to_bytes(count, "little")
-            best, fewest = -1, 1 << 30
-            for _ in range(PICK_SAMPLE):
-                n = held.find(1, rand(32) % count)
-                if n < 0:
-                    n = held.find(1)
-                if counts[n] < fewest:
-                    best, fewest = n, counts[n]
-            return best
+            return rarest_sampled(common.to_bytes(count, "little"), counts, rand, PICK_SAMPLE)
 
         return assign_free(rnd.free, rng.randrange(len(rnd.free) or 1), rnd.sources, client, want, self.limits,
                            missing=missing, holdings=rnd.holdings, pick=pick, taken=rnd.taken)
@@ -437,19 +418,13 @@ class Dispatcher:
     ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str, int, int]]]:
         meta, counts = rnd.meta, rnd.counts
         decisions, items = [], []
-        cdn_only = client.cdn_only or client.failures > self.limits.client_fail_limit
         now = rnd.now
         for i, d in enumerate(chosen):
             start, end = piece_range(d.piece, max(rnd.length, (d.piece + 1) * meta.piece_size), meta.piece_size)
-            deadline = now + int(((end - start + 1) / self.min_rate + 30) * 1000)
-            # The claim re-checks super-seeding atomically (another supernode deciding
-            # from its own view must not seed the same piece). The starving client's one
-            # rescue piece (see policy.assign) may exceed the limit, but only by the
-            # copy it adds to what this round saw; CDN-only clients are not limited.
-            max_copies = rnd.copy_limit
-            if i == 0 and not client.inflight and (starving(client, self.limits)
-                                                   or self._dead_end(rnd, client)(d.piece)):
-                max_copies = max(max_copies, counts[d.piece] + 1)
+            deadline = now + allowance_ms(end - start + 1, self.min_rate)
+            max_copies = claim_copies(i == 0, client, counts[d.piece], rnd.copy_limit, self.limits,
+                                      dead_end=i == 0 and not client.inflight
+                                      and self._dead_end(rnd, client)(d.piece))
             kind = rnd.sources[d.source].kind
             rnd.taken[d.source] = rnd.taken.get(d.source, 0) + 1
             if kind == "cdn":
@@ -463,7 +438,7 @@ class Dispatcher:
                 peer = rnd.view.clients.get(d.source)
                 if peer is not None and peer.info is not None:
                     rnd.addrs[d.source] = peer.info
-            items.append((d.piece, d.source, kind, deadline, 0 if cdn_only else max_copies))
+            items.append((d.piece, d.source, kind, deadline, max_copies))
         return decisions, items
 
     def _next_stale(self, view: TaskView, meta: TaskMeta) -> float:
@@ -471,9 +446,7 @@ class Dispatcher:
         now = now_ms()
         if meta.piece_size <= 0 or not meta.cdn:
             return float("inf")
-        left = [until - self._allowance_ms(meta, n) + PENDING_GRACE_MS - now
-                for n, until in view.sending(meta.cdn, now)]
-        return max(0.05, min((ms for ms in left if ms > 0), default=float("inf")) / 1000)
+        return next_stale_s(view.sending(meta.cdn, now), now, self._allowance(meta), PENDING_GRACE_MS)
 
     def _dead_end(self, rnd: _Round, client: ClientState) -> Callable[[int], bool]:
         """Whether no copy of a piece can reach this client but from the seed: the seed
@@ -500,18 +473,11 @@ class Dispatcher:
         rec = view.clients.get(cid)
         if rec is None:
             return float("inf")
-        return max(0.05, rescue_in(_after_reports(rec, [], meta.cdn, now_ms(), self.limits), self.limits))
+        return max(0.05, rescue_in(after_reports(rec, [], meta.cdn, now_ms()), self.limits))
 
-    def _allowance_ms(self, meta: TaskMeta, n: int) -> int:
-        """An assignment's deadline is its start plus this (as claimed in _decide)."""
-        start, end = self._range(meta.length, meta.piece_size, n)
-        return int(((end - start + 1) / self.min_rate + 30) * 1000)
-
-    @staticmethod
-    def _range(length: int, piece_size: int, n: int) -> tuple[int, int]:
-        if length >= 0:
-            return piece_range(n, length, piece_size)
-        return n * piece_size, (n + 1) * piece_size - 1  # every piece but the last is full
+    def _allowance(self, meta: TaskMeta) -> Callable[[int], int]:
+        """Piece n's assignment deadline is its start plus allowance(n) (as claimed in _items)."""
+        return lambda n: piece_allowance_ms(meta.length, meta.piece_size, n, self.min_rate)
 
     async def _source(self, sid: str, kind: str, info: PeerInfo | None) -> wire.Source:
         if kind == "cdn":
@@ -620,27 +586,3 @@ class _Sources(dict[str, SourceState]):
             src = self[sid] = SourceState(sid, "peer", v.load_of(sid, self.now), v.fails.get(sid, 0),
                                           bad=sid in v.bad)
         return src
-
-
-def _after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: int, limits: Limits) -> ClientState:
-    """The client as it will be once the store has applied `reports` (scripts.py,
-    apply_reports), for deciding in the same round trip: pieces reported held, their
-    assignments over, failed sources avoided. The claim re-checks all of it."""
-    inflight = {n for n, (_, dl) in rec.fly.items() if dl >= now}
-    have, bl, fails = rec.have, rec.bl, rec.fails
-    if reports:
-        have, bl = Flags(bytearray(rec.have.data)), set(rec.bl)
-        for r in reports:
-            entry = rec.fly.get(r.piece)
-            inflight.discard(r.piece)
-            if r.result in ("have", "ok"):
-                if r.result == "have" or entry is not None:
-                    have.add(r.piece)
-            elif entry is not None and not (entry[0] == cdn and r.reason not in ("refused", "timeout")):
-                bl.add(entry[0])
-                fails += 1
-    return ClientState(
-        cid=rec.cid, have=have, inflight=frozenset(inflight), blacklist=frozenset(bl), failures=fails,
-        cdn_only=rec.info is not None and rec.info.kind == "peer-cdn",
-        idle_for=0.0 if reports else time.monotonic() - rec.fed_at,
-    )

@@ -37,12 +37,14 @@ loads, feeds and evicts the views.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from itertools import compress
 
+from common import wire
 from supernode.store.repo import PeerInfo, TaskMeta
 
-from .policy import RarityOrder
+from .policy import ClientState, RarityOrder, failure_blacklists
 
 SOURCE_KINDS = ("peer", "peer-cdn")  # clients whose peer server serves pieces to others
 HOLDER_SCAN = 64  # holder list entries looked at at most for free ones, per piece
@@ -140,11 +142,6 @@ class TaskView:
         self.earliest: dict[str, int] = {}  # source -> no upload of it ends before this (ms)
         self.fails: dict[str, int] = {}
         self.bad: set[str] = set()
-        # claims decided here and not yet answered by the store: counted as uploads, so
-        # pulls deciding meanwhile spread over other sources instead of all losing the
-        # race for the same least-loaded one
-        self.reserved: dict[str, int] = {}
-        self.reserved_pieces: dict[int, int] = {}  # CDN pieces among them (copies)
         self.pending: dict[int, list[str]] = {}  # seq -> ops that arrived early
         self.gap_since: float | None = None  # when the first early event arrived
         self.stale = False  # must be reloaded before use (a takeover, a lost event)
@@ -331,17 +328,6 @@ class TaskView:
         for src in [s for s, e in self.earliest.items() if e <= now_ms]:
             self.load_of(src, now_ms)
 
-    def reserve(self, items: Iterable[tuple[int, str, str]], sign: int) -> None:
-        """Count (sign=1) or stop counting (sign=-1) claims in flight: (piece, source, kind)."""
-        for n, src, kind in items:
-            self.reserved[src] = self.reserved.get(src, 0) + sign
-            if kind == "cdn":
-                self.reserved_pieces[n] = self.reserved_pieces.get(n, 0) + sign
-                if self.reserved_pieces[n] <= 0:
-                    del self.reserved_pieces[n]
-            if self.reserved[src] <= 0:
-                del self.reserved[src]
-
     # --- reads for the scheduler --------------------------------------------------------
     def _upload(self, source: str, member: str, deadline: int) -> None:
         self.uploads.setdefault(source, {})[member] = deadline
@@ -350,25 +336,21 @@ class TaskView:
 
     def load_of(self, source: str, now_ms: int) -> int:
         """Uploads `source` is doing (those past their deadline do not count: Redis
-        drops them before it checks a cap), plus claims of it in flight."""
+        drops them before it checks a cap)."""
         up = self.uploads.get(source)
         if not up:
-            return self.reserved.get(source, 0)
+            return 0
         if now_ms >= self.earliest.get(source, 1 << 62):
             for m in [m for m, dl in up.items() if dl <= now_ms]:
                 del up[m]
             self.earliest[source] = min(up.values(), default=1 << 62)
             self._refresh_free(source)
-        return len(up) + self.reserved.get(source, 0)
+        return len(up)
 
     def sending(self, source: str, now_ms: int) -> list[tuple[int, int]]:
-        """(piece, deadline ms) of the uploads `source` is doing now, and of the claims
-        of it in flight (deadline: none yet, so far in the future)."""
+        """(piece, deadline ms) of the uploads `source` is doing now."""
         up = self.uploads.get(source) or {}
-        out = [(int(m.rsplit(":", 1)[1]), dl) for m, dl in up.items() if dl > now_ms]
-        for n, k in self.reserved_pieces.items():
-            out.extend([(n, 1 << 62)] * k)
-        return out
+        return [(int(m.rsplit(":", 1)[1]), dl) for m, dl in up.items() if dl > now_ms]
 
     def _compact(self) -> None:
         gone = self.gone
@@ -441,3 +423,29 @@ class TaskView:
         if meta is not None and meta.piece_count >= 0:
             return meta.piece_count
         return len(self.cdn.data)  # length unknown yet: what the CDN has so far
+
+
+def after_reports(rec: ClientRec, reports: list[wire.Report], cdn: str, now: int,
+                  mono: float | None = None) -> ClientState:
+    """The client as it will be once the store has applied `reports` (scripts.py,
+    apply_reports), for deciding in the same round trip: pieces reported held, their
+    assignments over, failed sources avoided. The claim re-checks all of it. `now` is
+    the store's clock (ms), `mono` the monotonic one (s) that `fed_at` is on."""
+    inflight = {n for n, (_, dl) in rec.fly.items() if dl >= now}
+    have, bl, fails = rec.have, rec.bl, rec.fails
+    if reports:
+        have, bl = Flags(bytearray(rec.have.data)), set(rec.bl)
+        for r in reports:
+            entry = rec.fly.get(r.piece)
+            inflight.discard(r.piece)
+            if r.result in ("have", "ok"):
+                if r.result == "have" or entry is not None:
+                    have.add(r.piece)
+            elif entry is not None and failure_blacklists(entry[0], cdn, r.reason):
+                bl.add(entry[0])
+                fails += 1
+    return ClientState(
+        cid=rec.cid, have=have, inflight=frozenset(inflight), blacklist=frozenset(bl), failures=fails,
+        cdn_only=rec.info is not None and rec.info.kind == "peer-cdn",
+        idle_for=0.0 if reports else max(0.0, (time.monotonic() if mono is None else mono) - rec.fed_at),
+    )

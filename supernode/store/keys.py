@@ -2,7 +2,9 @@
 
 All keys of one task carry the hash tag `{<task_id>}` so multi-key Lua scripts run on
 Redis Cluster: every key a script touches is derived inside the script from KEYS[1]
-(the task's meta key) by replacing its suffix, which keeps them in the same slot.
+(the task's meta key) by replacing its suffix, which keeps them in the same slot. The
+suffixes below (META, HAVE, ...) are the only spelling of those names: scripts.py
+interpolates them into the Lua source at import time.
 
 Per task T (`df:t:{T}:...`):
   meta        HASH   url, url_key, md5, identifier, headers, length, piece_size,
@@ -21,6 +23,7 @@ Per task T (`df:t:{T}:...`):
   cfails      HASH   cid -> failures this client reported
   bad         SET    sources dropped for everyone
   lease       STRING supernode id holding the CDN fetch lease (PX TTL)
+  seq         STRING sequence number of the task's last published change (INCR)
 Global (not tagged):
   df:tasks            ZSET task_id -> last access ms (GC index)
   df:host:<peer_id>   SET  task ids in which this peer server has clients (TTL)
@@ -49,72 +52,109 @@ SUPERNODE_TTL_MS = 30 * 1000
 LEASE_TTL_MS = 15 * 1000
 
 
+TASK_HEAD = f"{PREFIX}:t:"
+EVENTS_HEAD = f"{PREFIX}:ev:"
+
+# Suffixes of a task's keys (after task_prefix); those ending in ':' take an id or piece.
+META = "meta"
+DIGESTS = "dig"
+CDNMAP = "cdnmap"
+COUNTS = "cnt"
+PEERS = "peers"
+HOLDERS = "h:"
+HAVE = "have:"
+INFLIGHT = "fly:"
+UPLOADS = "up:"
+BLACKLIST = "bl:"
+FAILS = "fails"
+CLIENT_FAILS = "cfails"
+BAD = "bad"
+LEASE = "lease"
+SEQ = "seq"
+# The suffixes the Lua scripts use, by the name they have there (scripts.py).
+SCRIPT_SUFFIXES = {
+    "META": META, "DIGESTS": DIGESTS, "CDNMAP": CDNMAP, "COUNTS": COUNTS, "PEERS": PEERS,
+    "HOLDERS": HOLDERS, "HAVE": HAVE, "INFLIGHT": INFLIGHT, "UPLOADS": UPLOADS,
+    "BLACKLIST": BLACKLIST, "FAILS": FAILS, "CLIENT_FAILS": CLIENT_FAILS, "BAD": BAD, "SEQ": SEQ,
+}
+
+
+def hash_tag(task_id: str) -> str:
+    """The Cluster hash tag of every key (and the event channel) of a task: the first
+    `{...}` of a name, so the scripts find it again with the Lua pattern `%b{}`."""
+    return f"{{{task_id}}}"
+
+
 def task_prefix(task_id: str) -> str:
-    return f"{PREFIX}:t:{{{task_id}}}:"
+    return f"{TASK_HEAD}{hash_tag(task_id)}:"
 
 
 def meta(task_id: str) -> str:
-    return task_prefix(task_id) + "meta"
+    return task_prefix(task_id) + META
 
 
 def digests(task_id: str) -> str:
-    return task_prefix(task_id) + "dig"
+    return task_prefix(task_id) + DIGESTS
 
 
 def cdnmap(task_id: str) -> str:
-    return task_prefix(task_id) + "cdnmap"
+    return task_prefix(task_id) + CDNMAP
 
 
 def counts(task_id: str) -> str:
-    return task_prefix(task_id) + "cnt"
+    return task_prefix(task_id) + COUNTS
 
 
 def peers(task_id: str) -> str:
-    return task_prefix(task_id) + "peers"
+    return task_prefix(task_id) + PEERS
 
 
 def holders(task_id: str, piece: int) -> str:
-    return task_prefix(task_id) + f"h:{piece}"
+    return task_prefix(task_id) + f"{HOLDERS}{piece}"
 
 
 def have(task_id: str, cid: str) -> str:
-    return task_prefix(task_id) + f"have:{cid}"
+    return task_prefix(task_id) + HAVE + cid
 
 
 def inflight(task_id: str, cid: str) -> str:
-    return task_prefix(task_id) + f"fly:{cid}"
+    return task_prefix(task_id) + INFLIGHT + cid
 
 
 def uploads(task_id: str, source: str) -> str:
-    return task_prefix(task_id) + f"up:{source}"
+    return task_prefix(task_id) + UPLOADS + source
 
 
 def blacklist(task_id: str, cid: str) -> str:
-    return task_prefix(task_id) + f"bl:{cid}"
+    return task_prefix(task_id) + BLACKLIST + cid
 
 
 def fails(task_id: str) -> str:
-    return task_prefix(task_id) + "fails"
+    return task_prefix(task_id) + FAILS
 
 
 def client_fails(task_id: str) -> str:
-    return task_prefix(task_id) + "cfails"
+    return task_prefix(task_id) + CLIENT_FAILS
 
 
 def bad(task_id: str) -> str:
-    return task_prefix(task_id) + "bad"
+    return task_prefix(task_id) + BAD
 
 
 def lease(task_id: str) -> str:
-    return task_prefix(task_id) + "lease"
+    return task_prefix(task_id) + LEASE
+
+
+def sequence(task_id: str) -> str:
+    return task_prefix(task_id) + SEQ
 
 
 def events(task_id: str) -> str:
-    return f"{PREFIX}:ev:{{{task_id}}}"
+    return EVENTS_HEAD + hash_tag(task_id)
 
 
 def task_of_event_channel(channel: str) -> str | None:
-    head = f"{PREFIX}:ev:{{"
+    head = EVENTS_HEAD + "{"
     if channel.startswith(head) and channel.endswith("}"):
         return channel[len(head) : -1]
     return None

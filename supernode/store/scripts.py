@@ -1,20 +1,38 @@
 """Lua scripts: every multi-key update of a task runs atomically in Redis.
 
 KEYS[1] is always the task's meta key (`df:t:{T}:meta`); the other keys of the task are
-derived from it inside the script (same hash tag, so same Cluster slot). Only the
+derived from it inside the script by swapping its suffix for another (same hash tag, so
+same Cluster slot). No key name is spelt here: the suffixes and the event channel's head
+come from keys.py, written into the Lua source as constants at import time. Only the
 portable subset of Lua is used (no bit ops, no unpack) so fakeredis runs them too.
 """
 
 from __future__ import annotations
 
+import re
+
 from . import keys
 
+
+def _lua_constants() -> str:
+    """`local NAME = 'value'` for every key suffix of keys.SCRIPT_SUFFIXES and the head of
+    the event channels."""
+    consts = {**keys.SCRIPT_SUFFIXES, "EVENTS_HEAD": keys.EVENTS_HEAD}
+    lines = []
+    for name, value in consts.items():
+        # plain names only: nothing that would need quoting inside a Lua string
+        if not re.fullmatch(r"[A-Za-z0-9_:.-]+", value):
+            raise ValueError(f"key part {name}={value!r} cannot go into a Lua string as is")
+        lines.append(f"local {name} = '{value}'")
+    return "\n".join(lines) + "\n"
+
+
 # Shared prelude: key helpers and the routines several scripts need.
-_PRELUDE = r"""
+_PRELUDE = _lua_constants() + r"""
 local meta = KEYS[1]
-local base = string.sub(meta, 1, #meta - 4)
+local base = string.sub(meta, 1, #meta - #META)
 local function k(s) return base .. s end
-local function chan() return 'df:ev:' .. string.sub(base, 6, #base - 1) end
+local function chan() return EVENTS_HEAD .. string.match(meta, '%b{}') end
 local function touch(key, ttl) redis.call('PEXPIRE', key, ttl) end
 -- Every change is also logged as an op ('H cid n', ...: supernode/scheduling/view.py) and, at the
 -- end of the script, published with the task's next sequence number and returned to
@@ -24,18 +42,18 @@ local ops = {}
 local function emit(s) ops[#ops + 1] = s end
 local function flush()
   if #ops == 0 then return '' end
-  local seq = redis.call('INCR', k('seq'))
-  redis.call('PEXPIRE', k('seq'), SEQ_TTL)
+  local seq = redis.call('INCR', k(SEQ))
+  redis.call('PEXPIRE', k(SEQ), SEQ_TTL)
   local ev = seq .. '\n' .. table.concat(ops, '\n')
   redis.call('PUBLISH', chan(), ev)
   return ev
 end
 local function release_upload(src, member)
-  if src and src ~= '' then redis.call('ZREM', k('up:' .. src), member) end
+  if src and src ~= '' then redis.call('ZREM', k(UPLOADS .. src), member) end
 end
 local function release_fly(cid, n, entry)
   -- assignment n of cid (its fly entry `entry`) is over: free its upload slot
-  redis.call('HDEL', k('fly:' .. cid), n)
+  redis.call('HDEL', k(INFLIGHT .. cid), n)
   local src = string.match(entry, '^[^|]*')
   release_upload(src, cid .. ':' .. n)
   emit('R ' .. cid .. ' ' .. n)
@@ -48,53 +66,53 @@ end
 local function put_cdn_pieces(first, ttl)
   -- ARGV[first..] are piece/digest pairs the CDN verified: record them, mark them held
   for i = first, #ARGV, 2 do
-    redis.call('HSET', k('dig'), ARGV[i], ARGV[i + 1])
-    redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 1)
+    redis.call('HSET', k(DIGESTS), ARGV[i], ARGV[i + 1])
+    redis.call('SETBIT', k(CDNMAP), tonumber(ARGV[i]), 1)
     emit('G ' .. ARGV[i] .. ' ' .. ARGV[i + 1])
   end
-  touch(k('dig'), ttl); touch(k('cdnmap'), ttl); touch(meta, ttl)
+  touch(k(DIGESTS), ttl); touch(k(CDNMAP), ttl); touch(meta, ttl)
 end
 local function add_holder(cid, n, ttl)
-  if redis.call('SETBIT', k('have:' .. cid), n, 1) == 0 then
-    redis.call('SADD', k('h:' .. n), cid)
-    touch(k('h:' .. n), ttl)
-    redis.call('BITFIELD', k('cnt'), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. n, 1)
-    touch(k('cnt'), ttl)
+  if redis.call('SETBIT', k(HAVE .. cid), n, 1) == 0 then
+    redis.call('SADD', k(HOLDERS .. n), cid)
+    touch(k(HOLDERS .. n), ttl)
+    redis.call('BITFIELD', k(COUNTS), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. n, 1)
+    touch(k(COUNTS), ttl)
     emit('H ' .. cid .. ' ' .. n)
   end
-  touch(k('have:' .. cid), ttl)
+  touch(k(HAVE .. cid), ttl)
 end
 local function remove_client(cid)
   local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
-  local hv = k('have:' .. cid)
+  local hv = k(HAVE .. cid)
   if count < 0 then count = redis.call('STRLEN', hv) * 8 end
   for n = 0, count - 1 do
     if redis.call('GETBIT', hv, n) == 1 then
-      redis.call('SREM', k('h:' .. n), cid)
-      redis.call('BITFIELD', k('cnt'), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. n, -1)
+      redis.call('SREM', k(HOLDERS .. n), cid)
+      redis.call('BITFIELD', k(COUNTS), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. n, -1)
     end
   end
-  local fly = redis.call('HGETALL', k('fly:' .. cid))
+  local fly = redis.call('HGETALL', k(INFLIGHT .. cid))
   for i = 1, #fly, 2 do
     local src = split2(fly[i + 1])
     release_upload(src, cid .. ':' .. fly[i])
   end
-  redis.call('DEL', hv, k('fly:' .. cid), k('bl:' .. cid), k('up:' .. cid))
-  redis.call('HDEL', k('peers'), cid)
+  redis.call('DEL', hv, k(INFLIGHT .. cid), k(BLACKLIST .. cid), k(UPLOADS .. cid))
+  redis.call('HDEL', k(PEERS), cid)
   emit('D ' .. cid)
 end
 local function delete_task()
   local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
-  if count < 0 then count = redis.call('STRLEN', k('cdnmap')) * 8 end
-  for n = 0, count - 1 do redis.call('DEL', k('h:' .. n)) end
-  local cids = redis.call('HKEYS', k('peers'))
+  if count < 0 then count = redis.call('STRLEN', k(CDNMAP)) * 8 end
+  for n = 0, count - 1 do redis.call('DEL', k(HOLDERS .. n)) end
+  local cids = redis.call('HKEYS', k(PEERS))
   for _, cid in ipairs(cids) do
-    redis.call('DEL', k('have:' .. cid), k('fly:' .. cid), k('bl:' .. cid), k('up:' .. cid))
+    redis.call('DEL', k(HAVE .. cid), k(INFLIGHT .. cid), k(BLACKLIST .. cid), k(UPLOADS .. cid))
   end
   local cdn = redis.call('HGET', meta, 'cdn')
-  if cdn then redis.call('DEL', k('up:' .. cdn)) end
-  redis.call('DEL', meta, k('cdnmap'), k('dig'), k('cnt'), k('peers'), k('fails'),
-             k('cfails'), k('bad'))
+  if cdn then redis.call('DEL', k(UPLOADS .. cdn)) end
+  redis.call('DEL', meta, k(CDNMAP), k(DIGESTS), k(COUNTS), k(PEERS), k(FAILS),
+             k(CLIENT_FAILS), k(BAD))
   emit('Z')
 end
 """.replace("SEQ_TTL", str(keys.TASK_KEY_TTL_MS))
@@ -107,18 +125,18 @@ end
 _APPLY_REPORTS = r"""
 local function apply_reports(cid, ttl, limit, first, last)
   if redis.call('EXISTS', meta) == 0 then return 'unknown_task', '' end
-  if redis.call('HEXISTS', k('peers'), cid) == 0 then return 'unknown_client', '' end
+  if redis.call('HEXISTS', k(PEERS), cid) == 0 then return 'unknown_client', '' end
   local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
-  local fly = k('fly:' .. cid)
+  local fly = k(INFLIGHT .. cid)
   for i = first, last, 4 do
     local n, res, src = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if count >= 0 and tonumber(n) >= count then return 'out_of_range', n end
     if res == 'have' then
-      if redis.call('HEXISTS', k('dig'), n) == 0 then return 'bad_piece', n end
+      if redis.call('HEXISTS', k(DIGESTS), n) == 0 then return 'bad_piece', n end
     else
       local entry = redis.call('HGET', fly, n)
       if not entry then
-        if redis.call('GETBIT', k('have:' .. cid), tonumber(n)) == 0 then return 'not_assigned', n end
+        if redis.call('GETBIT', k(HAVE .. cid), tonumber(n)) == 0 then return 'not_assigned', n end
       else
         local esrc = split2(entry)
         if src ~= '' and src ~= esrc then return 'not_assigned', n end
@@ -143,25 +161,25 @@ local function apply_reports(cid, ttl, limit, first, last)
         -- bad bytes from the CDN copy: its supernode checks and mends it (repair.py); it
         -- stays the source of last resort, also for this client. (Unreachable, it is
         -- avoided like any source: a dead seed is replaced under another id.)
-        redis.call('HINCRBY', k('fails'), src, 1)
-        touch(k('fails'), ttl)
+        redis.call('HINCRBY', k(FAILS), src, 1)
+        touch(k(FAILS), ttl)
         emit('F ' .. src)
       else
-        if redis.call('SADD', k('bl:' .. cid), src) == 1 then emit('B ' .. cid .. ' ' .. src) end
-        touch(k('bl:' .. cid), ttl)
+        if redis.call('SADD', k(BLACKLIST .. cid), src) == 1 then emit('B ' .. cid .. ' ' .. src) end
+        touch(k(BLACKLIST .. cid), ttl)
         emit('F ' .. src)
-        if redis.call('HINCRBY', k('fails'), src, 1) >= limit then
-          if redis.call('SADD', k('bad'), src) == 1 then emit('X ' .. src) end
-          touch(k('bad'), ttl)
+        if redis.call('HINCRBY', k(FAILS), src, 1) >= limit then
+          if redis.call('SADD', k(BAD), src) == 1 then emit('X ' .. src) end
+          touch(k(BAD), ttl)
         end
-        redis.call('HINCRBY', k('cfails'), cid, 1)
+        redis.call('HINCRBY', k(CLIENT_FAILS), cid, 1)
         emit('C ' .. cid)
-        touch(k('fails'), ttl); touch(k('cfails'), ttl)
+        touch(k(FAILS), ttl); touch(k(CLIENT_FAILS), ttl)
       end
     end
   end
   touch(meta, ttl)
-  return 'ok', redis.call('BITCOUNT', k('have:' .. cid))
+  return 'ok', redis.call('BITCOUNT', k(HAVE .. cid))
 end
 """
 
@@ -200,8 +218,8 @@ return {'new', 'pending'}
 # ARGV: cid, info ("peer_id|ip|port|kind"), ttl_ms  -> 1
 ADD_PEER = _eventful(r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
-redis.call('HSET', k('peers'), ARGV[1], ARGV[2])
-touch(k('peers'), tonumber(ARGV[3]))
+redis.call('HSET', k(PEERS), ARGV[1], ARGV[2])
+touch(k(PEERS), tonumber(ARGV[3]))
 emit('P ' .. ARGV[1] .. ' ' .. ARGV[2])
 return 1
 """)
@@ -229,14 +247,14 @@ return 1
 UNPUBLISH_PIECES = _eventful(r"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 if #ARGV == 1 then
-  redis.call('DEL', k('cdnmap'))
+  redis.call('DEL', k(CDNMAP))
   emit('U')
 else
   for i = 2, #ARGV do
-    redis.call('SETBIT', k('cdnmap'), tonumber(ARGV[i]), 0)
+    redis.call('SETBIT', k(CDNMAP), tonumber(ARGV[i]), 0)
     emit('U ' .. ARGV[i])
   end
-  touch(k('cdnmap'), tonumber(ARGV[1]))
+  touch(k(CDNMAP), tonumber(ARGV[1]))
 end
 return 1
 """)
@@ -265,7 +283,7 @@ if not st or st == 'failed' then return 0 end
 local ttl = tonumber(ARGV[1])
 redis.call('HSET', meta, 'cdn', ARGV[2])
 if st ~= 'success' then redis.call('HSET', meta, 'status', 'fetching') end
-redis.call('DEL', k('cdnmap'))
+redis.call('DEL', k(CDNMAP))
 put_cdn_pieces(3, ttl)
 ops = {'A'}  -- views reload the whole task
 return 1
@@ -275,24 +293,24 @@ return 1
 # -> {seq, meta, cdnmap, digests, peers, clients, fails, bad, cfails} where clients is
 # flat: have bitmap, fly hash, blacklist, for each entry of peers in order.
 LOAD_VIEW = _PRELUDE + r"""
-local peers = redis.call('HGETALL', k('peers'))
+local peers = redis.call('HGETALL', k(PEERS))
 local clients = {}
 for i = 1, #peers, 2 do
   local cid = peers[i]
-  clients[#clients + 1] = redis.call('GET', k('have:' .. cid)) or ''
-  clients[#clients + 1] = redis.call('HGETALL', k('fly:' .. cid))
-  clients[#clients + 1] = redis.call('SMEMBERS', k('bl:' .. cid))
+  clients[#clients + 1] = redis.call('GET', k(HAVE .. cid)) or ''
+  clients[#clients + 1] = redis.call('HGETALL', k(INFLIGHT .. cid))
+  clients[#clients + 1] = redis.call('SMEMBERS', k(BLACKLIST .. cid))
 end
 return {
-  redis.call('GET', k('seq')) or '0',
+  redis.call('GET', k(SEQ)) or '0',
   redis.call('HGETALL', meta),
-  redis.call('GET', k('cdnmap')) or '',
-  redis.call('HGETALL', k('dig')),
+  redis.call('GET', k(CDNMAP)) or '',
+  redis.call('HGETALL', k(DIGESTS)),
   peers,
   clients,
-  redis.call('HGETALL', k('fails')),
-  redis.call('SMEMBERS', k('bad')),
-  redis.call('HGETALL', k('cfails')),
+  redis.call('HGETALL', k(FAILS)),
+  redis.call('SMEMBERS', k(BAD)),
+  redis.call('HGETALL', k(CLIENT_FAILS)),
 }
 """
 
@@ -314,21 +332,21 @@ end
 if ARGV[3] ~= '' then see(ARGV[3]) end
 for i = 6, #ARGV do
   local n = ARGV[i]
-  local hs = redis.call('SRANDMEMBER', k('h:' .. n), sample)
+  local hs = redis.call('SRANDMEMBER', k(HOLDERS .. n), sample)
   holders[#holders + 1] = table.concat(hs, ',')
   for _, h in ipairs(hs) do see(h) end
-  digs[#digs + 1] = redis.call('HGET', k('dig'), n) or ''
+  digs[#digs + 1] = redis.call('HGET', k(DIGESTS), n) or ''
 end
 local info = {}
 for _, s in ipairs(srcs) do
-  local up = k('up:' .. s)
+  local up = k(UPLOADS .. s)
   redis.call('ZREMRANGEBYSCORE', up, '-inf', now)
   local load = redis.call('ZCARD', up)
   local cap = peer_cap
   if s == ARGV[3] then cap = cdn_cap end
   if load < cap then
-    info[#info + 1] = s .. '|' .. (redis.call('HGET', k('peers'), s) or '') .. '|' ..
-      load .. '|' .. (redis.call('HGET', k('fails'), s) or '0')
+    info[#info + 1] = s .. '|' .. (redis.call('HGET', k(PEERS), s) or '') .. '|' ..
+      load .. '|' .. (redis.call('HGET', k(FAILS), s) or '0')
   end
 end
 return {table.concat(holders, ';'), table.concat(digs, ','), table.concat(info, ';')}
@@ -359,32 +377,32 @@ local cdn = redis.call('HGET', meta, 'cdn') or ''
 local function claim(cid, first, last)
   local out = {'ok'}
   if first > last then return out end
-  if redis.call('HEXISTS', k('peers'), cid) == 0 then return out end
-  local fly = k('fly:' .. cid)
+  if redis.call('HEXISTS', k(PEERS), cid) == 0 then return out end
+  local fly = k(INFLIGHT .. cid)
   local cur = redis.call('HGETALL', fly)
   for i = 1, #cur, 2 do
     local src, dl = split2(cur[i + 1])
     if tonumber(dl) < now then release_fly(cid, cur[i], cur[i + 1]) end
   end
   local room = max_inflight - redis.call('HLEN', fly)
-  local have = k('have:' .. cid)
+  local have = k(HAVE .. cid)
   for i = first, last, 5 do
     if room <= 0 then break end
     local n, src, kind, dl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local max_copies = tonumber(ARGV[i + 4])
-    local up = k('up:' .. src)
+    local up = k(UPLOADS .. src)
     local cap = peer_cap
     if kind == 'cdn' then cap = cdn_cap end
     local ok = src ~= cid and redis.call('GETBIT', have, tonumber(n)) == 0
       and redis.call('HEXISTS', fly, n) == 0
-      and redis.call('SISMEMBER', k('bad'), src) == 0
-      and redis.call('SISMEMBER', k('bl:' .. cid), src) == 0
+      and redis.call('SISMEMBER', k(BAD), src) == 0
+      and redis.call('SISMEMBER', k(BLACKLIST .. cid), src) == 0
     if ok then
       if kind == 'cdn' then
-        ok = src == cdn and redis.call('GETBIT', k('cdnmap'), tonumber(n)) == 1
+        ok = src == cdn and redis.call('GETBIT', k(CDNMAP), tonumber(n)) == 1
       else
-        ok = redis.call('HEXISTS', k('peers'), src) == 1
-          and redis.call('GETBIT', k('have:' .. src), tonumber(n)) == 1
+        ok = redis.call('HEXISTS', k(PEERS), src) == 1
+          and redis.call('GETBIT', k(HAVE .. src), tonumber(n)) == 1
       end
     end
     if ok then
@@ -392,7 +410,7 @@ local function claim(cid, first, last)
       ok = redis.call('ZCARD', up) < cap
     end
     if ok and kind == 'cdn' and max_copies > 0 then
-      local copies = redis.call('BITFIELD', k('cnt'), 'GET', 'u16', '#' .. n)[1] or 0
+      local copies = redis.call('BITFIELD', k(COUNTS), 'GET', 'u16', '#' .. n)[1] or 0
       local suffix = ':' .. n
       for _, m in ipairs(redis.call('ZRANGE', up, 0, -1)) do
         if string.sub(m, -#suffix) == suffix then copies = copies + 1 end
@@ -440,7 +458,7 @@ return {st, v}
 # A client aborts: release its in-flight assignments. ARGV: cid
 RELEASE = _eventful(r"""
 local cid = ARGV[1]
-local cur = redis.call('HGETALL', k('fly:' .. cid))
+local cur = redis.call('HGETALL', k(INFLIGHT .. cid))
 for i = 1, #cur, 2 do release_fly(cid, cur[i], cur[i + 1]) end
 return #cur / 2
 """)
