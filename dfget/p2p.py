@@ -24,6 +24,7 @@ from common.pieces import piece_count, piece_range
 
 from .config import DownloadConfig
 from .httpclient import HttpClient
+from .notices import notice
 from .output import PartFile, recheck
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits, PieceFailed, fetch_piece
@@ -90,7 +91,7 @@ class P2PSession:
                     raise
                 # Our peer server's address is not one the supernode lets others dial (e.g.
                 # loopback): download anyway, just without serving.
-                log.warning("downloading without serving: %s", exc.message)
+                notice(f"downloading without serving: {exc.message}", serving=False)
                 self.peer = PeerLink(None, None)
             except PeerSecretRefused as exc:
                 if self.peer.addr is None:
@@ -102,7 +103,7 @@ class P2PSession:
                     await asyncio.sleep(0.1)
                     self.sn.peer_secrets.update(await self.peer.secrets())
                     continue
-                log.warning("downloading without serving: %s", exc.message)
+                notice(f"downloading without serving: {exc.message}", serving=False)
                 self.peer = PeerLink(None, None)
         if reply.peer_secret is not None and self.peer.addr is not None:
             url = self.sn.current.base_url

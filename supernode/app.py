@@ -121,7 +121,8 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     st = SupernodeState(settings=settings, sn_id=sn_id, policy=settings.origin_policy(), store=store,
                         repo=repo, hub=hub, cache=cache, cdn=cdn, seed=seed, dispatcher=dispatcher,
                         metrics=metrics, download_port=download_port, keyring=keyring,
-                        peer_policy=settings.peer_policy(), peer_secrets=PeerSecrets(store))
+                        peer_policy=settings.peer_policy(), require_peer_tls=settings.require_peer_tls,
+                        peer_secrets=PeerSecrets(store))
     app[STATE] = st
     dispatcher.on_schedule = st.metrics.schedule.observe
     st.metrics.view_loads.set_function(lambda: views.loads)

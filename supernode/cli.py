@@ -50,7 +50,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--cdn-copies", dict(type=int, default=1, show_default=True,
                           help="Super-seeding: the CDN sends a piece only while fewer than this many "
                                "peers hold or fetch it from the CDN (a client with nothing in flight "
-                               "is served regardless).")),
+                               "gets one more copy when no peer copy can reach it, or after 10 s).")),
     ("--seed-slots", dict(type=int, default=64, show_default=True, help="Concurrent CDN uploads in all.")),
     ("--fail-access-interval", dict(default="3m", show_default=True, help="How long a failed origin stays failed.")),
     ("--task-expire-time", dict(default="3m", show_default=True, help="Idle time after which a task is dropped.")),
@@ -84,6 +84,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--key", dict(default=None, type=click.Path(dir_okay=False), help="PEM private key of --cert.")),
     ("--client-ca", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s): require clients of both ports to present a certificate signed by one (mutual TLS; needs --cert).")),
     ("--cacert", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s) trusted besides the system's when this supernode is the client: https origins and TLS peer servers.")),
+    ("--require-peer-tls", dict(is_flag=True, default=False, help="Accept only peers that serve TLS (dfget --cert/--key): piece tokens never travel in clear; a dfget with a plain peer server downloads without serving.")),
 ]
 
 

@@ -79,6 +79,7 @@ class Settings:
     key: str | None = None
     client_ca: str | None = None
     cacert: str | None = None
+    require_peer_tls: bool = False  # refuse peers that serve plain HTTP
 
     def validate(self) -> Settings:
         for name in ("port", "download_port"):

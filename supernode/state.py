@@ -39,6 +39,7 @@ class SupernodeState:
     download_port: int = 0
     keyring: KeyRing | None = None
     peer_policy: AddressPolicy | None = None
+    require_peer_tls: bool = False
     peer_secrets: PeerSecrets | None = None
 
 

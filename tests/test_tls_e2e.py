@@ -333,3 +333,26 @@ async def test_dfdaemon_fetches_through_a_tls_swarm(
         assert (await _peer_server_info(daemon.home)).tls
     finally:
         await daemon.stop()
+
+
+async def test_require_peer_tls_keeps_plain_peers_out_of_the_swarm(
+        tmp_path: Path, pki: Pki, origin: OriginProc, tls_supernode: Callable[..., TlsSupernode],
+        homes: list[Path]) -> None:
+    # --require-peer-tls: a piece token is only ever sent to a peer over TLS. A dfget
+    # whose peer server is plain (no --cert/--key) still downloads, without serving,
+    # and says why; later clients are never sent to it.
+    origin.put_random("r", 6 * MIB, seed=3)
+    want = _sha(origin.dir / "r")
+    sn = tls_supernode("--require-peer-tls")
+    node = f"{LOOPBACK}:{sn.port}"
+    homes += [tmp_path / "plain", tmp_path / "tls"]
+    plain = await run_dfget(*_dfget_args(origin, "r", tmp_path / "o1", homes[0], node, "--cacert", pki.ca.cert))
+    assert plain.code == 0, plain.stderr
+    assert "downloading without serving" in plain.stderr and "serve TLS" in plain.stderr, plain.stderr
+    secure = await run_dfget(*_dfget_args(origin, "r", tmp_path / "o2", homes[1], node, *_host_tls(pki, 1)))
+    assert secure.code == 0, secure.stderr
+    assert "without serving" not in secure.stderr
+    assert _sha(tmp_path / "o1") == want and _sha(tmp_path / "o2") == want
+    # the plain host was never a source: everything the second host got came from the CDN
+    assert int(secure.report["bytes_from_peers"]) == 0
+    assert int(secure.report["bytes_from_supernode"]) == 6 * MIB

@@ -105,6 +105,10 @@ def _check_peer(st: SupernodeState, peer: wire.PeerAddr) -> None:
         raise errors.PeerAddressDenied(
             f"peer address {peer.ip} is refused by this supernode's peer policy (loopback, link-local, "
             "unspecified and multicast addresses need --allow-peer)", detail={"ip": peer.ip})
+    if st.require_peer_tls and not peer.tls:
+        raise errors.PeerAddressDenied(
+            f"peer {peer.ip}:{peer.port} serves plain HTTP and this supernode accepts only peers that "
+            "serve TLS (start dfget with --cert/--key)", detail={"ip": peer.ip, "tls": False})
 
 
 async def register(request: web.Request) -> web.Response:
