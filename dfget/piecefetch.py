@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from common import digest
 from common import tls as tlsconf
 from common.hostport import hostport
 from common.ranges import RangeSyntaxError, parse_content_range
-from common.tokenheaders import CLIENT_HEADER, TOKEN_HEADER
+from common.tokenheaders import CLIENT_HEADER, SOURCE_HEADER, TOKEN_HEADER
 from common.wire import Assignment
 
 from .output import PartFile
@@ -28,6 +29,8 @@ from .throttle import Throttle
 log = logging.getLogger("dfget.piece")
 CHUNK = 1 << 20  # bytes handed to a worker thread at once
 STALL = 30.0  # seconds without a buffer filled: the source stalled
+BUSY_RETRIES = 4  # a source answering 503/429 is asked again this many times...
+BUSY_DELAY = 0.05  # ...after this, doubling (jittered): about 0.75 s in all
 CONNECT_TIMEOUT = 5.0  # an unreachable peer (SYNs dropped) fails fast as "refused"
 
 
@@ -63,9 +66,10 @@ def _write_and_hash(part: PartFile, hasher: Any, offset: int, data: memoryview) 
 def auth_headers(a: Assignment, client: str | None) -> str:
     """The piece token's header lines (none when the supernode gave no token). Both values
     were validated by the wire schema (base64url and hex), so they cannot break the head."""
+    source = f"{SOURCE_HEADER}: {a.source.cid}\r\n" if a.source.kind == "peer" and a.source.cid else ""
     if a.token is None:
-        return ""
-    return f"{TOKEN_HEADER}: {a.token}\r\n" + (f"{CLIENT_HEADER}: {client}\r\n" if client else "")
+        return source
+    return f"{TOKEN_HEADER}: {a.token}\r\n" + (f"{CLIENT_HEADER}: {client}\r\n" if client else "") + source
 
 
 async def fetch_piece(session: object | None, task_id: str, a: Assignment,
@@ -102,7 +106,17 @@ async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
     expected = a.end - a.start + 1
     try:
         async with asyncio.timeout(limits.deadline(expected)):
-            return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client))
+            for attempt in range(BUSY_RETRIES + 1):
+                try:
+                    return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client))
+                except _Busy as exc:
+                    if attempt == BUSY_RETRIES:
+                        raise PieceFailed("refused", f"source busy (HTTP {exc.status})") from None
+                # Its upload slots are full for a moment (they are per server, the
+                # supernode's caps per task): a failure would put a good peer on our
+                # blacklist and send us to the seed, so ask it again shortly.
+                await asyncio.sleep(BUSY_DELAY * 2 ** attempt * random.uniform(0.5, 1.5))
+            raise AssertionError("unreachable")
     except TimeoutError:
         raise PieceFailed("timeout", f"piece {a.piece} not received in time") from None
     except _Refused as exc:
@@ -118,6 +132,12 @@ async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
 
 class _Refused(Exception):
     pass
+
+
+class _Busy(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 async def _fetch(session: object | None, task_id: str, a: Assignment, part: PartFile,
@@ -153,7 +173,7 @@ def _check_head(resp: Head, a: Assignment, expected: int) -> None:
     if resp.status == 404:
         raise PieceFailed("not_found", "source does not hold the piece")
     if resp.status in (429, 503):
-        raise PieceFailed("refused", f"source busy (HTTP {resp.status})")
+        raise _Busy(resp.status)
     if resp.status in (401, 403):
         raise PieceFailed("refused", f"source refused the piece token (HTTP {resp.status})")
     if resp.status != 206:

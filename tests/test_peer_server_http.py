@@ -118,3 +118,61 @@ async def test_ping(served) -> None:  # type: ignore[no-untyped-def]
 
 
 _ = (asyncio, web)
+
+
+# --- a piece request that overtakes its own dfget's news (app.py, CATCH_UP) ----------
+C1, C0 = "c1" * 16, "c0" * 16
+
+
+@pytest.fixture
+async def in_progress(tmp_path: Path):  # type: ignore[no-untyped-def]
+    data = os.urandom(LENGTH)
+    path = tmp_path / "g"
+    path.write_bytes(data)
+    state = ServerState(ServerConfig(home=tmp_path, max_uploads=4))
+    # a download of this process, still running, registered as client C1
+    state.table.register(FileEntry(task_id=TID, path=path, length=LENGTH, piece_size=PIECE, supernodes=[],
+                                   owner_pid=os.getpid(), clients=[C1], verified={0}))
+    app = build_peer_app(state, lambda entry: None)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client, state, data
+
+
+async def _timed_get(client: TestClient, source: str | None) -> tuple[int, float]:
+    headers = {"Range": "bytes=2000-2999"}
+    if source is not None:
+        headers["X-Dragonfly-Source"] = source
+    t0 = asyncio.get_running_loop().time()
+    async with client.get(f"/peer/file/{TID}", headers=headers) as resp:
+        await resp.read()
+        return resp.status, asyncio.get_running_loop().time() - t0
+
+
+async def _mark_later(state: ServerState, delay: float) -> None:
+    await asyncio.sleep(delay)
+    state.table.mark(TID, [2], None)
+    state.table_changed()
+
+
+async def test_a_piece_of_the_current_download_is_waited_for(in_progress) -> None:  # type: ignore[no-untyped-def]
+    client, state, _ = in_progress
+    state.started -= 3600  # an old server: only the named source makes it wait
+    marker = asyncio.create_task(_mark_later(state, 0.3))
+    status, took = await _timed_get(client, C1)
+    await marker
+    assert status == 206 and took >= 0.25
+
+
+async def test_a_piece_of_a_replaced_download_is_404_at_once(in_progress) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = in_progress
+    status, took = await _timed_get(client, C0)  # a client of an entry this one replaced
+    assert status == 404 and took < 1.0
+
+
+@pytest.mark.parametrize(("age", "waits"), [(0.0, True), (3600.0, False)])
+async def test_an_unnamed_source_waits_only_on_a_young_server(in_progress, age: float, waits: bool) -> None:  # type: ignore[no-untyped-def]
+    client, state, _ = in_progress
+    state.started -= age
+    status, took = await _timed_get(client, None)
+    assert status == 404
+    assert (took >= 1.5) is waits, took

@@ -16,6 +16,7 @@ from common.httplog import server_logger
 from common.pieces import piece_of_range
 from common.ranges import ByteRange, RangeSyntaxError, RangeUnsatisfiable, parse_range
 from common.taskid import is_task_id
+from common.tokenheaders import SOURCE_HEADER
 
 from .state import ServerState
 from .table import FileEntry
@@ -117,11 +118,10 @@ def _log_upload(request: web.Request, status: int, t0: float) -> None:
 
 # A piece request can overtake our own dfget's news of the piece: its control calls wait
 # in a queue while the server it launched comes up (the request waits in the socket's
-# backlog, and the server may take it first), and the rename of a finished download
-# comes just before the call that tells us the new path. The supernode sent the request
-# because our dfget reported the piece, so the news is on its way: wait for it this long
-# before answering 404 (the peer would count a failure against us, and fetch the piece
-# from the seed instead).
+# backlog, and the server may take it first). The supernode sent the request because our
+# dfget reported the piece, so the news is on its way: a young server waits for it this
+# long before answering 404 (the peer would count a failure against us, and fetch the
+# piece from the seed instead).
 CATCH_UP = 2.0
 YOUNG = 10.0  # a server this new (s) may not have had its first registrations yet
 
@@ -154,10 +154,20 @@ async def _serve_piece(request: web.Request) -> web.StreamResponse:
         return _error(400, "bad_request", "the range spans several pieces")
     if entry.piece_auth and (refused := await _check_token(request, state, entry, rng.start, rng.end)):
         return refused
+    young = time.monotonic() - state.started < YOUNG
+    # the client the supernode named as the source: one of this entry's (its download's
+    # report is on its way) or an older one's (replaced: 404 at once); unnamed: young
+    named = request.headers.get(SOURCE_HEADER)
+    ours = None if named is None else named in entry.clients
     while True:
         held, valid = entry.holds(piece), entry.still_valid()
-        # only a download in progress has news on its way (a finished one moved already)
-        if (held and valid) or not entry.in_progress() or time.monotonic() >= deadline:
+        # Only a download in progress has news on its way: the path it is renamed to (its
+        # file is briefly not where it was), or the piece, when the source named is this
+        # entry's client. A piece held by a client of an older entry is the common case of
+        # a host downloading the task again: its new registration replaced the entry that
+        # held it; that 404 must come at once.
+        waiting = not valid or (not held and (ours if ours is not None else young))
+        if not waiting or not entry.in_progress() or time.monotonic() >= deadline:
             break
         await state.wait_table(deadline - time.monotonic())
         now = state.table.get(task_id)
