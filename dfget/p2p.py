@@ -32,6 +32,7 @@ from .progress import Stats
 from .supernodes import SupernodeDown, Supernodes
 
 log = logging.getLogger("dfget.p2p")
+DRAIN_WAIT = 5.0  # s a finished download waits for the peer server it launched to hear of it
 PULL_WAIT = 20.0
 SECRET_WAITS = 30  # x 0.1 s: how long another dfget of this host may take to share our peer's secret
 MAX_FAIL_STREAK = 30
@@ -349,6 +350,10 @@ class P2PSession:
         await asyncio.to_thread(functools.partial(self.part.finish, length, self.cfg.md5, keep_part=True))
         try:
             await self.peer.moved(self.task_id, self.cfg.output)
+            # A server we launched may not be up yet, with this news in its queue: the part
+            # file's name stays until it has heard where the file went (else peers asking
+            # meanwhile find neither name)
+            await self.peer.drain(DRAIN_WAIT)
         finally:
             await asyncio.to_thread(self.part.release)
         with contextlib.suppress(SupernodeDown, DfError):

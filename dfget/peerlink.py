@@ -108,6 +108,15 @@ class PeerLink:
             self.queue.clear()
             self.client = None  # the download goes on without serving
 
+    async def drain(self, timeout: float) -> None:
+        """Until the calls queued for a server still coming up have reached it (at most
+        `timeout` seconds; a server that never comes up ends it at once)."""
+        flusher = self.flusher
+        if flusher is None or flusher.done():
+            return
+        with contextlib.suppress(Exception, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(flusher), timeout)
+
     async def register(self, task_id: str, path: Path, length: int, piece_size: int, supernodes: list[str],
                        piece_auth: bool = False, keys: list[PieceKey] | None = None,
                        clients: list[str] | None = None) -> None:
