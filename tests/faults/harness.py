@@ -429,7 +429,7 @@ class World:
     def peer_server(self, home: Path) -> tuple[str, int]:
         """(peer_id, port) of a host's peer server, from its log."""
         text = (home / "logs" / "server.log").read_text(errors="replace")
-        found = re.findall(r"peer server ([0-9a-f]{32}) on [0-9.]+:(\d+)", text)
+        found = re.findall(r"peer server ([0-9a-f]{32}) on (?:https?://)?[0-9.]+:(\d+)", text)
         assert found, f"peer server of {home} has not started"
         peer_id, port = found[-1]
         return peer_id, int(port)
