@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from bench import oci
+from bench.oci import sha256, write_layout
 from bench.swarm import code_version
 from dfget.throttle import Throttle
 
@@ -53,34 +54,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def make_layout(layout: Path, tag: str, layers: list[bytes]) -> int:
     """An OCI layout of uncompressed random layers; returns the blob bytes (layers+config)."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def put(data: bytes) -> str:
-        (blobs / sha256(data)).write_bytes(data)
-        return sha256(data)
-
-    hexes = [put(b) for b in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{h}" for h in hexes]}}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": f"sha256:{put(config)}",
-                   "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{h}",
-                    "size": len(b)} for h, b in zip(hexes, layers)]}).encode()
-    mhex = put(manifest)
-    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": f"sha256:{mhex}",
-        "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
-    return sum(map(len, layers)) + len(config)
+    return sum(map(len, layers)) + len(write_layout(layout, tag, layers))
 
 
 class Relay:
@@ -166,26 +142,9 @@ async def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} not ready within {timeout}s")
 
 
-class Skopeo:
-    def __init__(self, work: Path) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        self.policy = work / "policy.json"
-        self.policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-        (work / "registries.conf").write_text("")
-        self.env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        self.env |= {"CONTAINERS_REGISTRIES_CONF": str(work / "registries.conf"), "HOME": str(work)}
-
+class Skopeo(oci.Skopeo):
     async def run(self, *args: str, timeout: float = 600) -> tuple[int, str, float]:
-        t0 = time.monotonic()
-        proc = await asyncio.create_subprocess_exec("skopeo", "--policy", str(self.policy), *args, env=self.env,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return -9, "timeout", time.monotonic() - t0
-        return proc.returncode or 0, out.decode(errors="replace"), time.monotonic() - t0
+        return await self.run_timed(*args, timeout=timeout)
 
     async def pull(self, hostport: str, ref: str, dest: Path) -> tuple[int, str, float]:
         return await self.run("copy", "--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers",

@@ -6,9 +6,6 @@ layers, and dfdaemon processes on their own 127.0.0.x."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import os
 import re
 import shutil
 import sys
@@ -21,6 +18,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from bench import oci
+from bench.oci import sha256, write_layout
 from conftest import REPO_ROOT, ProcessRunner, free_port, in_ci
 
 PY = sys.executable
@@ -34,10 +33,6 @@ def require_tools() -> None:
         if in_ci():
             pytest.fail(msg + ": the container-image tests cannot run", pytrace=False)
         pytest.skip(msg)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -59,30 +54,7 @@ class Image:
 
 def build_image(layout: Path, name: str, tag: str, layers: list[bytes]) -> Image:
     """An OCI image layout of uncompressed random 'layers' (no tar needed by skopeo)."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def put(data: bytes) -> str:
-        h = sha256(data)
-        (blobs / h).write_bytes(data)
-        return h
-
-    hexes = [put(b) for b in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{h}" for h in hexes]}}).encode()
-    chex = put(config)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": f"sha256:{chex}",
-                   "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{h}",
-                    "size": len(b)} for h, b in zip(hexes, layers)]}).encode()
-    mhex = put(manifest)
-    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": f"sha256:{mhex}",
-        "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
-    return Image(name, tag, layout, layers, config)
+    return Image(name, tag, layout, layers, write_layout(layout, tag, layers))
 
 
 class Registry:
@@ -217,29 +189,10 @@ class CountingProxy:
         return resp
 
 
-class Skopeo:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        work.mkdir(parents=True, exist_ok=True)
-        self.policy = work / "policy.json"
-        self.policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-        (work / "registries.conf").write_text("")
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        env["CONTAINERS_REGISTRIES_CONF"] = str(work / "registries.conf")
-        env["HOME"] = str(work)
-        self.env = env
-
+class Skopeo(oci.Skopeo):
     async def run(self, *args: str, timeout: float = 120) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            "skopeo", "--policy", str(self.policy), *args, env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return -9, "timeout"
-        return proc.returncode or 0, out.decode(errors="replace")
+        rc, out, _ = await self.run_timed(*args, timeout=timeout)
+        return rc, out
 
     async def push(self, image: Image, registry: str) -> None:
         rc, out = await self.run("copy", "--preserve-digests", "--dest-tls-verify=false",
