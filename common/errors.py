@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 
-class DfError(Exception):
+class Error(Exception):
+    """Root of every exception this project raises. Two branches: `DfError` (expected
+    failures, with wire codes and exit codes) and `Signal` (control flow between modules
+    of one process). A few leaves also derive from a builtin (`OSError`, `ValueError`)
+    so that callers written against the builtin keep catching them."""
+
+
+class DfError(Error):
     """Root of every expected failure. `code` is the wire name, `status` the HTTP one."""
 
     # Class attributes; an instance may narrow code and status (a piece token's reason
@@ -30,6 +37,13 @@ class DfError(Exception):
         if self.detail:
             body["detail"] = self.detail
         return body
+
+
+class Signal(Error):
+    """Control flow between modules of one process ("this supernode is down, try the
+    next", "register again", "this piece failed for reason R"): caught by the caller
+    that knows what to do next, never sent on the wire, never shown to a user. One that
+    escapes to an HTTP middleware is a bug and is logged as one."""
 
 
 # --- client input -------------------------------------------------------------------

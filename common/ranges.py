@@ -5,16 +5,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from common.errors import Error
+
 # [0-9], not \d: \d also matches other scripts' digits, which int() then accepts
 _RANGE_RE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})\Z")
 _CONTENT_RANGE_RE = re.compile(r"^bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)\Z")
 
 
-class RangeSyntaxError(ValueError):
+class RangeSyntaxError(Error, ValueError):
     """The header is malformed or asks for several ranges (answer 400)."""
 
 
-class RangeUnsatisfiable(ValueError):
+class RangeUnsatisfiable(Error, ValueError):
     """Well-formed but outside the resource (answer 416)."""
 
 

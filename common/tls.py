@@ -22,8 +22,10 @@ import functools
 import ssl
 from dataclasses import dataclass
 
+from common.errors import Error
 
-class TlsConfigError(ValueError):
+
+class TlsConfigError(Error, ValueError):
     """A certificate, key or CA file that cannot be used."""
 
 

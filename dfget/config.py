@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from common import units
+from common.errors import Error
 from common.hostport import hostport
 from common.tls import ClientTls, ServerTls
 
@@ -22,7 +23,7 @@ _MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(Error, ValueError):
     """A flag value that cannot be used (exit code 2)."""
 
 

@@ -19,13 +19,14 @@ import ssl
 from dataclasses import dataclass
 
 from common import tls as tlsconf
+from common.errors import Signal
 
 HEAD_MAX = 64 << 10
 BODY_MAX = 64 << 20  # a digests reply of a huge task is the largest answer we expect
 IDLE_MAX = 8  # kept-alive connections per destination
 
 
-class HttpError(OSError):
+class HttpError(Signal, OSError):
     """The peer spoke something that is not the HTTP we expect (or closed mid-answer)."""
 
 

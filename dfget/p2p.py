@@ -16,6 +16,7 @@ from common.errors import (
     DfError,
     PeerAddressDenied,
     PeerSecretRefused,
+    Signal,
     SupernodeUnavailable,
     TaskFailed,
     from_wire,
@@ -39,7 +40,7 @@ MAX_FAIL_STREAK = 30
 FAILOVER_WAIT = 30.0  # seconds a failover keeps trying while every supernode is down
 
 
-class P2PGaveUp(Exception):
+class P2PGaveUp(Signal):
     """P2P made no progress (stall or too many failed pieces): go back to source."""
 
 
@@ -391,11 +392,11 @@ class P2PSession:
         await self.sn.report(self.task_id, wire.ReportRequest(cid=self.cid, reports=batch))
 
 
-class _Reregister(Exception):
+class _Reregister(Signal):
     """The supernode forgot us (404): register again there, same cid."""
 
 
-class _ReportsRefused(Exception):
+class _ReportsRefused(Signal):
     """A batch of piggy-backed reports was refused as a whole: pull again."""
 
 

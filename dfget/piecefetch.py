@@ -17,6 +17,7 @@ from typing import Any
 
 from common import digest
 from common import tls as tlsconf
+from common.errors import Signal
 from common.hostport import hostport
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.tokenheaders import CLIENT_HEADER, SOURCE_HEADER, TOKEN_HEADER
@@ -34,7 +35,7 @@ BUSY_DELAY = 0.05  # ...after this, doubling (jittered): about 0.75 s in all
 CONNECT_TIMEOUT = 5.0  # an unreachable peer (SYNs dropped) fails fast as "refused"
 
 
-class PieceFailed(Exception):
+class PieceFailed(Signal):
     """The piece could not be fetched from this source; `reason` is a wire FailReason."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -130,11 +131,11 @@ async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
         raise PieceFailed("error", f"{type(exc).__name__}: {exc}") from None
 
 
-class _Refused(Exception):
+class _Refused(Signal):
     pass
 
 
-class _Busy(Exception):
+class _Busy(Signal):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status

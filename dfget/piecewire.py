@@ -16,6 +16,8 @@ import collections
 import ssl
 from dataclasses import dataclass
 
+from common.errors import Signal
+
 HEAD_MAX = 16 << 10
 _FRAMING = ("content-length", "transfer-encoding")
 POOL_MAX = 16
@@ -37,7 +39,7 @@ def _give(buf: bytearray) -> None:
         _pool.append(buf)
 
 
-class WireError(Exception):
+class WireError(Signal):
     """`reason` is a wire FailReason (short_body, long_body, error)."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -21,6 +21,7 @@ from common.errors import (
     OriginStatus,
     OriginUnauthorized,
     OriginUnavailable,
+    Signal,
 )
 
 from .neterr import describe
@@ -62,7 +63,7 @@ async def download(session: aiohttp.ClientSession, url: str, headers: dict[str, 
     raise AssertionError("unreachable")
 
 
-class _Retryable(Exception):
+class _Retryable(Signal):
     def __init__(self, error: OriginError) -> None:
         self.error = error
 

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from common import tls as tlsconf
 from common import wire
-from common.errors import DfError, SupernodeUnavailable, TlsError, from_wire
+from common.errors import DfError, Signal, SupernodeUnavailable, TlsError, from_wire
 from common.hostport import hostport
 from common.tls import ClientTls
 
@@ -53,7 +53,7 @@ def _jittered(retry_after: str, floor: float = 0.1) -> float:
     return min(max(delay, floor), MAX_RETRY_AFTER) * random.uniform(0.5, 1.5)
 
 
-class SupernodeDown(Exception):
+class SupernodeDown(Signal):
     """This supernode cannot serve us now; another one may. `busy`: it answered (503:
     store unavailable, busy, draining), so it is alive and worth asking again soon."""
 

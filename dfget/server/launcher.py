@@ -21,6 +21,7 @@ from typing import TypeVar
 import msgspec
 
 from common import wire
+from common.errors import Signal
 from common.listen import listen_socket
 from common.taskid import new_id
 from common.tls import ServerTls
@@ -47,7 +48,7 @@ START_TIMEOUT = 10.0
 _CHILDREN: list[subprocess.Popen[bytes]] = []
 
 
-class PeerServerError(Exception):
+class PeerServerError(Signal):
     """The local peer server could not be reached or started (downloads go on without it)."""
 
 

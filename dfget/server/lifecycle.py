@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from common import logs, wire
-from common.errors import DfError
+from common.errors import DfError, Signal
 from common.hostport import hostport
 from common.listen import listen_socket
 
@@ -37,7 +37,7 @@ log = logging.getLogger("dfget.server")
 LOCK_NAME = "server.lock"
 
 
-class AlreadyRunning(Exception):
+class AlreadyRunning(Signal):
     pass
 
 
@@ -167,7 +167,7 @@ async def _periodic(state: ServerState, notifier: Notifier) -> None:
             state.stop.set()
 
 
-class ListenError(Exception):
+class ListenError(Signal):
     """The peer port cannot be had (taken, or --ip is not an address of this host)."""
 
 

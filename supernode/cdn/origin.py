@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from common import errors
+from common.errors import Signal
 from common.netpolicy import AddressPolicy
 from common.taskid import CREDENTIAL_HEADERS, redact_url
 
@@ -31,7 +32,7 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
-class _Denied(OSError):
+class _Denied(Signal, OSError):
     pass
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 
 from common import digest, errors, wire
+from common.errors import Signal
 from common.pieces import piece_range
 from common.ranges import RangeSyntaxError, parse_content_range
 from common.taskid import redact_url
@@ -49,7 +50,7 @@ SUSPECT = frozenset({"digest_mismatch", "not_found", "short_body", "long_body", 
 RECHECK_AFTER = 5.0  # seconds: a piece found good is not hashed again sooner
 
 
-class _Lost(Exception):
+class _Lost(Signal):
     """The cached file itself is gone or truncated: refetch it whole."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common import errors
+from common.errors import Signal
 from common.ranges import RangeSyntaxError, parse_content_range
 
 from .cache import CacheEntry
@@ -21,7 +22,7 @@ from .pipe import hash_range
 log = logging.getLogger("supernode.cdn")
 
 
-class NoResume(Exception):
+class NoResume(Signal):
     """The origin would not continue the same version with a Range."""
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from common import wire
-from common.errors import StoreError
+from common.errors import Signal, StoreError
 
 from . import keys
 from .bitmaps import Bitmap, decode_counts
@@ -28,7 +28,7 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
     return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-class ReportRefused(Exception):
+class ReportRefused(Signal):
     """A report the store refused (status, value): nothing of the batch was applied."""
 
     def __init__(self, status: str, value: str) -> None:
