@@ -38,14 +38,18 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def error_middleware(*, logger: logging.Logger, render: Render = json_render,
-                     observe: Observe | None = None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The middleware; `observe(request, status, seconds)` runs after every request."""
+_HTTP_CODES = {404: "not_found", 413: "payload_too_large", 416: "range_not_satisfiable"}
+
+
+def error_middleware(*, logger: logging.Logger, render: Render = json_render, observe: Observe | None = None,
+                     cancelled_status: int = 500) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The middleware; `observe(request, status, seconds)` runs after every request, with
+    `cancelled_status` when the handler was cancelled (the client went away)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
-        status = 500
+        status = cancelled_status
         try:
             resp = await handler(request)
             status = resp.status
@@ -62,7 +66,7 @@ def error_middleware(*, logger: logging.Logger, render: Render = json_render,
             status = exc.status
             if exc.status < 400:
                 raise
-            return render(request, {"error": "not_found" if exc.status == 404 else "bad_request",
+            return render(request, {"error": _HTTP_CODES.get(exc.status, "bad_request"),
                                     "message": exc.reason}, exc.status)
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, route_of(request))

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from common import tokens
+from common.httperrors import error_middleware, route_of
 from common.httplog import server_logger
 from common.pieces import piece_of_range
 from common.ranges import ByteRange, RangeSyntaxError, RangeUnsatisfiable, parse_range
@@ -43,31 +44,24 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 @web.middleware
-async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """JSON error bodies for unknown paths and methods too, and a cap on requests in
-    progress (404s and 400s included) so a flood cannot pile up handlers."""
+async def _cap(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A cap on requests in progress (404s and 400s included) so a flood cannot pile up
+    handlers."""
     state = request.app[STATE]
-    resource = request.match_info.route.resource
-    endpoint = resource.canonical if resource is not None else "unmatched"  # bounded labels
-    status = 0  # 0: the reader went away before an answer
     if state.active_requests >= state.config.max_requests:
-        state.metrics.requests.labels(endpoint, "503").inc()
         return _error(503, "busy", "too many requests in progress")
     state.active_requests += 1
     try:
-        resp = await handler(request)
-        status = resp.status
-        return resp
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            status = exc.status
-            raise
-        status = exc.status
-        return _error(exc.status, "not_found" if exc.status == 404 else "bad_request", exc.reason)
+        return await handler(request)
     finally:
         state.active_requests -= 1
-        if status:
-            state.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+def _count(request: web.Request, status: int, seconds: float) -> None:
+    """Every answer by endpoint (the route's pattern: bounded labels) and status; not a
+    request whose reader went away before an answer (status 0)."""
+    if status:
+        request.app[STATE].metrics.requests.labels(route_of(request), str(status)).inc()
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -266,7 +260,8 @@ def runner_kwargs(state: ServerState) -> dict[str, object]:
 
 def build_peer_app(state: ServerState, on_dropped: object,
                    refresh_keys: RefreshKeys = _no_refresh) -> web.Application:
-    app = web.Application(middlewares=[_guard], client_max_size=1024)
+    app = web.Application(middlewares=[error_middleware(logger=log, observe=_count, cancelled_status=0), _cap],
+                          client_max_size=1024)
     app[STATE] = state
     app[FILE_DROPPED] = on_dropped
     app[REFRESH_KEYS] = refresh_keys

@@ -13,6 +13,7 @@ in the metrics); POST /shutdown.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,7 +23,8 @@ import msgspec
 from aiohttp import web
 
 from common import __version__
-from common.errors import BadRequest
+from common.errors import BadRequest, NotFound, PayloadTooLarge
+from common.httperrors import error_middleware
 from common.taskid import is_task_id
 from common.wire import decode
 
@@ -32,6 +34,7 @@ from .table import FileEntry
 
 T = TypeVar("T")
 STATE: web.AppKey[ServerState] = web.AppKey("control_state", ServerState)
+log = logging.getLogger("dfget.server.control")
 Notify = Callable[[list[FileEntry]], Awaitable[None]]
 NOTIFY: web.AppKey[Notify] = web.AppKey("notify", Notify)  # type: ignore[arg-type]
 
@@ -40,13 +43,13 @@ async def _body(request: web.Request, typ: type[T]) -> T:
     try:
         return decode(await request.read(), typ)
     except BadRequest as exc:
-        raise web.HTTPBadRequest(text=exc.message) from None
+        raise BadRequest(exc.message) from None
 
 
 def _task_id(request: web.Request) -> str:
     tid = request.match_info["task_id"]
     if not is_task_id(tid):
-        raise web.HTTPNotFound(text="unknown task")
+        raise NotFound("unknown task")
     return tid
 
 
@@ -93,7 +96,7 @@ async def mark_verified(request: web.Request) -> web.Response:
     tid = _task_id(request)
     body = await _body(request, MarkVerified)
     if not s.table.mark(tid, body.pieces, body.length):
-        raise web.HTTPNotFound(text="unknown task")
+        raise NotFound("unknown task")
     s.table_changed()
     return _json({"ok": True})
 
@@ -103,7 +106,7 @@ async def moved(request: web.Request) -> web.Response:
     tid = _task_id(request)
     body = await _body(request, MovedFile)
     if not s.table.moved(tid, Path(body.path)):
-        raise web.HTTPNotFound(text="unknown task or file")
+        raise NotFound("unknown task or file")
     s.table_changed()
     return _json({"ok": True})
 
@@ -112,7 +115,7 @@ async def remove(request: web.Request) -> web.Response:
     s = request.app[STATE]
     entry = s.table.remove(_task_id(request))
     if entry is None:
-        raise web.HTTPNotFound(text="unknown task")
+        raise NotFound("unknown task")
     await request.app[NOTIFY]([entry])
     return _json({"ok": True})
 
@@ -133,7 +136,7 @@ async def peer_secret(request: web.Request) -> web.Response:
     body = await _body(request, PeerSecret)
     s = request.app[STATE]
     if len(s.peer_secrets) >= 256 and body.supernode not in s.peer_secrets:
-        raise web.HTTPRequestEntityTooLarge(max_size=256, actual_size=len(s.peer_secrets) + 1)
+        raise PayloadTooLarge(f"at most 256 peer secrets (have {len(s.peer_secrets)})")
     s.peer_secrets[body.supernode] = body.secret
     return _json({"ok": True})
 
@@ -157,20 +160,8 @@ async def shutdown(request: web.Request) -> web.Response:
     return _json({"ok": True})
 
 
-@web.middleware
-async def _json_errors(request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 413: "payload_too_large"}.get(exc.status, "bad_request")
-        return _json({"error": code, "message": exc.text or exc.reason}, status=exc.status)
-
-
 def build_control_app(state: ServerState, notify: Notify) -> web.Application:
-    app = web.Application(middlewares=[_json_errors], client_max_size=8 << 20)
+    app = web.Application(middlewares=[error_middleware(logger=log)], client_max_size=8 << 20)
     app[STATE] = state
     app[NOTIFY] = notify
     r = app.router
