@@ -341,7 +341,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dls.append(procs.start([py, "-m", "bench.soak", "--role", "dl", "--api-port", str(api_port),
                                     "--work", str(work), "--tasks-file", str(work / "tasks.json"),
                                     "--hosts-list", ",".join(map(str, hosts)), "--per-host", str(per_host), *common],
-                                   stdout=_log(errlogs, logs / f"dl{i}.out"), stderr=_log(errlogs, logs / f"dl{i}.log")))
+                                   stdout=_log(errlogs, logs / f"dl{i}.out"), stderr=_log(errlogs, logs / f"dl{i}.log"),
+                                   preexec_fn=_niced(args.download_nice)))
         warmup = start + max(10.0, args.duration / 10)
         timeline: list[tuple[float, float]] = []
         rss0 = cpu0 = rcpu0 = None
@@ -383,6 +384,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["origin_x_per_task"] = origin_x
     out["origin_exactly_once"] = bool(origin_x) and all(x == 1.0 for x in origin_x.values())
     return out
+
+
+def _niced(n: int) -> Any:
+    """For Popen: run the child at nice +n (0: as we are)."""
+    return (lambda: os.nice(n)) if n else None
 
 
 def _log(opened: list[Any], path: Path) -> Any:
@@ -429,6 +435,7 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
     return {
         "duration_s": args.duration, "clients": args.clients, "think_s": args.think,
         "downloads_concurrent": sum(r.get("concurrent", 0) for r in dls), "hosts": args.hosts,
+        "download_nice": args.download_nice,
         "errors": sum(errors.values()), "errors_by_kind": errors,
         "last_errors": [r["last_error"] for r in sims + dls if r.get("last_error")][:5],
         "back_to_source": sum(r.get("back_to_source", 0) for r in dls),
@@ -454,7 +461,7 @@ ROWS = [
     ("errors (target 0)", "errors"), ("errors by kind", "errors_by_kind"),
     ("downloads back to the origin (target 0)", "back_to_source"),
     ("origin bytes per task, x F (target 1.0 each)", "origin_exactly_once"),
-    ("dfget downloads ok / concurrent", ("downloads_ok", "downloads_concurrent")),
+    ("dfget downloads ok / concurrent / nice", ("downloads_ok", "downloads_concurrent", "download_nice")),
     ("downloaded MiB / from peers %", ("download_mib", "from_peers_pct")),
     ("download time p50 / p99 s", ("download_p50_s", "download_p99_s")),
     ("simulated clients / think s", ("clients", "think_s")), ("pulls / pulls per s", ("pulls", "pulls_per_s")),
@@ -492,6 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sim-pieces", type=int, default=50, help="pieces of the simulated clients' task")
     p.add_argument("--sim-procs", type=int, default=2)
     p.add_argument("--dl-procs", type=int, default=2)
+    p.add_argument("--download-nice", type=int, default=0,
+                   help="run the real downloads (and the peer servers they start) at this nice level: "
+                        "on a shared box, what a supernode on its own host would see")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12"))
     p.add_argument("--supernode-arg", action="append", default=[], help="extra supernode option (repeatable)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))

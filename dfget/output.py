@@ -23,6 +23,41 @@ READ_CHUNK = 1 << 20
 T = TypeVar("T")
 
 
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux), or None: Python does not wrap it."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE: list[Callable[[int, int, int, int], int] | None] = []
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now, without waiting for it.
+
+    The download ends with an fsync before the atomic rename. Left to itself the kernel
+    keeps up to 10 % of RAM dirty before writing any of it back, so that fsync would
+    write the whole file at the end: about 0.5 s per GiB here, after the last byte
+    arrived. Started as each block lands, the writes overlap the download and the
+    final fsync waits only for the last few. Best effort: a failure changes nothing
+    (the fsync still makes the file durable)."""
+    if length <= 0:
+        return
+    if not _SYNC_FILE_RANGE:
+        _SYNC_FILE_RANGE.append(_sync_file_range())
+    fn = _SYNC_FILE_RANGE[0]
+    if fn is not None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 def part_path(output: Path, task_id: str) -> Path:
     """Deterministic, so a re-run with the same URL and output finds the same file."""
     return output.parent / f".{output.name}.{task_id[:16]}.dfget-part"
@@ -96,10 +131,12 @@ class PartFile:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         assert self.fd is not None
         view = memoryview(data)
+        start = offset
         with disk_errors(f"cannot write {self.path}"):
             while view:
                 n = os.pwrite(self.fd, view, offset)
                 view, offset = view[n:], offset + n
+        start_writeback(self.fd, start, offset - start)
 
     def writev(self, offset: int, chunks: list[bytes]) -> None:
         """pwritev the chunks back to back from offset (one syscall, no joining)."""
@@ -109,6 +146,7 @@ class PartFile:
             n = os.pwritev(self.fd, chunks, offset)
         if n < total:  # short write (rare: signals, nearly full disk): finish plainly
             self.write(offset + n, b"".join(chunks)[n:])
+        start_writeback(self.fd, offset, n)
 
     def piece_digest(self, start: int, end: int) -> str | None:
         """sha256 of [start, end] as on disk, or None when the file is shorter."""
