@@ -46,6 +46,11 @@ THROTTLED_RETRIES = 5  # 429 answers (this client's own rate) waited out before 
 # elsewhere, or to the origin.
 BUSY_BUDGET = 600.0
 BUSY_DELAY_MAX = 4.0
+# A supernode that took the connection (or let it wait in its backlog) but did not answer
+# in time is most likely overloaded (its answers are late, not absent: a host whose CPU
+# is saturated, a long pause), not gone: one that is gone refuses the connection. It is
+# asked again, with the same backoff, for this long before the origin is used.
+SLOW_BUDGET = 60.0
 
 
 def _jittered(retry_after: str, floor: float = 0.1) -> float:
@@ -55,11 +60,13 @@ def _jittered(retry_after: str, floor: float = 0.1) -> float:
 
 class SupernodeDown(Signal):
     """This supernode cannot serve us now; another one may. `busy`: it answered (503:
-    store unavailable, busy, draining), so it is alive and worth asking again soon."""
+    store unavailable, busy, draining), so it is alive and worth asking again soon.
+    `slow`: no answer in time (see SLOW_BUDGET)."""
 
-    def __init__(self, message: str, *, busy: bool = False) -> None:
+    def __init__(self, message: str, *, busy: bool = False, slow: bool = False) -> None:
         super().__init__(message)
         self.busy = busy
+        self.slow = slow
 
 
 class Supernodes:
@@ -92,11 +99,12 @@ class Supernodes:
         first = (self.index + 1) % count if skip_current else self.index
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BUSY_BUDGET
+        slow_deadline = loop.time() + SLOW_BUDGET
         delay = 0.5
         while True:
             errors: list[str] = []
             tls_errors: list[str] = []
-            busy = False
+            busy = slow = False
             for k in range(count):
                 i = (first + k) % count
                 try:
@@ -111,6 +119,7 @@ class Supernodes:
                     log.info("supernode %s: %s", self.nodes[i].base_url, exc)
                     errors.append(f"{self.nodes[i].base_url}: {exc}")
                     busy = busy or exc.busy
+                    slow = slow or exc.slow
                     continue
                 self.index = i
                 return reply
@@ -119,9 +128,10 @@ class Supernodes:
             # Every supernode refused. One that answered 503 is alive but overloaded (a
             # swarm starting all at once): ask again with backoff instead of sending the
             # whole swarm to the origin, which is what the system exists to prevent.
-            if not busy or loop.time() + delay > deadline:
+            # a late answer (slow) is waited for a shorter time than an explicit "busy"
+            if not (busy or slow) or loop.time() + delay > (deadline if busy else slow_deadline):
                 raise SupernodeUnavailable("no supernode answered: " + "; ".join(errors))
-            log.warning("supernodes busy; registering again in %.1f s", delay)
+            log.warning("supernodes %s; registering again in %.1f s", "busy" if busy else "slow to answer", delay)
             self.busy_at = loop.time()
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, BUSY_DELAY_MAX)
@@ -190,7 +200,7 @@ class Supernodes:
             try:
                 raw, status, retry_after = await self._send(i, method, path, data, headers, timeout)
             except (OSError, TimeoutError) as exc:
-                raise SupernodeDown(describe(exc)) from None
+                raise SupernodeDown(describe(exc), slow=isinstance(exc, TimeoutError)) from None
             throttled += status == 429
             if (not (status == 429 or (status == 503 and _is_busy(raw))) or loop.time() > give_up
                     or throttled > THROTTLED_RETRIES):
