@@ -1,0 +1,126 @@
+"""`POST /peer/pop/{task_id}`: the answer to a supernode's proof-of-possession challenge
+(common/pop.py). Only a challenge signed by a supernode we trust, naming this peer
+server, unexpired and never seen before is answered, and only from the bytes on disk
+of a piece this server holds verified: the range asked is read, nothing else.
+
+HASH mode answers JSON {"answer": sha256(nonce || bytes) hex}; PIECE mode answers the
+piece's bytes (application/octet-stream, Content-Length = the piece's size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from common import pop
+from common.pieces import piece_count, piece_range
+from common.taskid import is_task_id
+
+from .state import ServerState
+
+log = logging.getLogger("dfget.server.pop")
+MAX_NONCES = 4096  # challenges remembered at once; a flood beyond gets 503
+
+
+class Nonces:
+    """Nonces answered, kept until their challenge expires (+ the clock leeway): an old
+    challenge replayed is refused with 409, and memory stays bounded."""
+
+    def __init__(self, cap: int = MAX_NONCES) -> None:
+        self.cap = cap
+        self._seen: dict[bytes, float] = {}
+
+    def take(self, nonce: bytes, expires: int, now: float) -> str:
+        """"ok" (first use, now remembered), "replayed" or "full"."""
+        if nonce in self._seen:
+            return "replayed"
+        if len(self._seen) >= self.cap:
+            self._seen = {n: t for n, t in self._seen.items() if t >= now}
+            if len(self._seen) >= self.cap:
+                return "full"
+        self._seen[nonce] = expires + pop.LEEWAY
+        return "ok"
+
+
+NONCES: web.AppKey[Nonces] = web.AppKey("pop_nonces", Nonces)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+def read_range(path: Path, start: int, length: int) -> bytes | None:
+    """Exactly `length` bytes at `start`, or None when the file is shorter now."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        out = bytearray()
+        while len(out) < length:
+            chunk = os.pread(fd, min(length - len(out), 1 << 20), start + len(out))
+            if not chunk:
+                return None
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+async def answer_challenge(request: web.Request) -> web.StreamResponse:
+    from .app import REFRESH_KEYS, STATE  # app.py registers this handler
+
+    state: ServerState = request.app[STATE]
+    state.last_request = time.monotonic()
+    task_id = request.match_info["task_id"]
+    if not is_task_id(task_id):
+        return _error(404, "not_found", "unknown task")
+    text = request.headers.get(pop.HEADER)
+    try:
+        try:
+            ch = pop.verify(text, state.keys.get, task_id=task_id, peer_id=state.peer_id, now=time.time())
+        except pop.ChallengeError as exc:
+            if exc.reason != "unknown_key" or not await request.app[REFRESH_KEYS]():
+                raise
+            ch = pop.verify(text, state.keys.get, task_id=task_id, peer_id=state.peer_id, now=time.time())
+    except pop.ChallengeError as exc:
+        state.metrics.auth_refused.labels("pop_" + exc.reason).inc()
+        log.info("challenge from %s refused (%s): %s", request.remote, exc.reason, exc.message)
+        return web.json_response(exc.to_wire(), status=exc.status)
+    entry = state.table.get(task_id)
+    if entry is None or entry.length < 0:
+        return _error(404, "not_found", "unknown task")
+    count = piece_count(entry.length, entry.piece_size)
+    if not 0 <= ch.piece < count:
+        return _error(416, "range_not_satisfiable", f"piece {ch.piece} is not in 0..{count - 1}")
+    p_start, p_end = piece_range(ch.piece, entry.length, entry.piece_size)
+    if not p_start <= ch.start <= ch.end <= p_end:
+        return _error(416, "range_not_satisfiable",
+                      f"bytes {ch.start}-{ch.end} are not inside piece {ch.piece} (bytes {p_start}-{p_end})")
+    if ch.mode == pop.PIECE and (ch.start, ch.end) != (p_start, p_end):
+        return _error(400, "bad_request", "a piece challenge asks for the whole piece")
+    seen = request.app[NONCES].take(ch.nonce, ch.expires, time.time())
+    if seen == "replayed":
+        log.info("challenge from %s refused: nonce replayed", request.remote)
+        return _error(409, "replayed", "this challenge was answered already")
+    if seen == "full":
+        return _error(503, "busy", "too many challenges in progress")
+    if not entry.holds(ch.piece):
+        return _error(404, "not_found", "piece not held")
+    if not entry.still_valid():
+        return _error(404, "not_found", "file no longer available")
+    if ch.mode == pop.PIECE:
+        await state.throttle.consume(ch.length)
+    data = await asyncio.to_thread(read_range, entry.path, ch.start, ch.length)
+    if data is None:
+        return _error(404, "not_found", "file no longer available")
+    if ch.mode == pop.PIECE:
+        return web.Response(body=data, content_type="application/octet-stream",
+                            headers={"Cache-Control": "no-store"})
+    digest = await asyncio.to_thread(pop.answer, ch.nonce, data)
+    return web.json_response({"answer": digest})
