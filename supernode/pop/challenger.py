@@ -81,8 +81,15 @@ class Challenger:
         self.outstanding = decide.Outstanding()
         self.session: aiohttp.ClientSession | None = None
 
-    async def run(self) -> None:
+    async def open(self) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls or True, limit=4))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def run(self) -> None:
+        await self.open()
         try:
             while True:
                 await asyncio.sleep(self.settings.interval * self.rng.uniform(0.5, 1.5))
@@ -91,7 +98,7 @@ class Challenger:
                 except errors.StoreError as exc:
                     log.warning("possession challenge skipped: %s", exc.message)
         finally:
-            await self.session.close()
+            await self.close()
 
     async def round(self) -> Verdict | None:
         """One challenge, if some task has a client to challenge; its verdict."""
