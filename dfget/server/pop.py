@@ -22,6 +22,7 @@ from common.pieces import piece_count, piece_range
 from common.taskid import is_task_id
 
 from .state import ServerState
+from .table import FileEntry
 
 log = logging.getLogger("dfget.server.pop")
 MAX_NONCES = 4096  # challenges remembered at once; a flood beyond gets 503
@@ -72,6 +73,25 @@ def read_range(path: Path, start: int, length: int) -> bytes | None:
         os.close(fd)
 
 
+async def _catch_up(state: ServerState, task_id: str, piece: int | None) -> FileEntry | None:
+    """Our dfget tells the supernode about a piece and us about the file (with the keys
+    that verify challenges) at about the same time, and the supernode may challenge in
+    between: as for a piece request (app.py, CATCH_UP), wait a little for the news from
+    a young server (the file) or a download in progress (the piece)."""
+    from .app import CATCH_UP, YOUNG
+
+    deadline = time.monotonic() + CATCH_UP
+    while time.monotonic() < deadline:
+        entry = state.table.get(task_id)
+        if entry is None:
+            if time.monotonic() - state.started >= YOUNG:
+                return None
+        elif piece is None or entry.holds(piece) or not entry.in_progress():
+            return entry
+        await state.wait_table(deadline - time.monotonic())
+    return state.table.get(task_id)
+
+
 async def answer_challenge(request: web.Request) -> web.StreamResponse:
     from .app import REFRESH_KEYS, STATE  # app.py registers this handler
 
@@ -80,6 +100,7 @@ async def answer_challenge(request: web.Request) -> web.StreamResponse:
     task_id = request.match_info["task_id"]
     if not is_task_id(task_id):
         return _error(404, "not_found", "unknown task")
+    await _catch_up(state, task_id, None)
     text = request.headers.get(pop.HEADER)
     try:
         try:
@@ -104,6 +125,7 @@ async def answer_challenge(request: web.Request) -> web.StreamResponse:
                       f"bytes {ch.start}-{ch.end} are not inside piece {ch.piece} (bytes {p_start}-{p_end})")
     if ch.mode == pop.PIECE and (ch.start, ch.end) != (p_start, p_end):
         return _error(400, "bad_request", "a piece challenge asks for the whole piece")
+    entry = await _catch_up(state, task_id, ch.piece) or entry
     seen = request.app[NONCES].take(ch.nonce, ch.expires, time.time())
     if seen == "replayed":
         log.info("challenge from %s refused: nonce replayed", request.remote)
