@@ -241,6 +241,23 @@ async def test_a_peer_whose_file_changed_on_disk_fails(swarm: Swarm) -> None:
     assert v is not None and v.result == "failed" and "404" in v.why
 
 
+@pytest.mark.parametrize("own_copy", [True, False], ids=["range-hash", "whole-piece"])
+async def test_a_peer_whose_bytes_rotted_unnoticed_fails(swarm: Swarm, own_copy: bool) -> None:
+    """Same size, the peer server sees nothing wrong: only the answer gives it away."""
+    peer_id = new_id()
+    app, path = honest_app(swarm, peer_id, "rotten")
+    cid, _ = await swarm.join(app, peer_id)
+    path.write_bytes(bytes(b ^ 0x55 for b in swarm.data))
+    ch = swarm.challenger(own_copy=own_copy)
+    await ch.open()
+    try:
+        v = await ch.challenge_task(swarm.tid, cid)
+    finally:
+        await ch.close()
+    assert v is not None and v.result == "failed" and v.why in ("wrong answer", "wrong piece bytes")
+    assert len(await _held(swarm, cid)) == 1
+
+
 async def test_a_challenge_relayed_to_another_peer_is_refused(swarm: Swarm) -> None:
     """A liar cannot borrow an honest peer's answer: the challenge names the liar."""
     honest_id = new_id()
@@ -266,3 +283,13 @@ async def test_a_challenge_relayed_to_another_peer_is_refused(swarm: Swarm) -> N
     finally:
         await ch.close()
     assert v is not None and v.result == "failed" and "403" in v.why
+
+
+async def test_pop_interval_0_sends_no_challenge(swarm: Swarm) -> None:
+    """The swarm's supernode runs with --pop-interval 0: a liar is never asked."""
+    fake = Fake(swarm.data, "garbage")
+    liar, _ = await swarm.join(fake.app())
+    await asyncio.sleep(1.0)
+    assert fake.first is None
+    assert sum(swarm.st.metrics.pop_sent.labels(m)._value.get() for m in ("hash", "piece")) == 0
+    assert await _held(swarm, liar) == [0, 1]

@@ -312,3 +312,16 @@ async def test_hostile_challenges_get_a_clean_4xx(peer, case: str, status: int) 
     got, body = await _ask(client, text, task)
     assert got == status, body
     assert b"\"answer\"" not in body
+
+
+# --- the flags -----------------------------------------------------------------------------
+def test_pop_flags_are_validated() -> None:
+    from supernode.cli import build_settings
+
+    s = build_settings({"pop_interval": "30s", "pop_timeout": "500ms", "pop_max_failures": 2})
+    assert (s.pop_interval, s.pop_timeout, s.pop_max_failures) == (30.0, 0.5, 2)
+    assert build_settings({"pop_interval": "0"}).pop_interval == 0  # off
+    for bad in ({"pop_interval": "10ms"}, {"pop_timeout": "0"}, {"pop_timeout": "1h"},
+                {"pop_max_failures": 0}):
+        with pytest.raises(ValueError, match="--pop-"):
+            build_settings(bad)

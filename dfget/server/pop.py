@@ -86,8 +86,8 @@ async def _catch_up(state: ServerState, task_id: str, piece: int | None) -> File
         if entry is None:
             if time.monotonic() - state.started >= YOUNG:
                 return None
-        elif piece is None or entry.holds(piece) or not entry.in_progress():
-            return entry
+        elif piece is None or not entry.in_progress() or (entry.holds(piece) and entry.still_valid()):
+            return entry  # (a download in progress is briefly invalid while its file is renamed)
         await state.wait_table(deadline - time.monotonic())
     return state.table.get(task_id)
 
