@@ -225,7 +225,10 @@ async def test_a_failed_challenge_drops_the_piece_then_the_task(repo_task) -> No
     assert events[-1].split("\n")[1:] == [f"L {a} 2"]
     assert await repo.pop_failed(tid, a, 2, 2) == ("ok", 2)  # the piece is gone already; the count goes on
     assert await repo.bad_sources(tid) == {a}
-    assert events[-1].split("\n")[1:] == [f"X {a}"]
+    assert (await repo.held_by(tid, a)).members(4) == []  # a holder of nothing now
+    assert events[-1].split("\n")[1:] == [f"L {a} 0", f"L {a} 1", f"L {a} 3", f"X {a}"]
+    count = await repo.r.bitfield(f"df:t:{{{tid}}}:cnt").get("u16", "#0").get("u16", "#3").execute()
+    assert count == [0, 0]
     assert await repo.pop_failed(tid, "f" * 32, 0, 2) == ("unknown_client", 0)
     assert await repo.pop_failed("0" * 64, a, 0, 2) == ("unknown_task", 0)
     await repo.delete_task(tid)
