@@ -55,11 +55,11 @@ async def _counts(r: ProcessRunner) -> dict[str, int]:
             return await resp.json()  # type: ignore[no-any-return]
 
 
-async def test_lying_and_slow_holders_are_dropped_and_downloads_go_elsewhere(tmp_path: Path, origin,
-                                                                            supernode) -> None:  # type: ignore[no-untyped-def]
+async def test_lying_and_slow_holders_are_dropped_and_downloads_go_elsewhere(
+        tmp_path: Path, origin, supernode, store_url: str | None) -> None:  # type: ignore[no-untyped-def]
     origin.put_random("pop.bin", SIZE, seed=13)
     url = origin.url("pop.bin")
-    sn = supernode(redis_url=None, extra_args=["--pop-interval", "200ms", "--pop-timeout", "3s",
+    sn = supernode(redis_url=store_url, extra_args=["--pop-interval", "200ms", "--pop-timeout", "3s",
                                                "--pop-max-failures", "2"])
     home_a, home_b = tmp_path / "a", tmp_path / "b"
     common = ["-n", f"127.0.0.1:{sn.port}", "--ip", "127.0.0.1", "--json", "-s", "0"]

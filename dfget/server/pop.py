@@ -92,30 +92,26 @@ async def _catch_up(state: ServerState, task_id: str, piece: int | None) -> File
     return state.table.get(task_id)
 
 
-async def answer_challenge(request: web.Request) -> web.StreamResponse:
-    from .app import REFRESH_KEYS, STATE  # app.py registers this handler
+async def _verified(request: web.Request, state: ServerState, task_id: str) -> pop.Challenge | web.Response:
+    """The challenge if genuine and for us, else the refusal (counted and logged)."""
+    from .app import REFRESH_KEYS
 
-    state: ServerState = request.app[STATE]
-    state.last_request = time.monotonic()
-    task_id = request.match_info["task_id"]
-    if not is_task_id(task_id):
-        return _error(404, "not_found", "unknown task")
-    await _catch_up(state, task_id, None)
     text = request.headers.get(pop.HEADER)
     try:
         try:
-            ch = pop.verify(text, state.keys.get, task_id=task_id, peer_id=state.peer_id, now=time.time())
+            return pop.verify(text, state.keys.get, task_id=task_id, peer_id=state.peer_id, now=time.time())
         except pop.ChallengeError as exc:
             if exc.reason != "unknown_key" or not await request.app[REFRESH_KEYS]():
                 raise
-            ch = pop.verify(text, state.keys.get, task_id=task_id, peer_id=state.peer_id, now=time.time())
+            return pop.verify(text, state.keys.get, task_id=task_id, peer_id=state.peer_id, now=time.time())
     except pop.ChallengeError as exc:
         state.metrics.auth_refused.labels("pop_" + exc.reason).inc()
         log.info("challenge from %s refused (%s): %s", request.remote, exc.reason, exc.message)
         return web.json_response(exc.to_wire(), status=exc.status)
-    entry = state.table.get(task_id)
-    if entry is None or entry.length < 0:
-        return _error(404, "not_found", "unknown task")
+
+
+def _bad_range(entry: FileEntry, ch: pop.Challenge) -> web.Response | None:
+    """The range must lie inside the piece named, inside the file (all of it: PIECE)."""
     count = piece_count(entry.length, entry.piece_size)
     if not 0 <= ch.piece < count:
         return _error(416, "range_not_satisfiable", f"piece {ch.piece} is not in 0..{count - 1}")
@@ -125,6 +121,26 @@ async def answer_challenge(request: web.Request) -> web.StreamResponse:
                       f"bytes {ch.start}-{ch.end} are not inside piece {ch.piece} (bytes {p_start}-{p_end})")
     if ch.mode == pop.PIECE and (ch.start, ch.end) != (p_start, p_end):
         return _error(400, "bad_request", "a piece challenge asks for the whole piece")
+    return None
+
+
+async def answer_challenge(request: web.Request) -> web.StreamResponse:
+    from .app import STATE  # app.py registers this handler
+
+    state: ServerState = request.app[STATE]
+    state.last_request = time.monotonic()
+    task_id = request.match_info["task_id"]
+    if not is_task_id(task_id):
+        return _error(404, "not_found", "unknown task")
+    await _catch_up(state, task_id, None)
+    ch = await _verified(request, state, task_id)
+    if isinstance(ch, web.Response):
+        return ch
+    entry = state.table.get(task_id)
+    if entry is None or entry.length < 0:
+        return _error(404, "not_found", "unknown task")
+    if (refused := _bad_range(entry, ch)) is not None:
+        return refused
     entry = await _catch_up(state, task_id, ch.piece) or entry
     seen = request.app[NONCES].take(ch.nonce, ch.expires, time.time())
     if seen == "replayed":
@@ -132,6 +148,11 @@ async def answer_challenge(request: web.Request) -> web.StreamResponse:
         return _error(409, "replayed", "this challenge was answered already")
     if seen == "full":
         return _error(503, "busy", "too many challenges in progress")
+    return await _answer(state, entry, ch)
+
+
+async def _answer(state: ServerState, entry: FileEntry, ch: pop.Challenge) -> web.Response:
+    """From the bytes on disk, only those asked, of a piece we hold verified."""
     if not entry.holds(ch.piece):
         return _error(404, "not_found", "piece not held")
     if not entry.still_valid():
