@@ -293,3 +293,14 @@ async def test_pop_interval_0_sends_no_challenge(swarm: Swarm) -> None:
     assert fake.first is None
     assert sum(swarm.st.metrics.pop_sent.labels(m)._value.get() for m in ("hash", "piece")) == 0
     assert await _held(swarm, liar) == [0, 1]
+
+
+async def test_no_piece_auth_turns_pop_off_and_says_so(aiohttp_client, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """Peers get no keys without piece tokens: challenges could not be verified, and
+    every honest peer would be dropped."""
+    client = await aiohttp_client(app_for(settings_for(tmp_path / "sn", None, piece_auth=False,
+                                                       pop_interval=0.05)))
+    await asyncio.sleep(0.3)
+    assert any("proof of possession is off" in m for m in caplog.messages)
+    assert client.app[STATE].settings.piece_auth is False

@@ -328,3 +328,59 @@ def test_pop_flags_are_validated() -> None:
                 {"pop_max_failures": 0}):
         with pytest.raises(ValueError, match="--pop-"):
             build_settings(bad)
+
+
+def _expected(ch: dict[str, object], held: set[int]) -> int:
+    """The status the protocol (docs/api.md, POST /peer/pop) gives a well-signed challenge."""
+    if int(ch["expires"]) < time.time() - pop.LEEWAY:  # type: ignore[call-overload]
+        return 401
+    if ch["task_id"] != TID or ch["peer_id"] != PEER:
+        return 403
+    piece, start, end = int(ch["piece"]), int(ch["start"]), int(ch["end"])  # type: ignore[call-overload]
+    if not 0 <= piece < 4:
+        return 416
+    p_start, p_end = piece * PIECE, min(LENGTH, (piece + 1) * PIECE) - 1
+    if not p_start <= start <= end <= p_end:
+        return 416
+    if ch["mode"] == pop.PIECE and (start, end) != (p_start, p_end):
+        return 400
+    return 200 if piece in held else 404
+
+
+async def test_random_challenges_get_what_the_protocol_says(peer) -> None:  # type: ignore[no-untyped-def]
+    """600 random challenges (fields near and past every edge, some with a byte flipped):
+    never a 5xx, a 200 only for a range inside a held piece, and then the right answer."""
+    client, s, data, _ = peer
+    rng = random.Random(13)
+    edges = [0, 1, 999, 1000, 1001, 1999, 2000, 2999, 3000, 3499, 3500, 3501, 2**32 - 1, 2**63]
+    statuses: dict[int, int] = {}
+    for i in range(600):
+        start = rng.choice(edges + [rng.randrange(0, 4000)])
+        f: dict[str, object] = dict(
+            task_id=TID if rng.random() < 0.9 else "ef" * 32, peer_id=PEER if rng.random() < 0.9 else "01" * 16,
+            piece=rng.choice([0, 1, 2, 3, 4, 2**32 - 1, min(start // PIECE, 2**32 - 1)]), start=start,
+            end=min(start + rng.choice([0, 1, 99, 499, 500, 999, 1000, 2**40]), 2**64 - 1),
+            mode=rng.choice([pop.HASH, pop.PIECE]), nonce=os.urandom(16),
+            expires=int(time.time()) + rng.choice([60, -3600]))
+        text = _issue(s, **f)
+        flip = rng.random() < 0.15
+        if flip:
+            raw = bytearray(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+            text = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+        status, body = await _ask(client, text)
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status < 500, body
+        if flip:
+            assert status in (400, 401), (i, status, body)
+            continue
+        assert status == _expected(f, {0, 1, 3}), (i, f, status, body)
+        if status == 200:
+            a, b = int(f["start"]), int(f["end"])  # type: ignore[call-overload]
+            if f["mode"] == pop.PIECE:
+                assert body == data[a:b + 1]
+            else:
+                import json
+
+                assert json.loads(body)["answer"] == pop.answer(f["nonce"], data[a:b + 1])  # type: ignore[arg-type]
+    assert {200, 400, 401, 403, 404, 416} <= set(statuses), statuses
