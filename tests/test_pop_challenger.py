@@ -165,6 +165,25 @@ async def test_an_honest_peer_passes(swarm: Swarm, own_copy: bool) -> None:
     assert len(ch.outstanding) == 0
 
 
+async def test_our_own_rotten_copy_does_not_fail_an_honest_peer(swarm: Swarm) -> None:
+    """The CDN copy no longer hashes to the digest: the piece is asked for whole instead."""
+    peer_id = new_id()
+    app, _ = honest_app(swarm, peer_id)
+    cid, _ = await swarm.join(app, peer_id)
+    path = swarm.st.cache.data_path(swarm.tid)
+    path.write_bytes(bytes(len(swarm.data)))
+    ch = swarm.challenger(own_copy=True)
+    await ch.open()
+    try:
+        for _ in range(3):
+            v = await ch.challenge_task(swarm.tid, cid)
+            assert v is not None and v.result == "passed", v
+    finally:
+        await ch.close()
+    assert swarm.st.metrics.pop_sent.labels("piece")._value.get() == 3
+    assert await _held(swarm, cid) == [0, 1]
+
+
 @pytest.mark.parametrize("own_copy", [True, False], ids=["range-hash", "whole-piece"])
 async def test_a_peer_answering_garbage_loses_the_piece_then_the_task(swarm: Swarm, own_copy: bool,
                                                                       caplog: pytest.LogCaptureFixture) -> None:

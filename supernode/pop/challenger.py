@@ -122,16 +122,17 @@ class Challenger:
             return None
         held = (await self.repo.held_by(tid, cid)).members(piece_count(meta.length, meta.piece_size))
         published = await self.repo.digests(tid)
-        own = self._own_pieces(meta)
+        own = await self._own_pieces(meta)
         t = decide.target(cid, [n for n in held if n in published], meta.length, meta.piece_size, own, self.rng)
         if t is None:
             return None
         return await self.challenge(meta, info, t, published[t.piece])
 
-    def _own_pieces(self, meta: TaskMeta) -> set[int]:
+    async def _own_pieces(self, meta: TaskMeta) -> set[int]:
+        """The pieces our CDN copy of the task has (claimed: `read_own` checks them)."""
         if meta.cdn != self.sn_id:
             return set()
-        entry = self.cache.entries.get(meta.task_id) or self.cache.load(meta.task_id)
+        entry = self.cache.entries.get(meta.task_id) or await asyncio.to_thread(self.cache.load, meta.task_id)
         if entry is None or (entry.length, entry.piece_size) != (meta.length, meta.piece_size):
             return set()
         return set(entry.digests)
