@@ -39,6 +39,7 @@ from .cdn.throttle import Throttle
 from .config import Settings
 from .gc import announce_loop, gc_loop
 from .metrics import Metrics
+from .pop.challenger import Challenger, PopSettings
 from .scheduling.dispatch import Dispatcher
 from .scheduling.policy import Limits
 from .scheduling.views import Views
@@ -140,6 +141,15 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     except errors.StoreError as exc:
         log.warning("cannot publish the piece-token key yet: %s", exc.message)
     background.start("keys", keyring.run(), name="keys")
+    if settings.pop_interval > 0 and not settings.piece_auth:
+        log.warning("proof of possession is off: its challenges are signed with the piece-token key, "
+                    "which peers do not get with --no-piece-auth")
+    if settings.pop_interval > 0 and settings.piece_auth:
+        challenger = Challenger(repo, cache, signer, metrics, sn_id,
+                                PopSettings(settings.pop_interval, settings.pop_timeout, settings.pop_max_failures,
+                                            settings.origin_min_rate),
+                                tls=client_tls.context() if client_tls.cacert or client_tls.cert else None)
+        background.start("pop", challenger.run(), name="pop")
     api_port = app.get(API_PORT, settings.port)
     background.start("announce", announce_loop(st, ip, api_port, download_port, settings.server_tls() is not None),
                      name="announce")

@@ -17,7 +17,7 @@ from .config import Settings
 _SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size", "origin_min_rate"}
 _DURATIONS = {"fail_access_interval", "task_expire_time", "peer_gc_delay", "gc_initial_delay",
               "gc_meta_interval", "register_wait", "origin_read_timeout", "shutdown_timeout", "lease_ttl",
-              "piece_token_ttl", "header_timeout", "body_timeout"}
+              "piece_token_ttl", "header_timeout", "body_timeout", "pop_interval", "pop_timeout"}
 _CIDRS = {"allow_origin", "deny_origin", "allow_peer", "deny_peer"}
 
 
@@ -85,6 +85,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--client-ca", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s): require clients of both ports to present a certificate signed by one (mutual TLS; needs --cert).")),
     ("--cacert", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s) trusted besides the system's when this supernode is the client: https origins and TLS peer servers.")),
     ("--require-peer-tls", dict(is_flag=True, default=False, help="Accept only peers that serve TLS (dfget --cert/--key): piece tokens never travel in clear; a dfget with a plain peer server downloads without serving.")),
+    ("--pop-interval", dict(default="1m", show_default=True, help="Proof of possession: challenge one random peer about one random piece it claims this often, jittered ±50 % (0 = off).")),
+    ("--pop-timeout", dict(default="10s", show_default=True, help="A possession challenge not answered within this fails (a whole-piece answer gets piece size / --origin-min-rate more).")),
+    ("--pop-max-failures", dict(type=int, default=3, show_default=True, help="Failed possession challenges after which a client is dropped as a source of the task for everyone.")),
 ]
 
 

@@ -80,6 +80,11 @@ class Settings:
     client_ca: str | None = None
     cacert: str | None = None
     require_peer_tls: bool = False  # refuse peers that serve plain HTTP
+    # proof of possession (supernode/pop/): one challenge per interval (0: off), an answer
+    # due within pop_timeout, a client dropped as a source of a task after max failures
+    pop_interval: float = 60.0
+    pop_timeout: float = 10.0
+    pop_max_failures: int = 3
 
     def validate(self) -> Settings:
         for name in ("port", "download_port"):
@@ -107,8 +112,17 @@ class Settings:
             raise ValueError("--piece-token-ttl must be between 10s and 24h")
         if self.admin_token and (len(self.admin_token) < 16 or self.admin_token != self.admin_token.strip()):
             raise ValueError("the admin token must be at least 16 characters, without surrounding spaces")
+        self._check_pop()
         self._check_tls()
         return self
+
+    def _check_pop(self) -> None:
+        if not (self.pop_interval == 0 or 0.05 <= self.pop_interval <= 86400):
+            raise ValueError("--pop-interval must be 0 (off) or between 50ms and 24h")
+        if not 0.05 <= self.pop_timeout <= 600:
+            raise ValueError("--pop-timeout must be between 50ms and 10m")
+        if not 1 <= self.pop_max_failures <= 1000:
+            raise ValueError("--pop-max-failures must be 1..1000")
 
     def _check_tls(self) -> None:
         """Each file is loaded once now: a bad one is a usage error, not a failure later."""

@@ -102,6 +102,16 @@ class Metrics:
         self.tasks_active = gauge("supernode_tasks_active", "Tasks accessed within the last minute")
         self.peers = gauge("supernode_peers_active",
                            "Peer servers that registered or sent a heartbeat here recently")
+        # proof of possession (supernode/pop/): challenges sent, and how each ended
+        self.pop_sent = counter("supernode_pop_challenges_sent", "Possession challenges sent to peers",
+                                ["mode"])
+        self.pop_results = counter("supernode_pop_challenges", "Possession challenges judged, by result "
+                                   "(passed, failed: a wrong or refused answer, timeout: none in time, "
+                                   "unreachable)", ["result"])
+        self.pop_dropped = counter("supernode_pop_dropped", "Holders dropped after a failed challenge: of "
+                                   "one piece, or of the whole task (max failures reached)", ["scope"])
+        for result in ("passed", "failed", "timeout", "unreachable"):
+            self.pop_results.labels(result)
         for source in ("origin", "cdn", "peer"):
             self.bytes.labels(source)
         for reason in wire.BACK_TO_SOURCE_REASONS:

@@ -1,5 +1,6 @@
 """Peer-facing HTTP: `GET /peer/file/{task_id}` with one Range inside one verified piece,
-served with sendfile; `GET /_ping`; and `GET /metrics` (counters only). Nothing else is
+served with sendfile; `POST /peer/pop/{task_id}`, a supernode's proof-of-possession
+challenge (pop.py); `GET /_ping`; and `GET /metrics` (counters only). Nothing else is
 reachable from the network."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from common.ranges import ByteRange, RangeSyntaxError, RangeUnsatisfiable, parse
 from common.taskid import is_task_id
 from common.tokenheaders import SOURCE_HEADER
 
+from . import pop
 from .state import ServerState
 from .table import FileEntry
 
@@ -267,5 +269,7 @@ def build_peer_app(state: ServerState, on_dropped: object,
     app[REFRESH_KEYS] = refresh_keys
     app.router.add_get("/peer/file/{task_id}", serve_piece, allow_head=False)
     app.router.add_get("/_ping", ping, allow_head=False)
+    app[pop.NONCES] = pop.Nonces()
+    app.router.add_post("/peer/pop/{task_id}", pop.answer_challenge)
     app.router.add_get("/metrics", metrics, allow_head=False)
     return app

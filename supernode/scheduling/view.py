@@ -19,6 +19,7 @@ Ops (fields separated by one space):
   P cid info         client registered (info: "peer_id|ip|port|kind")
   D cid              client removed (its pieces, assignments and uploads with it)
   H cid n            cid now holds piece n (a new holder: never repeated)
+  L cid n            cid no longer holds piece n (it failed a possession challenge)
   T cid n src dl     piece n assigned to cid from src until dl (ms)
   R cid n            cid's assignment of piece n is over (reported, expired, released)
   B cid src          src blacklisted for cid
@@ -240,6 +241,8 @@ class TaskView:
                     if rec.have.n == 1:
                         self._refresh_free(f[1])
                     woke += 1
+            elif code == "L":
+                self._lose(f[1], int(f[2]))
             elif code == "P":
                 rec = self.clients.get(f[1])
                 info = PeerInfo.decode(f[2]) if len(f) > 2 else None
@@ -313,6 +316,17 @@ class TaskView:
                 self._refresh_free(src)
         self.uploads.pop(cid, None)
         self.earliest.pop(cid, None)
+
+    def _lose(self, cid: str, n: int) -> None:
+        rec = self.clients.get(cid)
+        if rec is None or n not in rec.have:
+            return
+        rec.have.discard(n)
+        self.counts[n] -= 1
+        if cid in self.holders[n]:
+            self.holders[n].remove(cid)
+        self.order_dirty = True
+        self._refresh_free(cid)
 
     def _refresh_free(self, cid: str) -> None:
         rec = self.clients.get(cid)

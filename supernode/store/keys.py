@@ -22,6 +22,7 @@ Per task T (`df:t:{T}:...`):
   fails       HASH   source -> failures reported against it (any client)
   cfails      HASH   cid -> failures this client reported
   bad         SET    sources dropped for everyone
+  popf        HASH   cid -> proof-of-possession challenges it failed (supernode/pop/)
   lease       STRING supernode id holding the CDN fetch lease (PX TTL)
   seq         STRING sequence number of the task's last published change (INCR)
 Global (not tagged):
@@ -69,6 +70,7 @@ BLACKLIST = "bl:"
 FAILS = "fails"
 CLIENT_FAILS = "cfails"
 BAD = "bad"
+POP_FAILS = "popf"
 LEASE = "lease"
 SEQ = "seq"
 # The suffixes the Lua scripts use, by the name they have there (scripts.py).
@@ -76,6 +78,7 @@ SCRIPT_SUFFIXES = {
     "META": META, "DIGESTS": DIGESTS, "CDNMAP": CDNMAP, "COUNTS": COUNTS, "PEERS": PEERS,
     "HOLDERS": HOLDERS, "HAVE": HAVE, "INFLIGHT": INFLIGHT, "UPLOADS": UPLOADS,
     "BLACKLIST": BLACKLIST, "FAILS": FAILS, "CLIENT_FAILS": CLIENT_FAILS, "BAD": BAD, "SEQ": SEQ,
+    "POP_FAILS": POP_FAILS,
 }
 
 
@@ -139,6 +142,10 @@ def client_fails(task_id: str) -> str:
 
 def bad(task_id: str) -> str:
     return task_prefix(task_id) + BAD
+
+
+def pop_fails(task_id: str) -> str:
+    return task_prefix(task_id) + POP_FAILS
 
 
 def lease(task_id: str) -> str:

@@ -350,6 +350,21 @@ class Repo:
         else:
             await self.r.srem(keys.host(peer_id), *task_ids)
 
+    @translate
+    async def held_by(self, task_id: str, cid: str) -> Bitmap:
+        """The pieces client `cid` is recorded as holding."""
+        return Bitmap(await self.r.get(keys.have(task_id, cid)))
+
+    @translate
+    async def bad_sources(self, task_id: str) -> set[str]:
+        """Sources dropped for everyone in this task."""
+        return {_s(v) for v in await self.r.smembers(keys.bad(task_id))}
+
+    async def pop_failed(self, task_id: str, cid: str, piece: int, max_failures: int) -> tuple[str, int]:
+        """A failed possession challenge (scripts.POP_FAILED): (status, failures so far)."""
+        res = await self.store.run("pop_failed", [keys.meta(task_id)], [cid, piece, self.ttl, max_failures])
+        return _s(res[0]), int(res[1])
+
     # --- scheduling -------------------------------------------------------------------
     async def load_view(self, task_id: str) -> dict[str, Any] | None:
         """The whole scheduling state of the task at one instant (scripts.LOAD_VIEW), as

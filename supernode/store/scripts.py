@@ -112,7 +112,7 @@ local function delete_task()
   local cdn = redis.call('HGET', meta, 'cdn')
   if cdn then redis.call('DEL', k(UPLOADS .. cdn)) end
   redis.call('DEL', meta, k(CDNMAP), k(DIGESTS), k(COUNTS), k(PEERS), k(FAILS),
-             k(CLIENT_FAILS), k(BAD))
+             k(CLIENT_FAILS), k(BAD), k(POP_FAILS))
   emit('Z')
 end
 """.replace("SEQ_TTL", str(keys.TASK_KEY_TTL_MS))
@@ -474,6 +474,37 @@ delete_task()
 return 1
 """)
 
+# A client failed a proof-of-possession challenge for piece n (supernode/pop/): it is
+# no holder of n any more (nobody is sent to it for n), and once it has failed
+# `max_failures` challenges of this task it holds nothing and is dropped as a source
+# for everyone (BAD).
+# ARGV: cid, n, ttl_ms, max_failures -> {status, failures}: "ok" | "unknown_task" |
+# "unknown_client"
+POP_FAILED = _eventful(r"""
+if redis.call('EXISTS', meta) == 0 then return {'unknown_task', 0} end
+local cid, n, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('HEXISTS', k(PEERS), cid) == 0 then return {'unknown_client', 0} end
+local function lose(p)
+  if redis.call('SETBIT', k(HAVE .. cid), p, 0) == 1 then
+    redis.call('SREM', k(HOLDERS .. p), cid)
+    redis.call('BITFIELD', k(COUNTS), 'OVERFLOW', 'SAT', 'INCRBY', 'u16', '#' .. p, -1)
+    emit('L ' .. cid .. ' ' .. p)
+  end
+end
+lose(n)
+local fails = redis.call('HINCRBY', k(POP_FAILS), cid, 1)
+touch(k(POP_FAILS), ttl)
+if fails >= tonumber(ARGV[4]) then
+  -- no holder of anything any more (rarity counts stay true), and no source for anyone
+  local count = tonumber(redis.call('HGET', meta, 'piece_count') or '-1') or -1
+  if count < 0 then count = redis.call('STRLEN', k(HAVE .. cid)) * 8 end
+  for p = 0, count - 1 do lose(p) end
+  if redis.call('SADD', k(BAD), cid) == 1 then emit('X ' .. cid) end
+  touch(k(BAD), ttl)
+end
+return {'ok', fails}
+""")
+
 # Renew or release a lease only if we own it. ARGV: owner, ttl_ms (0 = release)
 LEASE_KEEP = r"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -497,6 +528,7 @@ ALL = {
     "release": RELEASE,
     "remove_clients": REMOVE_CLIENTS,
     "delete_task": DELETE_TASK,
+    "pop_failed": POP_FAILED,
     "lease_keep": LEASE_KEEP,
 }
 # Scripts that return {event, result} (see _eventful).
