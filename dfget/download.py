@@ -32,6 +32,7 @@ from .p2p import P2PGaveUp, P2PSession
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits
 from .progress import Stats
+from .server.jobs import DownloadInvalidated
 from .stream import RangeOutsideFile, Want
 from .throttle import Throttle
 
@@ -42,7 +43,7 @@ log = logging.getLogger("dfget")
 # Final answers about the file itself: going to the origin ourselves would only repeat them.
 # A supernode TLS cannot work with answers all the same: the user must fix a flag.
 _FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, LocalDiskError, TlsError,
-          RangeOutsideFile)
+          RangeOutsideFile, DownloadInvalidated)
 
 
 def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
