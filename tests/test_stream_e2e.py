@@ -162,3 +162,48 @@ async def test_bad_ranges_are_refused(world: World) -> None:
     assert "range" in r.stderr
     assert not out.exists()
     assert not [p for p in world.tmp.iterdir() if p.name.endswith(".dfget-range")]
+
+
+def test_verified_run_follows_the_contiguous_prefix() -> None:
+    from dfget.stream import VerifiedRun
+
+    run = VerifiedRun(0)
+    assert run.add(20, 29) == -1  # out of order: waits
+    assert run.add(10, 19) == -1
+    assert run.add(0, 9) == 30  # the hole filled: the run reaches past all three
+    assert run.add(40, 49) == 30
+    assert run.add(30, 39) == 50
+    mid = VerifiedRun(15)  # a range starting inside a piece
+    assert mid.add(20, 29) == -1
+    assert mid.add(10, 19) == 30 and mid.available() == 15
+
+
+def test_want_resolves_the_range_and_its_pieces() -> None:
+    from dfget.stream import RangeOutsideFile, Want
+
+    w = Want("bytes=5-25")
+    w.resolve(-1, 10)  # length unknown yet: nothing
+    assert not w.resolved and w.window is None
+    w.resolve(100, 10)
+    assert (w.lo, w.hi, w.window) == (5, 25, (0, 2))
+    assert not w.covers({0, 1}) and w.covers({0, 1, 2, 7})
+    s = Want("bytes=-7")
+    s.resolve(100, 10)
+    assert (s.lo, s.hi, s.window) == (93, 99, (9, 9))
+    with pytest.raises(RangeOutsideFile):
+        Want("bytes=100-").resolve(100, 10)
+
+
+def test_expired_store_files_are_deleted_user_outputs_are_not(tmp_path: Path) -> None:
+    from dfget.server.lifecycle import drop_store_files
+    from dfget.server.table import FileEntry
+
+    store = tmp_path / "store"
+    store.mkdir()
+    mine, users = store / ("a" * 64), tmp_path / "output.bin"
+    mine.write_bytes(b"x")
+    users.write_bytes(b"y")
+    entries = [FileEntry(task_id="a" * 64, path=mine, length=1, piece_size=4, supernodes=[]),
+               FileEntry(task_id="b" * 64, path=users, length=1, piece_size=4, supernodes=[])]
+    drop_store_files(tmp_path, entries)
+    assert not mine.exists() and users.exists()
