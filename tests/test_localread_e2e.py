@@ -139,6 +139,16 @@ async def test_read_waits_for_verified_bytes_and_job_states(world: World, host: 
         assert r.status == 400
     async with host.session.get(f"http://local/local/read/{'0' * 64}?wait=0.2") as r:
         assert r.status == 404
+    # none of it is on the peer port that remote peers dial
+    async with host.session.get("http://local/info") as r:
+        port = (await r.json())["port"]
+    async with aiohttp.ClientSession() as tcp:
+        for path in (f"/local/read/{tid}", f"/local/jobs/{tid}", "/local/jobs", "/files"):
+            async with tcp.get(f"http://127.0.0.1:{port}{path}") as r:
+                assert r.status == 404, path
+        async with tcp.post(f"http://127.0.0.1:{port}/local/jobs/{tid}/invalidate") as r:
+            assert r.status in (404, 405)
+    assert (await host.job(tid))["state"] == "Completed"
 
 
 async def test_invalidate_cancels_the_download_and_its_readers(world: World, host: Host) -> None:
