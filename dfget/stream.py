@@ -243,7 +243,12 @@ async def run(cfg: DownloadConfig, stats: Stats, task_id: str, downloader: Downl
             pump.wake.clear()
             _bounds(pump, want, stats)
             pump.open(part)
-            await pump.step()
+            if stats.back_to_source is None:
+                # (the origin rewrites the part file from its start: from then on only
+                # the finished, checked file is read)
+                await pump.step()
+        if dl.exception() is not None and stats.back_to_source is None:
+            await pump.step()  # what was verified before the failure, and not a byte more
         dl.result()  # a failure: raise it, nothing more is written
         if want is not None and not want.resolved:  # the origin sent it all: cut it now
             want.resolve(stats.length, CHUNK)
