@@ -60,6 +60,11 @@ async def test_stdout_is_the_file_and_nothing_else(world: World) -> None:
     # the file stays in this home's store, where its peer server serves it until it expires
     store = world.homes[-1] / "store"
     assert [p.read_bytes() == data for p in store.iterdir() if not p.name.startswith(".")] == [True]
+    # ... and another host gets pieces from it
+    r = await run_dfget(*world.args(url, world.tmp / "second"))
+    assert r.code == 0, r.stderr
+    assert (world.tmp / "second").read_bytes() == data
+    assert r.report["bytes_from_peers"] > 0
 
 
 async def test_stdout_from_a_swarm_of_peers(world: World) -> None:
