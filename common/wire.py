@@ -124,6 +124,8 @@ class PullRequest(Struct, frozen=True):
     limit: Annotated[int, Meta(ge=1, le=16)] = 4
     wait: Annotated[float, Meta(ge=0, le=MAX_PULL_WAIT)] = DEFAULT_PULL_WAIT
     reports: Reports = []
+    # Only pieces first..last (inclusive) are wanted (dfget --range); None: all of them
+    window: tuple[Annotated[int, Meta(ge=0)], Annotated[int, Meta(ge=0)]] | None = None
 
 
 class Source(Struct, frozen=True):

@@ -4,7 +4,8 @@
 Exit codes (common/errors.py, README "Exit codes"): 0 ok, 1 unexpected, 2 bad
 arguments, 3 no supernode reachable (with --notbs), 4 origin error, 5 integrity,
 6 timeout, 7 local disk error, 8 P2P failed (with --notbs), 9 TLS with a supernode cannot
-work as configured (certificate not trusted, client certificate refused), 130 interrupted.
+work as configured (certificate not trusted, client certificate refused), 130 interrupted,
+141 the reader of `-o -` closed stdout (e.g. `| head`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from common.errors import (
 from common.tls import ClientTls, ServerTls, TlsConfigError, check_pair
 
 from . import config as C
-from . import notices
+from . import notices, stream
 from .download import download
 from .progress import ProgressBar, Stats
+from .stream import StreamClosed
 
 SUBCOMMANDS = ("server", "version")
 DOWNLOAD_EPILOG = """\b
@@ -85,7 +87,12 @@ def tls_options(fn):  # type: ignore[no-untyped-def]
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=DOWNLOAD_EPILOG)
 @click.option("-u", "--url", required=True, help="URL of the file (http or https).")
-@click.option("-o", "--output", default=None, help="Output file (default: last URL segment).")
+@click.option("-o", "--output", default=None,
+              help="Output file (default: last URL segment); '-' writes the file to stdout, in order, "
+              "as its pieces are verified.")
+@click.option("--range", "byte_range", default=None, metavar="bytes=A-B",
+              help="Only these bytes of the file (bytes=A-B, bytes=A- or bytes=-N), fetched as "
+              "the pieces covering them through the swarm.")
 @click.option("--create-dirs", is_flag=True, help="Create the output's missing directories (else an error).")
 @click.option("-m", "--md5", default=None, help="Expected md5 of the whole file.")
 @click.option("-i", "--identifier", default=None, help="Identifies the file instead of the md5.")
@@ -123,11 +130,18 @@ def download_cmd(url: str, output: str | None, create_dirs: bool, md5: str | Non
                  verbose: bool, home: str, ip: str | None, port: int, as_json: bool, pull_limit: int,
                  expiretime: str, alivetime: str, stall_timeout: str, no_serve: bool,
                  log_level: str | None, log_json: bool, cacert: str | None, cert: str | None,
-                 key: str | None, client_ca: str | None) -> None:
+                 key: str | None, client_ca: str | None, byte_range: str | None) -> None:
     """Download URL through the supernodes (P2P), back to the origin if that fails."""
+    from .stream import check_range
+
     client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
+    to_stdout = output == "-"
+    if byte_range is not None:
+        byte_range = _cfg(check_range, byte_range)
+    out = Path("-") if to_stdout else _cfg(C.default_output, url, output)
     cfg = C.DownloadConfig(
-        url=_cfg(C.check_url, url), output=_cfg(C.default_output, url, output), create_dirs=create_dirs,
+        url=_cfg(C.check_url, url), output=out, create_dirs=create_dirs, to_stdout=to_stdout,
+        byte_range=byte_range,
         home=Path(home).expanduser().absolute(), nodes=_cfg(C.parse_nodes, node),
         md5=_cfg(C.check_md5, md5), identifier=identifier, headers=_cfg(C.parse_headers, headers),
         filter_keys=C.parse_filter(filter_), locallimit=_cfg(C.parse_rate, locallimit, "--locallimit"),
@@ -147,10 +161,14 @@ def run(cfg: C.DownloadConfig) -> int:
     logs.setup(cfg.log_level or ("info" if cfg.verbose else "error"), as_json=cfg.log_json,
                text_format="dfget: %(name)s: %(message)s")
     notices.configure(as_json=cfg.log_json)
-    stats = Stats(url=cfg.url, output=str(cfg.output))
+    stats = Stats(url=cfg.url, output="-" if cfg.to_stdout else str(cfg.output))
     code = EXIT_OK
     try:
         asyncio.run(_main(cfg, stats))
+    except StreamClosed as exc:  # the reader of stdout left (| head): quiet, code 141
+        code = exc.exit_code
+        if cfg.verbose:
+            click.echo(f"dfget: {exc.message}", err=True)
     except DfError as exc:
         code = exc.exit_code
         click.echo(f"dfget: error: {exc.message}", err=True)
@@ -165,7 +183,10 @@ def run(cfg: C.DownloadConfig) -> int:
     if cfg.json:
         report = stats.report()
         report["exit_code"] = code
-        click.echo(json.dumps(report))
+        if cfg.byte_range is not None:
+            report["range"] = cfg.byte_range
+        # with -o - stdout carries the file and nothing else: the report goes to stderr
+        click.echo(json.dumps(report), err=cfg.to_stdout)
     return code
 
 
@@ -176,7 +197,10 @@ async def _main(cfg: C.DownloadConfig, stats: Stats) -> None:
         bar.start()
     try:
         async with asyncio.timeout(cfg.timeout):
-            await download(cfg, stats)
+            if cfg.to_stdout or cfg.byte_range is not None:
+                await stream.main(cfg, stats)
+            else:
+                await download(cfg, stats)
     except TimeoutError:
         raise DownloadTimeout(f"download did not finish within {cfg.timeout:g} s") from None
     finally:

@@ -80,6 +80,10 @@ class DownloadConfig:
     tls: ClientTls = field(default_factory=ClientTls)
     # the peer server we start serves pieces over TLS with these (--cert/--key/--client-ca)
     server_tls: ServerTls | None = None
+    # -o -: the file goes to stdout as it is verified (dfget/stream.py)
+    to_stdout: bool = False
+    # --range bytes=A-B: only those bytes, through the swarm (dfget/stream.py)
+    byte_range: str | None = None
 
 
 def parse_nodes(text: str) -> tuple[Node, ...]:

@@ -32,6 +32,8 @@ from .p2p import P2PGaveUp, P2PSession
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits
 from .progress import Stats
+from .server.jobs import DownloadInvalidated
+from .stream import RangeOutsideFile, Want
 from .throttle import Throttle
 
 if TYPE_CHECKING:
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dfget")
 # Final answers about the file itself: going to the origin ourselves would only repeat them.
 # A supernode TLS cannot work with answers all the same: the user must fix a flag.
-_FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, LocalDiskError, TlsError)
+_FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, LocalDiskError, TlsError,
+          RangeOutsideFile, DownloadInvalidated)
 
 
 def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
@@ -74,7 +77,8 @@ def _throttles(cfg: DownloadConfig) -> tuple[Throttle, ...]:
     return tuple(Throttle(r) for r in (cfg.locallimit, cfg.totallimit) if r > 0)
 
 
-async def download(cfg: DownloadConfig, stats: Stats) -> None:
+async def download(cfg: DownloadConfig, stats: Stats, want: Want | None = None) -> None:
+    """`want`: only the pieces covering --range are needed (dfget/stream.py)."""
     local_tid = taskid.task_id(cfg.url, filter_keys=cfg.filter_keys, md5=cfg.md5,
                                identifier=cfg.identifier)
     stats.task_id = local_tid
@@ -85,7 +89,7 @@ async def download(cfg: DownloadConfig, stats: Stats) -> None:
         reason = "pattern source"
         if cfg.pattern != "source":
             async with HttpClient() as http:
-                why = await _p2p(cfg, http, part, stats, throttles)
+                why = await _p2p(cfg, http, part, stats, throttles, want)
             if why is None:
                 return
             reason = why[1]
@@ -96,7 +100,7 @@ async def download(cfg: DownloadConfig, stats: Stats) -> None:
 
 
 async def _p2p(cfg: DownloadConfig, http: HttpClient, part: PartFile, stats: Stats,
-               throttles: tuple[Throttle, ...]) -> tuple[BackToSourceReason, str] | None:
+               throttles: tuple[Throttle, ...], want: Want | None = None) -> tuple[BackToSourceReason, str] | None:
     """None when P2P completed; otherwise why we should go back to source (the metric
     label and the text)."""
     peer = PeerLink(None, None)
@@ -104,7 +108,7 @@ async def _p2p(cfg: DownloadConfig, http: HttpClient, part: PartFile, stats: Sta
         ip = cfg.ip or local_ip_towards(cfg.nodes[0])
         peer = await PeerLink.start(cfg.home, ip, cfg.port, cfg.totallimit, cfg.alivetime, cfg.expiretime,
                                     tls=cfg.server_tls, cacert=cfg.tls.cacert)
-    p2p = P2PSession(cfg, http, part, stats, peer, FetchLimits(cfg.minrate, throttles, cfg.tls))
+    p2p = P2PSession(cfg, http, part, stats, peer, FetchLimits(cfg.minrate, throttles, cfg.tls), want)
     why: tuple[BackToSourceReason, str] | None = None
     try:
         await p2p.run()

@@ -30,6 +30,7 @@ from .output import PartFile, recheck
 from .peerlink import PeerLink
 from .piecefetch import FetchLimits, PieceFailed, fetch_piece
 from .progress import Stats
+from .stream import Want
 from .supernodes import SupernodeDown, Supernodes
 
 log = logging.getLogger("dfget.p2p")
@@ -52,8 +53,9 @@ class Flight:
 
 class P2PSession:
     def __init__(self, cfg: DownloadConfig, http: HttpClient, part: PartFile,
-                 stats: Stats, peer: PeerLink, limits: FetchLimits) -> None:
+                 stats: Stats, peer: PeerLink, limits: FetchLimits, want: Want | None = None) -> None:
         self.cfg, self.part, self.stats = cfg, part, stats
+        self.want = want  # --range: only the pieces covering it (dfget/stream.py)
         self.peer, self.limits = peer, limits
         self.sn = Supernodes(http, cfg.nodes, cfg.tls)
         self.cid: str | None = None
@@ -136,9 +138,13 @@ class P2PSession:
         if task.length >= 0:
             self.stats.length = task.length
             self.stats.pieces = task.piece_count
+        if self.want is not None:
+            self.want.resolve(task.length, task.piece_size)
 
     def complete(self) -> bool:
         t = self.task
+        if self.want is not None:
+            return self.want.covers(self.done)
         return t is not None and t.length >= 0 and t.piece_count >= 0 and len(self.done) >= t.piece_count
 
     async def run(self) -> None:
@@ -224,7 +230,8 @@ class P2PSession:
         started = time.monotonic()
         try:
             reply = await self.sn.pull(self.task_id, wire.PullRequest(
-                cid=self.cid, limit=min(free, 16), wait=wait, reports=reports))
+                cid=self.cid, limit=min(free, 16), wait=wait, reports=reports,
+                window=self.want.window if self.want is not None else None))
         except DfError as exc:
             if exc.code == "not_found":  # the supernode forgot this client or task
                 self.reports[:0] = reports
@@ -347,6 +354,11 @@ class P2PSession:
 
     async def _finish(self) -> None:
         assert self.task is not None
+        if self.want is not None:
+            # --range: the pieces it needs are verified in the part file, which the peer
+            # server keeps serving (the rest of the file was never fetched)
+            self.want.partial = True
+            return
         length = self.task.length
         await asyncio.to_thread(functools.partial(self.part.finish, length, self.cfg.md5, keep_part=True))
         try:

@@ -17,7 +17,8 @@ from common.wire import PeerAddr, PieceKey
 
 from .notices import notice
 from .server import spool
-from .server.launcher import ControlClient, PeerServerError, launch_server
+from .server.jobs import DownloadInvalidated
+from .server.launcher import ControlClient, JobInvalidated, PeerServerError, launch_server
 from .server.protocol import (
     BackToSource,
     Limits,
@@ -91,6 +92,8 @@ class PeerLink:
             return
         try:
             await self.client.request(method, path, body)
+        except JobInvalidated as exc:
+            raise DownloadInvalidated(f"stopped: {exc}") from None
         except PeerServerError as exc:
             log.warning("peer server stopped answering, no longer serving: %s", exc)
             await self.close()

@@ -93,7 +93,8 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = EventHub(store.client, wake_batch=settings.wake_batch)
     cdn = Cdn(repo, origin, cache, sn_id, Throttle(settings.max_bandwidth),
               CdnSettings(max_file_size=settings.max_file_size, min_rate=settings.origin_min_rate,
-                          max_fetches=settings.max_fetches, lease_ttl_ms=int(settings.lease_ttl * 1000)))
+                          max_fetches=settings.max_fetches, lease_ttl_ms=int(settings.lease_ttl * 1000),
+                          origin_parallel=settings.origin_parallel))
     if settings.piece_auth:
         cdn.copier.use_tokens(signer, sn_id)  # a takeover copies pieces from peer servers
     gate = PieceGate(keyring, sn_id, lambda reason: metrics.auth_refused.labels("piece", reason).inc())

@@ -60,6 +60,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--disk-gc-threshold", dict(default="5GB", show_default=True, help="Evict unused cached files below this free space.")),
     ("--max-file-size", dict(default="64GB", show_default=True, help="Largest origin file accepted (also chunked).")),
     ("--max-fetches", dict(type=int, default=16, show_default=True, help="Concurrent origin fetches.")),
+    ("--origin-parallel", dict(type=int, default=1, show_default=True,
+                               help="Parallel Range requests per origin fetch (1..32) when the origin "
+                                    "accepts ranges and names its version; the file's bytes are still "
+                                    "fetched exactly once.")),
     ("--lease-ttl", dict(default="15s", show_default=True, help="CDN fetch lease: a dead supernode's fetch is taken over after it, its CDN copies re-seeded after twice it.")),
     ("--register-wait", dict(default="10s", show_default=True, help="How long a registration waits for the origin's answer.")),
     ("--origin-read-timeout", dict(default="30s", show_default=True, help="An origin silent this long mid-response fails the read.")),

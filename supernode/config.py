@@ -52,6 +52,7 @@ class Settings:
     disk_gc_threshold: int = 5 << 30  # below this free space, evict unused cached files
     max_file_size: int = 64 << 30
     max_fetches: int = 16
+    origin_parallel: int = 1  # Range requests one origin fetch may run at once (cdn/parallel.py)
     lease_ttl: float = 15.0  # CDN fetch lease: how long a dead fetcher blocks a takeover
     register_wait: float = 10.0
     origin_read_timeout: float = 30.0
@@ -98,6 +99,8 @@ class Settings:
                      "max_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 1 <= self.origin_parallel <= 32:
+            raise ValueError("--origin-parallel must be 1..32")
         if not 0 <= self.origin_retries <= 20:
             raise ValueError("--origin-retries must be 0..20")
         if self.redis_url:

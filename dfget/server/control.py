@@ -7,7 +7,8 @@ DELETE /files/{task_id}; POST /limits (Limits); POST /keys (TrustKeys);
 POST /secrets (PeerSecret: this peer's secret at a supernode, sent with heartbeats and
 downs); POST /spool (replay the requests a dfget left in <home>/spool, see spool.py);
 POST /back-to-source (BackToSource: a download of this host went to the origin, counted
-in the metrics); POST /shutdown.
+in the metrics); POST /shutdown. Local reads and job states: GET /local/jobs[/{task_id}],
+POST /local/jobs/{task_id}/invalidate, GET /local/read/{task_id} (localread.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from common.httperrors import error_middleware
 from common.taskid import is_task_id
 from common.wire import decode
 
+from . import localread
+from .jobs import FAILED, DownloadInvalidated
 from .protocol import BackToSource, Limits, MarkVerified, MovedFile, PeerSecret, RegisterFile, ServerInfo, TrustKeys
 from .state import ServerState
 from .table import FileEntry
@@ -78,6 +81,7 @@ async def register_file(request: web.Request) -> web.Response:
     s.known_supernodes.update(body.supernodes)
     s.keys.add(body.keys)
     old = s.table.get(body.task_id)
+    s.jobs.clear(body.task_id)  # a new download of the task: a new job
     s.table.register(FileEntry(task_id=body.task_id, path=Path(body.path), length=body.length,
                                piece_size=body.piece_size, supernodes=list(body.supernodes),
                                owner_pid=body.owner_pid, piece_auth=body.piece_auth,
@@ -95,6 +99,8 @@ async def mark_verified(request: web.Request) -> web.Response:
     s = request.app[STATE]
     tid = _task_id(request)
     body = await _body(request, MarkVerified)
+    if s.jobs.invalid(tid):  # its dfget must stop (dfget/peerlink.py)
+        raise DownloadInvalidated("the job was invalidated")
     if not s.table.mark(tid, body.pieces, body.length):
         raise NotFound("unknown task")
     s.table_changed()
@@ -116,6 +122,9 @@ async def remove(request: web.Request) -> web.Response:
     entry = s.table.remove(_task_id(request))
     if entry is None:
         raise NotFound("unknown task")
+    if not entry.complete:  # its dfget gave up on P2P (failure, or going to the origin)
+        s.jobs.set(entry.task_id, FAILED, "its dfget stopped downloading it through the swarm")
+    s.table_changed()  # local readers of it stop
     await request.app[NOTIFY]([entry])
     return _json({"ok": True})
 
@@ -177,4 +186,5 @@ def build_control_app(state: ServerState, notify: Notify) -> web.Application:
     r.add_post("/back-to-source", back_to_source)
     r.add_post("/spool", replay_spool)
     r.add_post("/shutdown", shutdown)
+    localread.add_routes(r)
     return app

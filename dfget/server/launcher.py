@@ -52,6 +52,10 @@ class PeerServerError(Signal):
     """The local peer server could not be reached or started (downloads go on without it)."""
 
 
+class JobInvalidated(PeerServerError):
+    """410 from the control socket: this download's job was invalidated there."""
+
+
 class ControlClient:
     def __init__(self, home: Path) -> None:
         self.path = socket_path(home)
@@ -70,6 +74,8 @@ class ControlClient:
             resp = await self.http.request(method, "peer-server", 0, path, data,
                                            {"Content-Type": wire.JSON_TYPE}, timeout=timeout)
             raw = resp.body
+            if resp.status == 410:
+                raise JobInvalidated(f"{method} {path}: the job was invalidated on the peer server")
             if resp.status != 200:
                 raise PeerServerError(f"{method} {path}: HTTP {resp.status} {raw[:200]!r}")
         except (OSError, TimeoutError) as exc:

@@ -159,12 +159,24 @@ async def _periodic(state: ServerState, notifier: Notifier) -> None:
             gone = state.table.sweep(now, cfg.expiretime)
             if gone:
                 await notifier.files_gone(gone)
+                await asyncio.to_thread(drop_store_files, cfg.home, gone)
         if now >= next_beat:
             next_beat = now + cfg.heartbeat_interval
             await notifier.heartbeat()
         if state.active_uploads == 0 and state.idle_for(now) > cfg.alivetime and not state.table.busy():
             log.info("no request for %.0f s and no download in progress: exiting", cfg.alivetime)
             state.stop.set()
+
+
+def drop_store_files(home: Path, gone: list[FileEntry]) -> None:
+    """Files dfget keeps in <home>/store (`-o -`, `--range`: no output of the user's) go
+    with their entry; any other file is the user's output and stays."""
+    store = home / "store"
+    for e in gone:
+        if e.path.parent == store:
+            for p in (e.path, e.path.with_name(e.path.name + ".cid")):
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 class ListenError(Signal):

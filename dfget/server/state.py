@@ -13,6 +13,7 @@ from common.taskid import new_id
 from common.tls import ClientTls, ServerTls
 
 from ..throttle import Throttle
+from .jobs import JobBook
 from .metrics import PeerMetrics
 from .table import FileTable
 from .trust import TrustedKeys
@@ -49,6 +50,7 @@ class ServerState:
     config: ServerConfig
     peer_id: str = field(default_factory=new_id)
     table: FileTable = field(default_factory=FileTable)
+    jobs: JobBook = field(default_factory=JobBook)  # Failed/Invalid jobs (jobs.py, localread.py)
     active_uploads: int = 0
     active_requests: int = 0
     last_request: float = field(default_factory=time.monotonic)

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.taskid import is_task_id
+
+_SAVING = threading.Lock()
 
 
 @dataclass
@@ -25,7 +28,9 @@ class CacheEntry:
     digests: dict[int, str] = field(default_factory=dict)
 
     def verified_prefix(self) -> int:
-        """Number of leading pieces verified (the fetch is sequential)."""
+        """Number of leading pieces verified. A parallel fetch (--origin-parallel) leaves
+        holes: what lies past the first one is trusted by a takeover (every piece
+        re-hashed, takeover.trusted_pieces), a plain resume refetches it."""
         n = 0
         while n in self.digests:
             n += 1
@@ -86,8 +91,10 @@ class PieceCache:
         tmp = path.with_suffix(".json.tmp")
         body = asdict(entry)
         body["digests"] = {str(k): v for k, v in entry.digests.items()}
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        text = json.dumps(body)
+        with _SAVING:  # parallel spans of one fetch save from several worker threads
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
     def remove(self, task_id: str) -> None:
         self.entries.pop(task_id, None)

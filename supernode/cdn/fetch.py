@@ -30,7 +30,7 @@ from supernode.store import keys
 from supernode.store.repo import Repo, TaskMeta, now_ms
 from supernode.tasks import TaskOwner, cancel_and_wait
 
-from . import takeover
+from . import parallel, takeover
 from .cache import CacheEntry, PieceCache
 from .lease import Leases
 from .origin import OriginClient, validators
@@ -51,6 +51,7 @@ class CdnSettings:
     max_fetches: int = 16
     lease_ttl_ms: int = keys.LEASE_TTL_MS
     store_wait: float = 15.0  # how long a fetch rides out a store outage before pausing
+    origin_parallel: int = 1  # Range requests at once for one file (parallel.py)
 
 
 def file_digest(digests: dict[int, str], count: int) -> str:
@@ -218,8 +219,14 @@ class Cdn:
         if entry is not None and (entry.etag or entry.last_modified) and not entry.complete:
             start = await asyncio.to_thread(trusted_prefix, self.cache.data_path(entry.task_id), entry)
         attempt = 0
+        first = None
+        if self.settings.origin_parallel > 1 and start == 0 and not meta.range:
+            done, first = await parallel.fetch(self, meta, headers, published)
+            if done:
+                return
         while True:
-            resp = await self._open(meta, entry, headers, start)
+            resp = first if first is not None else await self._open(meta, entry, headers, start)
+            first = None
             try:
                 if resp.status == 206 and not meta.range and start > 0:
                     entry = check_resume(resp, entry, start)

@@ -182,8 +182,11 @@ async def take_over(cdn: Host, meta: TaskMeta, entry: CacheEntry | None, publish
         etag, lm = entry.etag, entry.last_modified
     if not (etag or lm):
         return False  # a Range without If-Range could splice two versions of the file
-    if same and entry is not None and set(published) <= set(entry.digests):
-        return False  # our own partial copy has it all: a plain resume
+    if same and entry is not None and set(published) <= set(entry.digests) and (
+            entry.verified_prefix() == len(entry.digests)):
+        return False  # our own partial copy has it all, in one leading run: a plain resume
+    # (with holes, left by a parallel fetch, a plain resume would keep only the leading
+    # run and drop published pieces the seed is asked for: re-hash them all here instead)
     path = cdn.cache.data_path(tid)
     have = await asyncio.to_thread(trusted_pieces, path, entry, published) if same and entry else {}
     if not same:

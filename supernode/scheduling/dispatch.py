@@ -51,7 +51,7 @@ from .policy import (
     source_first,
     wanted,
 )
-from .view import HOLDER_SCAN, SOURCE_KINDS, ClientRec, TaskView, after_reports
+from .view import HOLDER_SCAN, SOURCE_KINDS, ClientRec, Flags, TaskView, after_reports
 from .views import Views
 
 PENDING_GRACE_MS = 10_000  # a CDN upload older than this no longer hides its piece
@@ -65,13 +65,28 @@ MAX_GRANTS = 8  # assignments per piece token (common/tokens.py)
 class _Ask:
     """A pull waiting for its task's next round."""
 
-    __slots__ = ("cid", "limit", "reports", "fut", "park", "parked")
+    __slots__ = ("cid", "limit", "reports", "fut", "park", "parked", "window")
 
     def __init__(self, cid: str, limit: int, reports: list[wire.Report],
-                 fut: asyncio.Future[tuple[wire.PullReply | None, int]], park: bool) -> None:
+                 fut: asyncio.Future[tuple[wire.PullReply | None, int]], park: bool,
+                 window: tuple[int, int] | None = None) -> None:
         self.cid, self.limit, self.reports, self.fut = cid, limit, reports, fut
+        self.window = window  # dfget --range: only these pieces (inclusive)
         self.park = park  # it will wait for an event if it gets nothing
         self.parked: asyncio.Future[None] | None = None  # its place in the hub's queue
+
+
+def windowed(client: ClientState, window: tuple[int, int] | None, count: int) -> ClientState:
+    """The client as the decision sees it when it wants pieces first..last only: every
+    other piece counts as held, so none of them is chosen (pure)."""
+    if window is None or count <= 0:
+        return client
+    first, last = window[0], min(window[1], count - 1)
+    data = bytearray(b"\x01") * count
+    if first <= last:
+        seg = client.have.data[first:last + 1]
+        data[first:last + 1] = bytes(seg).ljust(last + 1 - first, b"\x00")
+    return dataclasses.replace(client, have=Flags(data))
 
 
 class _Round:
@@ -199,7 +214,7 @@ class Dispatcher:
         nothing and `park` asked for one."""
         view, _ = await self._client(task_id, req.cid)
         fut: asyncio.Future[tuple[wire.PullReply | None, int]] = asyncio.get_running_loop().create_future()
-        ask = _Ask(req.cid, req.limit, reports, fut, park)
+        ask = _Ask(req.cid, req.limit, reports, fut, park, req.window)
         self._asks.setdefault(task_id, []).append(ask)
         if task_id not in self._rounds:
             self._rounds[task_id] = asyncio.create_task(self._run_rounds(task_id))
@@ -271,7 +286,7 @@ class Dispatcher:
             if state is None and not ask.fut.done():  # a pull whose client left claims nothing
                 if rnd is None:
                     rnd = await self._prepare(view, meta, count, now)
-                decisions, items = self._decide(rnd, client, ask.limit)
+                decisions, items = self._decide(rnd, windowed(client, ask.window, count), ask.limit)
                 if not decisions and ask.park:
                     ask.parked = self.hub.park(task_id)  # before this round's change is applied
             plans.append((ask, state, done, decisions, items))
