@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -34,12 +34,28 @@ from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
 from common.ranges import RangeSyntaxError, parse_content_range
 from supernode.store.repo import TaskMeta
 
-from .cache import CacheEntry
-from .origin import validators
+from .cache import CacheEntry, PieceCache
+from .origin import OriginClient, validators
 from .resume import NoResume
 
-if TYPE_CHECKING:
-    from .fetch import Cdn
+
+class Cdn(Protocol):
+    """What a parallel fetch uses of the CDN (fetch.Cdn; a Protocol, as in takeover.py,
+    so that this module does not import the one that calls it)."""
+
+    cache: PieceCache
+    origin: OriginClient
+    settings: Any
+
+    async def _announce(self, meta: TaskMeta, entry: CacheEntry) -> None: ...
+
+    async def _stream(self, meta: TaskMeta, entry: CacheEntry, resp: Any, start: int,
+                      published: dict[int, str], *, stop: int | None = None, finish: bool = True) -> None: ...
+
+    async def fetch_run(self, meta: TaskMeta, entry: CacheEntry, a: int, b: int,
+                        published: dict[int, str]) -> None: ...
+
+    async def finish_fetch(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None: ...
 
 PROBE = DEFAULT_PIECE_SIZE  # the piece size of every file up to 200 MiB
 _BROKEN = (TimeoutError, aiohttp.ClientError, errors.OriginShortBody, errors.OriginUnavailable)
