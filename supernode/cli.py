@@ -14,10 +14,11 @@ from common.units import parse_duration, parse_size
 
 from .config import Settings
 
-_SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size", "origin_min_rate"}
+_SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size", "origin_min_rate",
+          "max_upload_size"}
 _DURATIONS = {"fail_access_interval", "task_expire_time", "peer_gc_delay", "gc_initial_delay",
               "gc_meta_interval", "register_wait", "origin_read_timeout", "shutdown_timeout", "lease_ttl",
-              "piece_token_ttl", "header_timeout", "body_timeout"}
+              "piece_token_ttl", "header_timeout", "body_timeout", "upload_ttl"}
 _CIDRS = {"allow_origin", "deny_origin", "allow_peer", "deny_peer"}
 
 
@@ -84,6 +85,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--key", dict(default=None, type=click.Path(dir_okay=False), help="PEM private key of --cert.")),
     ("--client-ca", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s): require clients of both ports to present a certificate signed by one (mutual TLS; needs --cert).")),
     ("--cacert", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s) trusted besides the system's when this supernode is the client: https origins and TLS peer servers.")),
+    ("--upload-ttl", dict(default="1h", show_default=True, help="An upload session (POST /api/v1/uploads) with no chunk this long expires and its spool file is removed.")),
+    ("--max-upload-sessions", dict(type=int, default=16, show_default=True, help="Upload sessions open at once; more get 503 too_many_uploads.")),
+    ("--max-upload-size", dict(default="64GB", show_default=True, help="Largest length an upload session may declare (413 above).")),
     ("--require-peer-tls", dict(is_flag=True, default=False, help="Accept only peers that serve TLS (dfget --cert/--key): piece tokens never travel in clear; a dfget with a plain peer server downloads without serving.")),
 ]
 
