@@ -79,7 +79,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--deny-peer", dict(multiple=True, help="Extra CIDR never accepted as a peer address (repeatable).")),
     ("--piece-auth/--no-piece-auth", dict(default=True, show_default=True, help="Require signed piece tokens on the download port and peer servers (off: trusted networks only).")),
     ("--piece-token-ttl", dict(default="5m", show_default=True, help="Validity of a piece token.")),
-    ("--admin-token", dict(default=None, help="Bearer token admin operations need (delete, preheat, peer listings); prefer the env var or --admin-token-file. Unset: admin operations are open.")),
+    ("--admin-token", dict(default=None, help="Bearer token admin operations need (delete, preheat, peer listings, uploads); prefer the env var or --admin-token-file. Unset: admin operations are open.")),
     ("--admin-token-file", dict(default=None, type=click.Path(dir_okay=False), help="File holding the admin token.")),
     ("--cert", dict(default=None, type=click.Path(dir_okay=False), help="PEM certificate (chain) of this supernode: the API and download ports serve HTTPS (needs --key); also the client certificate shown to peer servers that require one.")),
     ("--key", dict(default=None, type=click.Path(dir_okay=False), help="PEM private key of --cert.")),
