@@ -287,3 +287,50 @@ async def test_uploads_need_the_admin_token_when_one_is_set(make_client: Any) ->
     assert status == 401
     status, out = await patch(client, sid, 0, data, **auth)
     assert status == 200 and out["state"] == "committed"
+
+
+async def _raw_patch(client: Any, sid: str, declared: int, sent: bytes) -> tuple[asyncio.StreamReader, Any]:
+    """A PATCH whose body stops after `sent` of `declared` bytes (the socket stays open)."""
+    r, w = await asyncio.open_connection(client.server.host, client.server.port)
+    w.write((f"PATCH /api/v1/uploads/{sid} HTTP/1.1\r\nHost: x\r\nUpload-Offset: 0\r\n"
+             f"Content-Length: {declared}\r\n\r\n").encode() + sent)
+    await w.drain()
+    return r, w
+
+
+async def test_a_chunk_whose_body_stalls_is_408_and_kept_nowhere(make_client: Any) -> None:
+    client = await make_client(body_timeout=1.0)
+    data = file_bytes(3 * MIB, seed=13)
+    s = await open_session(client, data)
+    r, w = await _raw_patch(client, s["id"], len(data), data[:2 * MIB])
+    try:
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+    finally:
+        w.close()
+    assert await head_offset(client, s["id"]) == 0
+    assert spool_files(client)[0].stat().st_size == 0
+    status, body = await patch(client, s["id"], 0, data)
+    assert status == 200 and body["state"] == "committed"
+
+
+async def test_a_client_gone_mid_chunk_leaves_the_offset_where_it_was(client: Any) -> None:
+    data = file_bytes(3 * MIB, seed=14)
+    s = await open_session(client, data)
+    assert (await patch(client, s["id"], 0, data[:MIB]))[0] == 200
+    r, w = await asyncio.open_connection(client.server.host, client.server.port)
+    w.write((f"PATCH /api/v1/uploads/{s['id']} HTTP/1.1\r\nHost: x\r\nUpload-Offset: {MIB}\r\n"
+             f"Content-Length: {2 * MIB}\r\n\r\n").encode() + data[MIB:MIB + MIB // 2])
+    await w.drain()
+    await asyncio.sleep(0.2)
+    w.close()
+    ups = client.app[UPLOADS]
+    for _ in range(100):  # the server notices the closed connection and drops the chunk
+        if not ups.sessions[s["id"]].lock.locked():
+            break
+        await asyncio.sleep(0.05)
+    assert await head_offset(client, s["id"]) == MIB
+    assert spool_files(client)[0].stat().st_size == MIB
+    status, body = await patch(client, s["id"], MIB, data[MIB:])
+    assert status == 200 and body["state"] == "committed"
+    assert cache_path(client, data).read_bytes() == data
