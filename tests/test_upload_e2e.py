@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest import free_port, make_file
 from dfget_support import Result, run_dfget, stop_server
 
@@ -169,3 +170,19 @@ async def test_upload_to_a_supernode_with_an_admin_token(supernode, tmp_path: Pa
             os.environ["DFGET_ADMIN_TOKEN"] = env_before
     assert res.code == 0, res.stderr
     assert report(res)["state"] == "committed"
+
+
+@pytest.mark.redis
+async def test_uploaded_on_one_supernode_downloaded_through_another(supernode, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two supernodes on one Redis: the commit records the task with the uploader as its
+    CDN, so a registration on the other is served from the uploader's seed, no origin."""
+    sn1, sn2 = supernode(), supernode()
+    src = make_file(tmp_path / "shared.bin", 6 * MIB + 99, seed=36)
+    digest = sha256_of(src)
+    res = await run_dfget(*upload_args(sn1, src, digest, tmp_path / "up", "--chunk-size", "2MiB"))
+    assert res.code == 0, res.stderr
+    out = tmp_path / "got.bin"
+    res = await download(sn2, f"http://127.0.0.1:{free_port()}/shared.bin", digest, out, tmp_path / "dl")
+    assert res.code == 0, res.stderr
+    assert out.read_bytes() == src.read_bytes()
+    assert not (sn2.home / "cdn").exists() or not list((sn2.home / "cdn").glob("*/*.data"))
