@@ -41,6 +41,12 @@ async def client(make_client):  # type: ignore[no-untyped-def]
     return await make_client()
 
 
+@pytest.fixture
+async def store_client(aiohttp_client, tmp_path, store_url):  # type: ignore[no-untyped-def]
+    """On the embedded store and on the real Redis: the commit writes the task record."""
+    return await aiohttp_client(app_for(settings_for(tmp_path / "sn", store_url)))
+
+
 async def open_session(client: Any, data: bytes, status: int = 201, **body: Any) -> dict[str, Any]:
     resp = await client.post("/api/v1/uploads", json={"digest": digest_of(data), "length": len(data), **body})
     out = await resp.json()
@@ -81,7 +87,8 @@ async def upload(client: Any, data: bytes, chunk: int) -> dict[str, Any]:
     return out
 
 
-async def test_full_upload_enters_the_cache_and_is_served_without_an_origin(client: Any) -> None:
+async def test_full_upload_enters_the_cache_and_is_served_without_an_origin(store_client: Any) -> None:
+    client = store_client
     data = file_bytes(9 * MIB + 12345, seed=7)  # three pieces, the last one short
     out = await upload(client, data, 3 * MIB)
     assert out["state"] == "committed" and out["task_id"] == task_id("", identifier=digest_of(data))
@@ -89,6 +96,8 @@ async def test_full_upload_enters_the_cache_and_is_served_without_an_origin(clie
     assert spool_files(client) == []
     entry = client.app[STATE].cache.load(out["task_id"])
     assert entry.complete and len(entry.digests) == 3
+    meta = await client.app[STATE].repo.get_meta(out["task_id"])
+    assert meta.status == "success" and meta.url == f"upload:{digest_of(data)}" and meta.length == len(data)
     assert entry.digests[2] == hashlib.sha256(data[8 * MIB:]).hexdigest()
     # the same digest again: nothing to send
     again = await open_session(client, data, status=200)
@@ -102,9 +111,10 @@ async def test_full_upload_enters_the_cache_and_is_served_without_an_origin(clie
     assert got == data
 
 
-async def test_commit_after_the_redis_task_expired_reuses_the_cache(client: Any) -> None:
+async def test_commit_after_the_redis_task_expired_reuses_the_cache(store_client: Any) -> None:
     """The task's record is gone from the store (idle GC): the next registration still
     finds the uploaded bytes in the cache, checked against the digest, no origin."""
+    client = store_client
     data = file_bytes(5 * MIB, seed=8)
     out = await upload(client, data, 2 * MIB)
     await client.app[STATE].repo.delete_task(out["task_id"])

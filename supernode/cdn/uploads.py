@@ -342,7 +342,9 @@ class Uploads:
         """Tell the cluster (Redis) the task is here, so registrations on any supernode of
         it are served from this cache. Best effort: without it, a registration on this
         supernode still finds the cached entry (fetch.py reuses a complete
-        content-addressed entry without the origin)."""
+        content-addressed entry without the origin). The record's URL says where the
+        bytes came from; it is no origin (a refetch of it fails with a clear policy
+        error rather than fetching anything)."""
         from supernode.cdn.fetch import file_digest
 
         st, tid = self.st, s.task_id
@@ -351,7 +353,7 @@ class Uploads:
             return
         try:
             state, _status = await st.repo.register_task(
-                tid, url="", url_key=s.digest, md5="", identifier=s.digest, range_="", headers={},
+                tid, url=f"upload:{s.digest}", url_key=s.digest, md5="", identifier=s.digest, range_="", headers={},
                 fail_interval_ms=int(st.settings.fail_access_interval * 1000))
             meta = await st.repo.get_meta(tid)
             if state == "conflict" or meta is None or meta.status not in ("pending", "failed"):
