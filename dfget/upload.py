@@ -197,6 +197,9 @@ class Uploader:
                 await self._send(node, sid, offset)
                 await self._commit(node, sid)
                 return
+            except errors.IntegrityError:
+                _drop_state(self.state_file)  # the supernode discarded the session
+                raise
             except _Lost as exc:
                 log.warning("upload session lost (%s); starting a new one", exc)
                 _drop_state(self.state_file)

@@ -344,3 +344,35 @@ async def test_a_client_gone_mid_chunk_leaves_the_offset_where_it_was(client: An
     status, body = await patch(client, s["id"], MIB, data[MIB:])
     assert status == 200 and body["state"] == "committed"
     assert cache_path(client, data).read_bytes() == data
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_chunking_with_hostile_chunks_in_between_is_byte_exact(client: Any, seed: int) -> None:
+    """Chunks of random sizes (across piece boundaries), with refused ones in between
+    (replays, overlaps, gaps, past the end, garbage at a wrong offset): the cached file
+    and its piece digests are exactly the file's."""
+    import random
+
+    rnd = random.Random(seed)
+    data = file_bytes(4 * MIB + rnd.randrange(1, 3 * MIB), seed=100 + seed)
+    s = await open_session(client, data)
+    off, out = 0, s
+    while off < len(data):
+        if off and rnd.random() < 0.3:
+            bad = rnd.choice([rnd.randrange(0, off), off + rnd.randrange(1, 4096)])
+            status, body = await patch(client, s["id"], bad, rnd.randbytes(rnd.randrange(1, 8192)))
+            assert status in (409, 416), (status, body)
+        if rnd.random() < 0.1:
+            status, _ = await patch(client, s["id"], off, data[off:] + b"!")
+            assert status == 416
+        size = rnd.randrange(1, 1536 * KIB)
+        status, out = await patch(client, s["id"], off, data[off:off + size])
+        assert status == 200, out
+        off = min(off + size, len(data))
+        assert out["offset"] == off
+    assert out["state"] == "committed"
+    assert cache_path(client, data).read_bytes() == data
+    entry = client.app[STATE].cache.load(out["task_id"])
+    ps = entry.piece_size
+    assert entry.digests == {n: hashlib.sha256(data[n * ps:(n + 1) * ps]).hexdigest()
+                             for n in range((len(data) + ps - 1) // ps)}

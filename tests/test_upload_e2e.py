@@ -186,3 +186,51 @@ async def test_uploaded_on_one_supernode_downloaded_through_another(supernode, t
     assert res.code == 0, res.stderr
     assert out.read_bytes() == src.read_bytes()
     assert not (sn2.home / "cdn").exists() or not list((sn2.home / "cdn").glob("*/*.data"))
+
+
+async def test_supernode_restarted_mid_upload_the_client_retries_and_starts_anew(supernode, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The supernode dies mid-upload and comes back on the same port: the uploader rides
+    out the outage (bounded backoff), finds its session gone (sessions do not survive a
+    restart; the spool file is removed at start) and uploads into a new one."""
+    from conftest import REPO_ROOT, ProcessRunner, _child_env
+
+    sn = supernode()
+    length = 12 * MIB
+    src = make_file(tmp_path / "r.bin", length, seed=37)
+    digest = sha256_of(src)
+    home = tmp_path / "up"
+    state = home / "uploads" / f"{digest[7:]}.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dfget", *upload_args(sn, src, digest, home, "--chunk-size", "256KiB", "-s", "3MB"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    again = None
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(600):
+                await asyncio.sleep(0.05)
+                if state.exists():
+                    off = await _offset(s, sn, json.loads(state.read_text())["session"])
+                    if off is not None and 0 < off < length // 2:
+                        break
+            else:
+                raise AssertionError("the upload never started")
+        first = json.loads(state.read_text())["session"]
+        sn.runner.kill()
+        assert spool(sn) != []  # the killed supernode left its spool file
+        await asyncio.sleep(0.5)
+        again = ProcessRunner(sn.runner.cmd, sn.home / "supernode-again.log", ready_url=f"{sn.url}/_ping",
+                              env=_child_env(), cwd=REPO_ROOT)
+        await asyncio.to_thread(again.start)
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if again is not None:
+            again.stop()
+    assert proc.returncode == 0, err.decode()
+    rep = json.loads(out.decode().strip().splitlines()[-1])
+    assert rep["state"] == "committed" and rep["session"] != first and rep["bytes_sent"] > length
+    assert spool(sn) == [] and not state.exists()
+    cached = list((sn.home / "cdn").glob("*/*.data"))
+    assert len(cached) == 1 and cached[0].read_bytes() == src.read_bytes()
