@@ -59,7 +59,7 @@ async def create(request: web.Request) -> web.Response:
     if entry is not None:
         if entry.length != req.length:
             raise upload_error(errors.Conflict, "length_mismatch",
-                         f"the cache holds {req.digest} with {entry.length} bytes, not {req.length}")
+                               f"the cache holds {req.digest} with {entry.length} bytes, not {req.length}")
         return api.reply(request, {"state": "committed", "digest": req.digest, "task_id": entry.task_id,
                                    "length": entry.length, "offset": entry.length})
     s = ups.create(req.digest, req.length)

@@ -57,7 +57,7 @@ class UploadLimits:
 
 
 def upload_error(cls: type[errors.DfError], code: str, message: str, *, status: int | None = None,
-           **detail: object) -> errors.DfError:
+                 **detail: object) -> errors.DfError:
     """An error of the tree with a finer wire code (and status) for the upload API."""
     exc = cls(message, detail=dict(detail) if detail else None)
     exc.code = code
@@ -189,16 +189,16 @@ class Uploads:
             raise upload_error(errors.BadRequest, "bad_length", "length must be a non-negative integer")
         if length > self.limits.max_size:
             raise upload_error(errors.PayloadTooLarge, "upload_too_large",
-                         f"declared length {length} exceeds this supernode's maximum upload size "
-                         f"{self.limits.max_size}", max_size=self.limits.max_size)
+                               f"declared length {length} exceeds this supernode's maximum upload size "
+                               f"{self.limits.max_size}", max_size=self.limits.max_size)
         if sum(s.state == "pending" for s in self.sessions.values()) >= self.limits.max_sessions:
             raise upload_error(errors.Busy, "too_many_uploads",
-                         f"{self.limits.max_sessions} upload sessions are open on this supernode; "
-                         "try again later", retry_after=5)
+                               f"{self.limits.max_sessions} upload sessions are open on this supernode; "
+                               "try again later", retry_after=5)
         needed = length + self.pending_bytes()
         if self.st.cache.free_bytes() < needed:
             raise upload_error(errors.CdnStorageError, "insufficient_storage",
-                         f"not enough free disk for {length} more bytes on this supernode")
+                               f"not enough free disk for {length} more bytes on this supernode")
         sid = new_id()
         path = self.spool / f"{sid}.part"
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ class Uploads:
         s = self.get(sid)
         if s.lock.locked():
             raise upload_error(errors.Conflict, "upload_busy", "another chunk of this session is being received",
-                         offset=s.offset)
+                               offset=s.offset)
         async with s.lock:
             self._check_chunk(s, offset, size)
             await self._receive(s, offset, size, read)
@@ -242,15 +242,16 @@ class Uploads:
             raise upload_error(errors.Conflict, "upload_not_pending", f"the upload is {s.state}", offset=s.offset)
         if offset != s.offset:
             raise upload_error(errors.Conflict, "upload_offset_mismatch",
-                         f"chunk at offset {offset}, the upload is at {s.offset}: chunks must follow "
-                         "each other exactly (no gap, no overlap)", offset=s.offset)
+                               f"chunk at offset {offset}, the upload is at {s.offset}: chunks must follow "
+                               "each other exactly (no gap, no overlap)", offset=s.offset)
         if size > self.limits.max_chunk:
             raise upload_error(errors.PayloadTooLarge, "chunk_too_large",
-                         f"a chunk may have at most {self.limits.max_chunk} bytes", max_chunk=self.limits.max_chunk)
+                               f"a chunk may have at most {self.limits.max_chunk} bytes",
+                               max_chunk=self.limits.max_chunk)
         if offset + size > s.length:
             raise upload_error(errors.RangeNotSatisfiable, "chunk_past_end",
-                         f"chunk of {size} bytes at {offset} ends past the declared length {s.length}",
-                         offset=s.offset, length=s.length)
+                               f"chunk of {size} bytes at {offset} ends past the declared length {s.length}",
+                               offset=s.offset, length=s.length)
 
     async def _receive(self, s: Session, offset: int, size: int, read: Reader) -> None:
         whole, piece, digests = s.whole.copy(), s.piece.copy(), {}
@@ -291,14 +292,14 @@ class Uploads:
                 raise upload_error(errors.Conflict, "upload_not_pending", f"the upload is {s.state}", offset=s.offset)
             if s.offset != s.length:
                 raise upload_error(errors.Conflict, "upload_incomplete",
-                             f"the upload has {s.offset} of {s.length} bytes", offset=s.offset)
+                                   f"the upload has {s.offset} of {s.length} bytes", offset=s.offset)
             got = "sha256:" + s.whole.hexdigest()
             if got != s.digest:
                 self._drop(s, "failed")
                 log.warning("upload %s failed: bytes hash to %s, not %s", s.id[:8], got, s.digest)
                 raise upload_error(errors.ContentDigestMismatch, "content_digest_mismatch",
-                             f"the uploaded bytes hash to {got}, not {s.digest}; the upload is discarded",
-                             status=422, actual=got)
+                                   f"the uploaded bytes hash to {got}, not {s.digest}; the upload is discarded",
+                                   status=422, actual=got)
             if s.length % s.piece_size:  # the short last piece
                 s.digests[piece_count(s.length, s.piece_size) - 1] = s.piece.hexdigest()
             await self._install(s)
@@ -317,7 +318,7 @@ class Uploads:
             return
         if tid in self.st.cdn.running:
             raise upload_error(errors.Busy, "upload_commit_busy",
-                         "a fetch of this digest is writing the cache now; commit again shortly", retry_after=2)
+                               "a fetch of this digest is writing the cache now; commit again shortly", retry_after=2)
         dest = cache.data_path(tid)
         entry = CacheEntry(task_id=tid, length=s.length, piece_size=s.piece_size, complete=True,
                            digests=dict(s.digests))
