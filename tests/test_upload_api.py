@@ -376,3 +376,39 @@ async def test_random_chunking_with_hostile_chunks_in_between_is_byte_exact(clie
     ps = entry.piece_size
     assert entry.digests == {n: hashlib.sha256(data[n * ps:(n + 1) * ps]).hexdigest()
                              for n in range((len(data) + ps - 1) // ps)}
+
+
+async def test_a_second_chunk_while_one_is_received_is_409_busy(client: Any) -> None:
+    data = file_bytes(2 * MIB, seed=15)
+    s = await open_session(client, data)
+    r, w = await _raw_patch(client, s["id"], MIB, data[:MIB // 4])  # stays open, unfinished
+    try:
+        ups = client.app[UPLOADS]
+        for _ in range(100):
+            if ups.sessions[s["id"]].lock.locked():
+                break
+            await asyncio.sleep(0.02)
+        status, body = await patch(client, s["id"], 0, data[:MIB])
+        assert status == 409 and body["error"] == "upload_busy"
+        ups.expire(now=1e12)  # a chunk in flight keeps its session, whatever the clock says
+        assert s["id"] in ups.sessions
+    finally:
+        w.close()
+    for _ in range(100):
+        if not client.app[UPLOADS].sessions[s["id"]].lock.locked():
+            break
+        await asyncio.sleep(0.05)
+    assert await head_offset(client, s["id"]) == 0
+    status, body = await patch(client, s["id"], 0, data)
+    assert status == 200 and body["state"] == "committed"
+
+
+async def test_no_room_on_disk_is_507_and_opens_nothing(client: Any) -> None:
+    client.app[STATE].cache.free_bytes = lambda: 10 * MIB
+    resp = await client.post("/api/v1/uploads", json={"digest": "sha256:" + "d" * 64, "length": 11 * MIB})
+    assert resp.status == 507 and (await resp.json())["error"] == "insufficient_storage"
+    await open_session(client, file_bytes(6 * MIB, seed=16))
+    # the pending session's 6 MiB still to come count against the free space
+    resp = await client.post("/api/v1/uploads", json={"digest": "sha256:" + "e" * 64, "length": 5 * MIB})
+    assert resp.status == 507
+    assert len(spool_files(client)) == 1
