@@ -99,6 +99,11 @@ async def test_full_upload_enters_the_cache_and_is_served_without_an_origin(stor
     meta = await client.app[STATE].repo.get_meta(out["task_id"])
     assert meta.status == "success" and meta.url == f"upload:{digest_of(data)}" and meta.length == len(data)
     assert entry.digests[2] == hashlib.sha256(data[8 * MIB:]).hexdigest()
+    metrics = await (await client.get("/metrics")).text()
+    sent = [ln for ln in metrics.splitlines() if ln.startswith("supernode_upload_bytes_total ")]
+    assert len(sent) == 1 and float(sent[0].split()[1]) == len(data)
+    assert 'supernode_uploads_total{result="committed"} 1.0' in metrics
+    assert "supernode_upload_sessions 0.0" in metrics
     # the same digest again: nothing to send
     again = await open_session(client, data, status=200)
     assert again["state"] == "committed" and again["offset"] == len(data)
@@ -220,6 +225,7 @@ async def test_digest_mismatch_fails_the_session_and_frees_its_space(client: Any
     status, body = await patch(client, s["id"], 100 * KIB, bytes(wrong[100 * KIB:]))
     assert status == 422 and body["error"] == "content_digest_mismatch"
     assert body["detail"]["actual"] == digest_of(bytes(wrong))
+    assert 'supernode_uploads_total{result="failed"} 1.0' in await (await client.get("/metrics")).text()
     assert spool_files(client) == []
     assert not cache_path(client, data).exists()
     assert client.app[STATE].cache.load(task_id("", identifier=digest_of(data))) is None

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import Counter, Gauge
+
 from common import errors
 from common.pieces import piece_count, piece_size_for
 from common.taskid import is_content_identifier, is_short_id, new_id, task_id
@@ -136,6 +138,12 @@ class Uploads:
         self.limits = limits
         self.spool = st.settings.home / SPOOL_DIR
         self.sessions: dict[str, Session] = {}
+        reg = st.metrics.registry
+        self.bytes_in = Counter("supernode_upload_bytes", "Bytes of upload chunks accepted (fsync'ed).",
+                                registry=reg)
+        self.ended = Counter("supernode_uploads", "Upload sessions ended, by result.", ["result"], registry=reg)
+        Gauge("supernode_upload_sessions", "Upload sessions pending.", registry=reg).set_function(
+            lambda: sum(x.state == "pending" for x in self.sessions.values()))
 
     # --- life cycle -------------------------------------------------------------------
     def clear_spool(self) -> int:
@@ -170,6 +178,7 @@ class Uploads:
     def _drop(self, s: Session, state: str) -> None:
         if s.state == "pending":
             s.state = state
+            self.ended.labels(state).inc()
         self.sessions.pop(s.id, None)
         with contextlib.suppress(FileNotFoundError):
             s.path.unlink()
@@ -281,6 +290,7 @@ class Uploads:
             raise upload_error(errors.NotFound, "unknown_upload", f"the upload was {s.state} meanwhile")
         s.whole, s.piece, s.offset = whole, piece, end
         s.digests.update(digests)
+        self.bytes_in.inc(size)
         s.touched = time.monotonic()
 
     async def commit(self, sid: str) -> Session:
@@ -304,6 +314,7 @@ class Uploads:
                 s.digests[piece_count(s.length, s.piece_size) - 1] = s.piece.hexdigest()
             await self._install(s)
             s.state = "committed"
+            self.ended.labels("committed").inc()
             s.touched = time.monotonic()
         await self._publish(s)
         return s
