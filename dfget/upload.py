@@ -31,13 +31,14 @@ from typing import Any
 import click
 
 from common import errors, logs, units
+from common import tls as tlsconf
 from common.errors import EXIT_GENERIC, EXIT_INTERRUPTED, EXIT_OK, DfError
 from common.hostport import hostport
 from common.taskid import is_content_identifier, task_id
 from common.tls import ClientTls
 
 from . import config as C
-from .httpclient import HttpClient, Response
+from .httpclient import HttpClient, Response, TlsFailure
 from .neterr import describe
 from .throttle import Throttle
 
@@ -166,6 +167,10 @@ class Uploader:
         try:
             resp = await self.http.request(method, node.host, node.port, path, body, self._headers(headers),
                                            REQUEST_TIMEOUT, tls=self._tls(node))
+        except TlsFailure as exc:
+            if exc.kind == tlsconf.OTHER:  # a TLS stream broken mid-answer: the link, not the setup
+                raise _Transient(f"{hostport(node.host, node.port)}: {exc}") from None
+            raise errors.TlsError(f"{node.base_url}: {exc}") from None
         except (OSError, TimeoutError) as exc:
             raise _Transient(f"{hostport(node.host, node.port)}: {describe(exc)}") from None
         if resp.status >= 500 and resp.status != 507:

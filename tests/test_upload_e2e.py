@@ -234,3 +234,51 @@ async def test_supernode_restarted_mid_upload_the_client_retries_and_starts_anew
     assert spool(sn) == [] and not state.exists()
     cached = list((sn.home / "cdn").glob("*/*.data"))
     assert len(cached) == 1 and cached[0].read_bytes() == src.read_bytes()
+
+
+async def test_upload_to_a_tls_supernode(tmp_path: Path) -> None:
+    """`-n https://...` with --cacert: the upload goes over TLS; without trusting the CA,
+    a clear TLS error (exit 9) at once, no retries and no session."""
+    import ssl
+    import time
+    import urllib.request
+
+    from conftest import LOOPBACK, REPO_ROOT, ProcessRunner, _child_env, free_ports
+    from tls_support import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    cert = ca.issue("supernode")
+    port, dport = free_ports(2)
+    home = tmp_path / "sn"
+    runner = ProcessRunner([sys.executable, "-m", "supernode", "--listen", LOOPBACK, "--port", str(port),
+                            "--download-port", str(dport), "--home", str(home), "--advertise-ip", LOOPBACK,
+                            "--cert", cert.cert, "--key", cert.key], tmp_path / "sn.log", env=_child_env(),
+                           cwd=REPO_ROOT)
+    runner.start()
+    try:
+        ctx = ssl.create_default_context(cafile=ca.cert)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://{LOOPBACK}:{port}/_ping", timeout=1.0, context=ctx):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and runner.returncode is None, runner.log_tail()
+                await asyncio.sleep(0.05)
+        src = make_file(tmp_path / "tls.bin", 700 * KIB, seed=38)
+        digest = sha256_of(src)
+        args = ["upload", str(src), "--digest", digest, "-n", f"https://{LOOPBACK}:{port}", "--home",
+                str(tmp_path / "up"), "--json", "--chunk-size", "256KiB"]
+        t0 = time.monotonic()
+        res = await run_dfget(*args)
+        assert res.code == 9, res.stderr
+        assert time.monotonic() - t0 < 10 and "certificate" in res.stderr.lower()
+        assert not list((home / "uploads").glob("*.part"))
+        res = await run_dfget(*args, "--cacert", ca.cert)
+        assert res.code == 0, res.stderr
+        rep = report(res)
+        assert rep["state"] == "committed" and rep["bytes_sent"] == 700 * KIB
+        cached = list((home / "cdn").glob("*/*.data"))
+        assert len(cached) == 1 and cached[0].read_bytes() == src.read_bytes()
+    finally:
+        runner.stop()
