@@ -34,13 +34,15 @@ from .download import download
 from .progress import ProgressBar, Stats
 from .stream import StreamClosed
 
-SUBCOMMANDS = ("server", "version")
+SUBCOMMANDS = ("server", "version", "upload")
 DOWNLOAD_EPILOG = """\b
 Other commands:
   dfget server [OPTIONS]          run this host's peer server in the foreground
                                   (dfget starts one by itself; see dfget server --help)
   dfget server stop [--home DIR]  stop the peer server of that home
   dfget version                   print the version
+  dfget upload FILE --digest D    upload FILE into the supernode's CDN cache
+                                  (resumable; see dfget upload --help)
 """
 LEVELS = list(logs.LEVELS)
 
@@ -283,5 +285,9 @@ def main(argv: list[str] | None = None) -> None:
         server_stop_cmd.main(args[2:], prog_name="dfget server stop")
     elif args and args[0] == "server":
         server_cmd.main(args[1:], prog_name="dfget server")
+    elif args and args[0] == "upload":
+        from .upload import upload_cmd
+
+        upload_cmd.main(args[1:], prog_name="dfget upload")
     else:
         download_cmd.main(args, prog_name="dfget")

@@ -105,6 +105,7 @@ class KeyRing:
         self._wire: list[wire.PieceKey] = [own]
         self._loaded = -1e9
         self._refreshed = -1e9
+        self._refresh_lock = asyncio.Lock()
 
     def get(self, kid: bytes) -> Ed25519PublicKey | None:
         return self._keys.get(kid)
@@ -144,16 +145,23 @@ class KeyRing:
         return self._wire
 
     async def refresh(self) -> bool:
-        """After an unknown key id: reload (rate-limited). True if a reload happened."""
-        if time.monotonic() - self._refreshed < REFRESH_MIN_INTERVAL:
-            return False
-        self._refreshed = time.monotonic()
-        try:
-            await self.reload()
-        except errors.StoreError as exc:
-            log.warning("cannot reload piece-token keys: %s", exc.message)
-            return False
-        return True
+        """After an unknown key id: reload (rate-limited). True if a reload happened
+        since the caller asked. Concurrent callers (a new supernode's first tokens arrive
+        several at once) wait for the one reload in progress instead of being refused
+        for the rate limit it set."""
+        asked = time.monotonic()
+        async with self._refresh_lock:
+            if self._loaded >= asked:
+                return True
+            if time.monotonic() - self._refreshed < REFRESH_MIN_INTERVAL:
+                return False
+            self._refreshed = time.monotonic()
+            try:
+                await self.reload()
+            except errors.StoreError as exc:
+                log.warning("cannot reload piece-token keys: %s", exc.message)
+                return False
+            return True
 
     async def run(self) -> None:
         while True:

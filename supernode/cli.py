@@ -14,10 +14,12 @@ from common.units import parse_duration, parse_size
 
 from .config import Settings
 
-_SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size", "origin_min_rate"}
+_SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size", "origin_min_rate",
+          "max_upload_size"}
 _DURATIONS = {"fail_access_interval", "task_expire_time", "peer_gc_delay", "gc_initial_delay",
               "gc_meta_interval", "register_wait", "origin_read_timeout", "shutdown_timeout", "lease_ttl",
-              "piece_token_ttl", "header_timeout", "body_timeout", "pop_interval", "pop_timeout"}
+              "piece_token_ttl", "header_timeout", "body_timeout", "pop_interval", "pop_timeout",
+               "upload_ttl"}
 _CIDRS = {"allow_origin", "deny_origin", "allow_peer", "deny_peer"}
 
 
@@ -82,12 +84,15 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--deny-peer", dict(multiple=True, help="Extra CIDR never accepted as a peer address (repeatable).")),
     ("--piece-auth/--no-piece-auth", dict(default=True, show_default=True, help="Require signed piece tokens on the download port and peer servers (off: trusted networks only).")),
     ("--piece-token-ttl", dict(default="5m", show_default=True, help="Validity of a piece token.")),
-    ("--admin-token", dict(default=None, help="Bearer token admin operations need (delete, preheat, peer listings); prefer the env var or --admin-token-file. Unset: admin operations are open.")),
+    ("--admin-token", dict(default=None, help="Bearer token admin operations need (delete, preheat, peer listings, uploads); prefer the env var or --admin-token-file. Unset: admin operations are open.")),
     ("--admin-token-file", dict(default=None, type=click.Path(dir_okay=False), help="File holding the admin token.")),
     ("--cert", dict(default=None, type=click.Path(dir_okay=False), help="PEM certificate (chain) of this supernode: the API and download ports serve HTTPS (needs --key); also the client certificate shown to peer servers that require one.")),
     ("--key", dict(default=None, type=click.Path(dir_okay=False), help="PEM private key of --cert.")),
     ("--client-ca", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s): require clients of both ports to present a certificate signed by one (mutual TLS; needs --cert).")),
     ("--cacert", dict(default=None, type=click.Path(dir_okay=False), help="PEM CA certificate(s) trusted besides the system's when this supernode is the client: https origins and TLS peer servers.")),
+    ("--upload-ttl", dict(default="1h", show_default=True, help="An upload session (POST /api/v1/uploads) with no chunk this long expires and its spool file is removed.")),
+    ("--max-upload-sessions", dict(type=int, default=16, show_default=True, help="Upload sessions open at once; more get 503 too_many_uploads.")),
+    ("--max-upload-size", dict(default="64GB", show_default=True, help="Largest length an upload session may declare (413 above).")),
     ("--require-peer-tls", dict(is_flag=True, default=False, help="Accept only peers that serve TLS (dfget --cert/--key): piece tokens never travel in clear; a dfget with a plain peer server downloads without serving.")),
     ("--pop-interval", dict(default="1m", show_default=True, help="Proof of possession: challenge one random peer about one random piece it claims this often, jittered ±50 % (0 = off).")),
     ("--pop-timeout", dict(default="10s", show_default=True, help="A possession challenge not answered within this fails (a whole-piece answer gets piece size / --origin-min-rate more).")),

@@ -86,6 +86,10 @@ class Settings:
     pop_interval: float = 60.0
     pop_timeout: float = 10.0
     pop_max_failures: int = 3
+    # resumable uploads into the CDN cache (supernode/cdn/uploads.py)
+    upload_ttl: float = 3600.0  # a session with no chunk this long expires, its space freed
+    max_upload_sessions: int = 16  # upload sessions open at once
+    max_upload_size: int = 64 << 30  # largest declared upload length
 
     def validate(self) -> Settings:
         for name in ("port", "download_port"):
@@ -96,7 +100,7 @@ class Settings:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         for name in ("up_limit", "down_limit", "cdn_limit", "cdn_copies", "seed_slots", "max_fetches",
-                     "max_requests"):
+                     "max_requests", "max_upload_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 1 <= self.origin_parallel <= 32:
@@ -116,6 +120,8 @@ class Settings:
         if self.admin_token and (len(self.admin_token) < 16 or self.admin_token != self.admin_token.strip()):
             raise ValueError("the admin token must be at least 16 characters, without surrounding spaces")
         self._check_pop()
+        if not 1.0 <= self.upload_ttl <= 7 * 86400:
+            raise ValueError("--upload-ttl must be between 1s and 7d")
         self._check_tls()
         return self
 

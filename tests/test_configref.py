@@ -11,13 +11,15 @@ import click
 import pytest
 
 from dfget.cli import download_cmd, server_cmd
+from dfget.upload import upload_cmd
 from tools import configref
 from supernode.cli import build_settings
 from supernode.cli import main as supernode_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "config.md"
-COMMANDS = [("supernode", supernode_cmd), ("dfget server", server_cmd), ("dfget", download_cmd)]
+COMMANDS = [("supernode", supernode_cmd), ("dfget server", server_cmd), ("dfget", download_cmd),
+            ("dfget upload", upload_cmd)]
 
 
 def test_docs_config_md_is_up_to_date() -> None:

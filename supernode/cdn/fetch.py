@@ -209,6 +209,9 @@ class Cdn:
             headers["Range"] = meta.range
             entry = None  # ranged tasks are refetched whole; their validators are per range
         start = 0
+        if entry is not None and entry.complete and not meta.range and is_content_identifier(meta.identifier):
+            if await self._reuse_content(meta, entry, published):
+                return
         if entry is not None and (entry.etag or entry.last_modified) and entry.complete:
             if await self._revalidate(meta, entry, headers, published):
                 return
@@ -325,6 +328,22 @@ class Cdn:
         await self._announce(meta, entry)
         await self.finish_fetch(meta, entry, count)
         log.info("task %s: reused cached file after revalidation", meta.task_id[:12])
+        return True
+
+    async def _reuse_content(self, meta: TaskMeta, entry: CacheEntry, published: dict[int, str]) -> bool:
+        """A complete cached file of a content-addressed task (an upload, or an earlier
+        fetch) needs no origin: its bytes are checked against the digest that names the
+        task (finish_fetch) and its pieces against their recorded digests."""
+        count = piece_count(entry.length, entry.piece_size)
+        ok = await asyncio.to_thread(verify_file, self.cache.data_path(entry.task_id), entry, count)
+        if not ok or any(published.get(n, d) != d for n, d in entry.digests.items()):
+            log.warning("task %s: cached file failed re-verification; fetching it", meta.task_id[:12])
+            self.cache.remove(meta.task_id)
+            return False
+        self.cache.adopt(entry)
+        await self._announce(meta, entry)
+        await self.finish_fetch(meta, entry, count)
+        log.info("task %s: served from the cache by its content digest", meta.task_id[:12])
         return True
 
     async def _stream(self, meta: TaskMeta, entry: CacheEntry, resp: Any, start: int,
