@@ -32,7 +32,7 @@ import click
 
 from common import errors, logs, units
 from common import tls as tlsconf
-from common.errors import EXIT_GENERIC, EXIT_INTERRUPTED, EXIT_OK, DfError
+from common.errors import EXIT_GENERIC, EXIT_INTERRUPTED, EXIT_OK, DfError, Signal
 from common.hostport import hostport
 from common.taskid import is_content_identifier, task_id
 from common.tls import ClientTls
@@ -81,11 +81,11 @@ class UploadReport:
     elapsed: float = 0.0
 
 
-class _Transient(Exception):
+class _Transient(Signal):
     """A failure worth a retry (the supernode may be restarting, busy, or the link hiccuped)."""
 
 
-class _Lost(Exception):
+class _Lost(Signal):
     """The session is gone (expired, cancelled, supernode restarted): start a new one."""
 
 

@@ -28,18 +28,29 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
 from common import errors
 from common.pieces import piece_count, piece_size_for
 from common.taskid import is_content_identifier, is_short_id, new_id, task_id
+from supernode.store.repo import Repo
 
-from .cache import CacheEntry
+from .cache import CacheEntry, PieceCache
 
-if TYPE_CHECKING:
-    from supernode.state import SupernodeState
+
+class Host(Protocol):
+    """What the uploads use of the supernode (supernode.state.SupernodeState; a Protocol,
+    so that the CDN layer does not import the layer above it): the cache, the CDN's
+    running fetches, the store, the metrics registry, the settings and its id."""
+
+    cache: PieceCache
+    cdn: Any
+    repo: Repo
+    metrics: Any
+    settings: Any
+    sn_id: str
 
 log = logging.getLogger("supernode.uploads")
 MAX_CHUNK = 64 << 20  # bytes of one PATCH body
@@ -133,7 +144,7 @@ def _absorb(fd: int, offset: int, data: bytes, whole: Any, piece: Any, digests: 
 class Uploads:
     """The sessions of this supernode and their spool files."""
 
-    def __init__(self, st: SupernodeState, limits: UploadLimits) -> None:
+    def __init__(self, st: Host, limits: UploadLimits) -> None:
         self.st = st
         self.limits = limits
         self.spool = st.settings.home / SPOOL_DIR
