@@ -76,7 +76,7 @@ class P2PSession:
 
     def _register_request(self) -> wire.RegisterRequest:
         return wire.RegisterRequest(
-            url=self.cfg.url, peer=self.peer.addr, headers=self.cfg.headers, md5=self.cfg.md5,
+            url=self.cfg.url or None, peer=self.peer.addr, headers=self.cfg.headers, md5=self.cfg.md5,
             identifier=self.cfg.identifier, filter=list(self.cfg.filter_keys),
             pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid)
 
@@ -347,7 +347,8 @@ class P2PSession:
     async def _finish(self) -> None:
         assert self.task is not None
         length = self.task.length
-        await asyncio.to_thread(functools.partial(self.part.finish, length, self.cfg.md5, keep_part=True))
+        await asyncio.to_thread(functools.partial(self.part.finish, length, self.cfg.md5, keep_part=True,
+                                                  sha256=_hex(self.cfg.digest)))
         try:
             await self.peer.moved(self.task_id, self.cfg.output)
             # A server we launched may not be up yet, with this news in its queue: the part
@@ -410,6 +411,10 @@ def _without_refused(batch: list[wire.Report], exc: DfError) -> list[wire.Report
         return []
     rest = [r for r in batch if r.piece != piece]
     return rest if len(rest) < len(batch) else []
+
+
+def _hex(digest: str | None) -> str | None:
+    return digest.split(":", 1)[1] if digest else None
 
 
 def _task_error(task: wire.TaskInfo) -> DfError:

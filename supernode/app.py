@@ -27,7 +27,7 @@ from common.taskid import is_short_id, new_id
 from common.tls import ServerTls
 from common.tokens import Signer
 
-from .api import guard, preheat, ui
+from .api import guard, imports, preheat, ui
 from .api import handlers as api
 from .api.peerauth import PeerSecrets
 from .auth import KeyRing, PieceGate, load_or_create_key
@@ -177,6 +177,7 @@ def create_app(settings: Settings) -> web.Application:
     api.routes(app)
     ui.routes(app)
     preheat.routes(app)
+    imports.routes(app)
     return app
 
 

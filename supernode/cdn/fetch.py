@@ -30,7 +30,7 @@ from supernode.store import keys
 from supernode.store.repo import Repo, TaskMeta, now_ms
 from supernode.tasks import TaskOwner, cancel_and_wait
 
-from . import takeover
+from . import imports, takeover
 from .cache import CacheEntry, PieceCache
 from .lease import Leases
 from .origin import OriginClient, validators
@@ -82,6 +82,7 @@ class Cdn:
         self._slots = asyncio.Semaphore(settings.max_fetches)
         self.bytes_fetched = 0
         self.repair = CacheRepair(self)
+        self.imports = imports.Imports()  # dfget import: claims to check on the importer's bytes
         self.copier = takeover.PeerCopier(repo, origin.policy, settings.min_rate)
         # task id -> credential headers of its registrations (memory only, see api.open_task)
         self.credentials: dict[str, dict[str, str]] = {}
@@ -201,6 +202,9 @@ class Cdn:
     # --- the fetch ------------------------------------------------------------------
     async def _fetch(self, meta: TaskMeta) -> None:
         tid = meta.task_id
+        if tid in self.imports.claims or imports.is_import(meta):
+            await self.imports.fetch(self, meta)  # no origin: the importer's peer server
+            return
         published = await self.repo.digests(tid)
         entry = self.cache.load(tid)
         headers = self.origin_headers(meta)
