@@ -382,3 +382,61 @@ async def test_import_api_hostile_claims(world: World) -> None:
         assert status == want, (change, status, body)
     status, listing = await world.api_get("/api/v1/tasks")
     assert listing["tasks"] == []
+
+
+# --- 2. references ---------------------------------------------------------------------------
+
+@pytest.fixture
+async def gc_world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    await w.start("--blob-ttl", "1s", "--gc-initial-delay", "0.2s", "--gc-meta-interval", "0.3s")
+    yield w
+    await w.close()
+
+
+def _refs(sn_home: Path, hexd: str) -> list[str] | None:
+    p = sn_home / "cdn" / "blobs" / hexd[:2] / f"{hexd}.refs"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+async def test_two_tasks_share_one_cache_entry_until_both_are_deleted(gc_world: World) -> None:
+    w = gc_world
+    data = blob(6 * MIB + 1, "shared")
+    d = sha(data)
+    hexd = d[7:]
+    r1 = await run_dfget("-u", w.add("plain/url", data), *w.get(w.tmp / "a"))  # a URL task
+    r2 = await run_dfget("--digest", d, "-u", w.add("other/url", data), *w.get(w.tmp / "b", ip="127.0.0.2"))
+    assert r1.code == 0 and r2.code == 0, (r1.stderr, r2.stderr)
+    ta, tb = str(r1.report["task_id"]), str(r2.report["task_id"])
+    assert ta != tb and tb == content.task_id_of(d)
+    cdn = w.sn_home / "cdn"
+    fa, fb = cdn / ta[:2] / f"{ta}.data", cdn / tb[:2] / f"{tb}.data"
+    blob_file = cdn / "blobs" / hexd[:2] / f"{hexd}.data"
+    assert os.path.samefile(fa, fb) and os.path.samefile(fa, blob_file)  # one copy on disk
+    assert os.stat(blob_file).st_nlink == 3
+    assert _refs(w.sn_home, hexd) == sorted([ta, tb])
+    await asyncio.sleep(2.0)  # past the blob TTL and several GC rounds: referenced, so kept
+    assert blob_file.exists()
+
+    status, _ = await w.api_call("DELETE", f"/api/v1/tasks/{ta}")
+    assert status == 200
+    assert not fa.exists() and _refs(w.sn_home, hexd) == [tb]
+    await asyncio.sleep(1.5)
+    assert blob_file.exists()  # task B still refers to it
+    # B is still served, by digest alone, to a new host (none of the old peers' bytes needed)
+    await stop_server(w.homes[0])
+    await stop_server(w.homes[1])
+    r3 = await run_dfget("--digest", d, *w.get(w.tmp / "c", ip="127.0.0.3"))
+    assert r3.code == 0, r3.stderr
+    assert (w.tmp / "c").read_bytes() == data and r3.report["bytes_from_supernode"] == len(data)
+    assert len(w.hits) == 2  # one origin fetch per task, none since
+
+    status, _ = await w.api_call("DELETE", f"/api/v1/tasks/{tb}")
+    assert status == 200
+    assert not fb.exists() and _refs(w.sn_home, hexd) == []
+    for _ in range(100):  # unreferenced now: the GC removes it after its TTL
+        if not blob_file.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert not blob_file.exists()
+    assert not list(cdn.rglob("*.data"))  # the space is freed: no copy of the bytes is left

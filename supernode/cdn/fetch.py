@@ -424,17 +424,18 @@ class Cdn:
     async def finish_fetch(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
         """The whole file is here: check it against a content identifier, mark the cache
         entry complete and record success with every digest (store outages ridden out)."""
+        got = await asyncio.to_thread(sha256_file, self.cache.data_path(meta.task_id), entry.length)
         if is_content_identifier(meta.identifier):
             # The task is named by the digest of its bytes (a registry blob): a URL that
             # served other bytes must not poison the task for every URL sharing the digest.
             want = meta.identifier.split(":", 1)[1]
-            got = await asyncio.to_thread(sha256_file, self.cache.data_path(meta.task_id), entry.length)
             if got != want:
                 self.cache.remove(meta.task_id)
                 raise errors.ContentDigestMismatch(
                     f"{redact_url(meta.url)} sent bytes hashing to sha256:{got}, not {meta.identifier}")
         entry.complete = True
-        await asyncio.to_thread(self.cache.save, entry)
+        # one copy on disk per content: a task with bytes another task has shares its blob
+        await asyncio.to_thread(self.cache.share, entry, got)
         fields: dict[str, object] = dict(
             status="success", length=entry.length, piece_size=entry.piece_size, piece_count=count,
             file_digest=file_digest(entry.digests, count), cdn=self.sn_id)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from common import digest, errors
@@ -25,10 +24,7 @@ from common.taskid import is_content_identifier
 from supernode.store.repo import PeerInfo, TaskMeta
 
 from .cache import write_at
-from .takeover import allocate
-
-if TYPE_CHECKING:
-    from .fetch import Cdn
+from .takeover import Host, allocate
 
 log = logging.getLogger("supernode.cdn")
 PARALLEL = 4  # pieces fetched from the importer at once
@@ -68,7 +64,7 @@ class Imports:
             self.claims.pop(next(iter(self.claims)))
         self.claims[task_id] = claim
 
-    async def fetch(self, cdn: Cdn, meta: TaskMeta) -> None:
+    async def fetch(self, cdn: Host, meta: TaskMeta) -> None:
         tid = meta.task_id
         claim = self.claims.get(tid)
         if claim is None:
@@ -78,7 +74,7 @@ class Imports:
         finally:
             self.claims.pop(tid, None)
 
-    async def _fetch(self, cdn: Cdn, meta: TaskMeta, claim: ImportClaim) -> None:
+    async def _fetch(self, cdn: Host, meta: TaskMeta, claim: ImportClaim) -> None:
         tid, length, ps = meta.task_id, claim.length, claim.piece_size
         count = piece_count(length, ps)
         cdn.cache.remove(tid)
