@@ -79,6 +79,9 @@ class TaskInfo(Struct, frozen=True):
     digest_algo: str = "sha256"
     file_digest: str | None = None
     error: dict[str, str] | None = None
+    # sha256 of the whole file once the CDN has it all (`sha256:<hex>`): the content a
+    # peer's output of this task is, whatever the task's id (issue 13's references)
+    content: str | None = None
 
 
 class PieceKey(Struct, frozen=True):

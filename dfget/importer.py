@@ -139,7 +139,7 @@ async def run_import(cfg: ImportConfig) -> dict[str, object]:
             await peer.register(tid, cfg.path, hashed.length, hashed.piece_size, sn.base_urls(),
                                 keys.piece_auth, list(keys.keys))
             await peer.verified(tid, list(range(count)), hashed.length)
-            await peer.moved(tid, cfg.path)
+            await peer.moved(tid, cfg.path, hashed.digest[7:])
             await peer.drain(30)
             req = wire.ImportRequest(digest=hashed.digest, length=hashed.length, piece_size=hashed.piece_size,
                                      digests=list(hashed.digests), peer=addr)

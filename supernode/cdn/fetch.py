@@ -438,7 +438,7 @@ class Cdn:
         await asyncio.to_thread(self.cache.share, entry, got)
         fields: dict[str, object] = dict(
             status="success", length=entry.length, piece_size=entry.piece_size, piece_count=count,
-            file_digest=file_digest(entry.digests, count), cdn=self.sn_id)
+            file_digest=file_digest(entry.digests, count), cdn=self.sn_id, content=got)
         await self._patiently(f"task {meta.task_id[:12]}: recording success", lambda: self.repo.finish_task(
             meta.task_id, self.sn_id, fields, sorted(entry.digests.items())))
         log.info("task %s: CDN has %s (%d bytes, %d pieces)", meta.task_id[:12],
