@@ -35,8 +35,9 @@ from common.tls import ClientTls, ServerTls
 
 from .config import Node, local_ip_towards
 from .httpclient import HttpClient
+from .notices import notice
 from .peerlink import PeerLink
-from .supernodes import API_TIMEOUT, Supernodes
+from .supernodes import API_TIMEOUT, SupernodeDown, Supernodes
 
 READ = 1 << 20
 POLL = 0.2
@@ -146,17 +147,46 @@ async def run_import(cfg: ImportConfig) -> dict[str, object]:
             reply = await sn._call(0, "POST", "/api/v1/import", req, wire.ImportReply, API_TIMEOUT * 6,
                                    sn._secret_header(sn.current))
             if reply.peer_secret is not None:
+                sn.peer_secrets[sn.current.base_url] = reply.peer_secret
                 await peer.peer_secret(sn.current.base_url, reply.peer_secret)
             task = await _verdict(sn, tid, reply.task, cfg.timeout)
+            seeding = await _seed(sn, peer, cfg.path, hashed, tid)
             await peer.drain(5)
         finally:
             await peer.close()
     return {
         "digest": hashed.digest, "task_id": tid, "length": hashed.length, "piece_size": hashed.piece_size,
         "pieces": count, "status": task.status, "new": reply.new, "supernode": sn.current.base_url,
+        "seeding": seeding,
         "peer": f"{addr.ip}:{addr.port}", "path": str(cfg.path),
         "elapsed_s": round(time.monotonic() - started, 3),
     }
+
+
+async def _seed(sn: Supernodes, peer: PeerLink, path: Path, hashed: Hashed, tid: str) -> bool:
+    """Once the supernode has checked the file: this host's peer server joins the task as
+    a client holding every piece (reported `have`, like a download resumed from verified
+    pieces), so the scheduler sends downloaders to it and not only to the CDN. Best
+    effort: the file is in the swarm whatever happens here."""
+    if peer.addr is None:
+        return False
+    try:
+        reply = await sn.register(wire.RegisterRequest(identifier=hashed.digest, peer=peer.addr))
+        if reply.peer_secret is not None:
+            await peer.peer_secret(sn.current.base_url, reply.peer_secret)
+        # the entry again, now as that client's (its piece requests name it as the source)
+        await peer.register(tid, path, hashed.length, hashed.piece_size, sn.base_urls(), reply.piece_auth,
+                            list(reply.keys), clients=[reply.cid])
+        await peer.verified(tid, list(range(len(hashed.digests))), hashed.length)
+        await peer.moved(tid, path, hashed.digest[7:])
+        await peer.drain(10)
+        have = [wire.Report(piece=n, result="have") for n in range(len(hashed.digests))]
+        for i in range(0, len(have), 64):
+            await sn.report(tid, wire.ReportRequest(cid=reply.cid, reports=have[i:i + 64]))
+    except (DfError, SupernodeDown) as exc:
+        notice(f"this host's peer server does not seed the import (downloads use the CDN): {exc}")
+        return False
+    return True
 
 
 async def _verdict(sn: Supernodes, tid: str, task: wire.TaskInfo, timeout: float) -> wire.TaskInfo:

@@ -132,14 +132,17 @@ async def register(request: web.Request) -> web.Response:
     req = await body(request, wire.RegisterRequest)
     if req.range is not None and not _RANGE_RE.match(req.range):
         raise errors.BadRequest("range must be bytes=START-[END]")
+    # by digest alone: refused (unknown digest, malformed) before anything is written
+    joined = await known_digest(st, req) if req.url is None else None
     peer_secret = None
     if req.peer is not None:
         _check_peer(st, req.peer)
         peer_secret = await _peer_secrets(st).for_registration(
             req.peer.peer_id, request.headers.get(peerauth.HEADER))
-    if req.url is None:
-        meta = await known_digest(st, req)
+    if joined is not None:
+        meta = joined
     else:
+        assert req.url is not None
         meta = await open_task(st, req.url, headers=dict(req.headers), md5=req.md5, identifier=req.identifier,
                                filter_keys=list(req.filter), range_=req.range)
     tid = meta.task_id
