@@ -442,3 +442,14 @@ async def test_two_tasks_share_one_cache_entry_until_both_are_deleted(gc_world: 
         await asyncio.sleep(0.1)
     assert not blob_file.exists()
     assert not list(cdn.rglob("*.data"))  # the space is freed: no copy of the bytes is left
+
+
+async def test_import_of_an_empty_file(world: World) -> None:
+    src = world.tmp / "empty"
+    src.write_bytes(b"")
+    code, rep, err = await _import(world, src)
+    assert code == 0 and rep["length"] == 0 and rep["pieces"] == 0, err
+    out = world.tmp / "got-empty"
+    r = await run_dfget("--digest", sha(b""), *world.get(out, ip="127.0.0.3"))
+    assert r.code == 0, r.stderr
+    assert out.read_bytes() == b""

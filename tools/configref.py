@@ -33,7 +33,7 @@ class Row:
 
 def _commands() -> list[tuple[str, click.Command, str]]:
     """(program name, command, note) in the order they are documented."""
-    from dfget.cli import download_cmd, server_cmd
+    from dfget.cli import download_cmd, import_cmd, server_cmd
     from supernode.cli import main as supernode_cmd
 
     return [
@@ -42,6 +42,8 @@ def _commands() -> list[tuple[str, click.Command, str]]:
          ("The per-host peer server. `dfget` starts one on demand; run it as a service "
           "(systemd unit, Kubernetes DaemonSet) to keep a host serving what it holds.")),
         ("dfget", download_cmd, "The downloader."),
+        ("dfget import", import_cmd,
+         "Puts a local file into the swarm with no origin (README \"Content-addressed store\")."),
     ]
 
 
