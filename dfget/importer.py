@@ -27,6 +27,7 @@ from common.errors import (
     ContentDigestMismatch,
     DfError,
     LocalDiskError,
+    SupernodeUnavailable,
     TaskFailed,
     from_wire,
 )
@@ -118,6 +119,13 @@ def hash_file(path: Path) -> Hashed:
 
 
 async def run_import(cfg: ImportConfig) -> dict[str, object]:
+    try:
+        return await _run(cfg)
+    except SupernodeDown as exc:
+        raise SupernodeUnavailable(f"no supernode answered: {exc}; nothing imported") from None
+
+
+async def _run(cfg: ImportConfig) -> dict[str, object]:
     started = time.monotonic()
     hashed = await asyncio.to_thread(hash_file, cfg.path)
     if cfg.digest is not None and hashed.digest != cfg.digest:

@@ -453,3 +453,15 @@ async def test_import_of_an_empty_file(world: World) -> None:
     r = await run_dfget("--digest", sha(b""), *world.get(out, ip="127.0.0.3"))
     assert r.code == 0, r.stderr
     assert out.read_bytes() == b""
+
+
+async def test_import_with_no_supernode_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_bytes(b"data")
+    dead = free_ports(1)[0]
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-m", "dfget", "import", str(src), "-n", f"127.0.0.1:{dead}", "--home", str(tmp_path / "h"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 3, err
+    assert b"no supernode answered" in err and b"Traceback" not in err
