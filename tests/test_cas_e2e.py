@@ -465,3 +465,21 @@ async def test_import_with_no_supernode_says_so(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 3, err
     assert b"no supernode answered" in err and b"Traceback" not in err
+
+
+async def test_digest_checked_on_the_way_back_to_source(tmp_path: Path) -> None:
+    """No supernode: dfget goes to the origin itself, and checks the digest there too."""
+    data = blob(2 * MIB, "bts")
+    files = {"/f": data}
+    runner, port = await start_app(origin_app(files))
+    try:
+        dead = free_ports(1)[0]
+        base = ["-u", f"http://127.0.0.1:{port}/f", "-n", f"127.0.0.1:{dead}", "--no-serve", "--json"]
+        bad = await run_dfget("--digest", sha(data + b"?"), "-o", str(tmp_path / "bad"), *base)
+        assert bad.code == 5 and "hashes to sha256:" in bad.stderr, bad.stderr
+        assert leftovers(tmp_path, "bad") == []
+        good = await run_dfget("--digest", sha(data), "-o", str(tmp_path / "good"), *base)
+        assert good.code == 0, good.stderr
+        assert (tmp_path / "good").read_bytes() == data and good.report["bytes_from_origin"] == len(data)
+    finally:
+        await runner.cleanup()
