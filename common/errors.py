@@ -261,6 +261,21 @@ class TaskFailed(DfError):
     exit_code = 4
 
 
+class UnknownDigest(NotFound):
+    """`dfget --digest` without a URL: no task of the swarm has that digest (nobody
+    imported it, nobody registered it with a URL, or it was collected since)."""
+
+    code = "unknown_digest"
+    exit_code = 10
+
+
+class ImportRejected(IntegrityError):
+    """An imported file's bytes, as its importer's peer server served them, do not match
+    the piece digests or the whole-file digest the importer claimed."""
+
+    code = "import_rejected"
+
+
 def _all_subclasses(cls: type[DfError]) -> list[type[DfError]]:
     out: list[type[DfError]] = []
     for sub in cls.__subclasses__():
@@ -298,4 +313,5 @@ EXIT_TIMEOUT = 6
 EXIT_DISK = 7
 EXIT_P2P_FAILED = 8
 EXIT_TLS = 9
+EXIT_UNKNOWN_DIGEST = 10
 EXIT_INTERRUPTED = 130

@@ -57,7 +57,9 @@ class PeerAddr(Struct, frozen=True):
 
 
 class RegisterRequest(Struct, frozen=True):
-    url: Url
+    # None only for a digest task joined by its digest alone (`identifier` is then a
+    # `sha256:<hex>` the swarm must already know: `dfget --digest D` without -u)
+    url: Url | None = None
     peer: PeerAddr | None = None
     headers: Headers = {}
     md5: Md5 | None = None
@@ -77,6 +79,9 @@ class TaskInfo(Struct, frozen=True):
     digest_algo: str = "sha256"
     file_digest: str | None = None
     error: dict[str, str] | None = None
+    # sha256 of the whole file once the CDN has it all (`sha256:<hex>`): the content a
+    # peer's output of this task is, whatever the task's id (issue 13's references)
+    content: str | None = None
 
 
 class PieceKey(Struct, frozen=True):
@@ -97,6 +102,29 @@ class RegisterReply(Struct, frozen=True):
     keys: PieceKeys = []
     # with a peer: the secret its peer server sends (X-Dragonfly-Peer-Secret) when it
     # speaks for that peer (heartbeat, down) and dfget sends when registering it again
+    peer_secret: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")] | None = None
+
+
+ContentDigest = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}\Z")]
+MAX_IMPORT_PIECES = 900  # the digests of more do not fit the API's 64 KiB body cap
+
+
+class ImportRequest(Struct, frozen=True):
+    """`dfget import`: a file this peer server holds enters the swarm with no origin. The
+    piece digests are the importer's claim; the supernode's CDN checks every piece (and
+    the whole file against `digest`) on the bytes it fetches from that peer server before
+    anyone is told of them."""
+
+    digest: ContentDigest
+    length: Annotated[int, Meta(ge=0, le=1 << 50)]
+    piece_size: Annotated[int, Meta(ge=1, le=1 << 30)]
+    digests: Annotated[list[Digest], Meta(max_length=MAX_IMPORT_PIECES)]
+    peer: PeerAddr
+
+
+class ImportReply(Struct, frozen=True):
+    task: TaskInfo
+    new: bool  # False: the swarm had this digest already, nothing is fetched
     peer_secret: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")] | None = None
 
 

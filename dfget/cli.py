@@ -34,12 +34,14 @@ from .download import download
 from .progress import ProgressBar, Stats
 from .stream import StreamClosed
 
-SUBCOMMANDS = ("server", "version", "upload")
+SUBCOMMANDS = ("server", "version", "upload", "import")
 DOWNLOAD_EPILOG = """\b
 Other commands:
   dfget server [OPTIONS]          run this host's peer server in the foreground
                                   (dfget starts one by itself; see dfget server --help)
   dfget server stop [--home DIR]  stop the peer server of that home
+  dfget import FILE [OPTIONS]     put a local file into the swarm, no origin
+                                  (see dfget import --help)
   dfget version                   print the version
   dfget upload FILE --digest D    upload FILE into the supernode's CDN cache
                                   (resumable; see dfget upload --help)
@@ -88,7 +90,11 @@ def tls_options(fn):  # type: ignore[no-untyped-def]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=DOWNLOAD_EPILOG)
-@click.option("-u", "--url", required=True, help="URL of the file (http or https).")
+@click.option("-u", "--url", default=None, help="URL of the file (http or https); optional with --digest.")
+@click.option("--digest", default=None, metavar="sha256:HEX",
+              help="The file's sha256: the task is the digest (any URL with these bytes is one task), "
+                   "the whole file is verified before it is renamed into place; without -u the swarm "
+                   "must already have it (exit 10 if not).")
 @click.option("-o", "--output", default=None,
               help="Output file (default: last URL segment); '-' writes the file to stdout, in order, "
               "as its pieces are verified.")
@@ -126,7 +132,7 @@ def tls_options(fn):  # type: ignore[no-untyped-def]
               "debug logs every piece.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @tls_options
-def download_cmd(url: str, output: str | None, create_dirs: bool, md5: str | None, identifier: str | None, node: str,
+def download_cmd(url: str | None, digest: str | None, output: str | None, create_dirs: bool, md5: str | None, identifier: str | None, node: str,
                  headers: tuple[str, ...], filter_: str | None, locallimit: str, totallimit: str,
                  minrate: str, timeout: str | None, pattern: str, notbs: bool, showbar: bool | None,
                  verbose: bool, home: str, ip: str | None, port: int, as_json: bool, pull_limit: int,
@@ -137,20 +143,28 @@ def download_cmd(url: str, output: str | None, create_dirs: bool, md5: str | Non
     from .stream import check_range
 
     client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
+    digest = _cfg(C.check_digest, digest, identifier, md5)
+    if url is None and digest is None:
+        raise click.UsageError("give -u/--url, or --digest sha256:<hex> for a file the swarm has")
+    if url is None and output is None:
+        raise click.UsageError("--digest without -u needs -o/--output")
+    if url is None and pattern == "source":
+        raise click.UsageError("-p source needs -u/--url (without one there is no origin)")
     to_stdout = output == "-"
     if byte_range is not None:
         byte_range = _cfg(check_range, byte_range)
-    out = Path("-") if to_stdout else _cfg(C.default_output, url, output)
+    out = Path("-") if to_stdout else _cfg(C.default_output, url or "", output)
     cfg = C.DownloadConfig(
-        url=_cfg(C.check_url, url), output=out, create_dirs=create_dirs, to_stdout=to_stdout,
-        byte_range=byte_range,
+        url=_cfg(C.check_url, url) if url is not None else "", output=out, create_dirs=create_dirs,
+        to_stdout=to_stdout, byte_range=byte_range,
         home=Path(home).expanduser().absolute(), nodes=_cfg(C.parse_nodes, node),
-        md5=_cfg(C.check_md5, md5), identifier=identifier, headers=_cfg(C.parse_headers, headers),
+        md5=_cfg(C.check_md5, md5), identifier=digest or identifier, digest=digest,
+        headers=_cfg(C.parse_headers, headers),
         filter_keys=C.parse_filter(filter_), locallimit=_cfg(C.parse_rate, locallimit, "--locallimit"),
         totallimit=_cfg(C.parse_rate, totallimit, "--totallimit"),
         minrate=_cfg(C.parse_rate, minrate, "--minrate") or 1,
         timeout=_cfg(C.parse_duration, timeout, "--timeout") if timeout else None,
-        pattern=pattern, notbs=notbs, showbar=sys.stderr.isatty() if showbar is None else showbar,
+        pattern=pattern, notbs=notbs or url is None, showbar=sys.stderr.isatty() if showbar is None else showbar,
         verbose=verbose, json=as_json, ip=ip, port=port, pull_limit=pull_limit,
         stall_timeout=_cfg(C.parse_duration, stall_timeout, "--stall-timeout"),
         alivetime=_cfg(C.parse_duration, alivetime, "--alivetime"),
@@ -184,6 +198,8 @@ def run(cfg: C.DownloadConfig) -> int:
             traceback.print_exc()
     if cfg.json:
         report = stats.report()
+        if cfg.digest:
+            report["digest"] = cfg.digest
         report["exit_code"] = code
         if cfg.byte_range is not None:
             report["range"] = cfg.byte_range
@@ -276,6 +292,55 @@ def server_stop_cmd(home: str) -> None:
     sys.exit(EXIT_OK)
 
 
+@click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("file", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--digest", default=None, metavar="sha256:HEX",
+              help="The file must hash to this (else nothing is imported, exit 5).")
+@click.option("-n", "--node", default="127.0.0.1:8002", help="Supernodes: host[:port][=weight],...")
+@click.option("--home", default="~/.dfget", show_default=True, help="Home of the peer server that seeds the file.")
+@click.option("--ip", default=None, help="IP of this host's peer server (default: towards the supernode).")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="Port of the peer server (0 = any).")
+@click.option("-e", "--timeout", default="10m", show_default=True,
+              help="How long to wait for the supernode to check the file.")
+@click.option("--expiretime", default="3m", show_default=True, help="Peer server: stop serving a file unread this long.")
+@click.option("--alivetime", default="5m", show_default=True, help="Peer server: exit after this long idle.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (digest, task_id, length, pieces, ...).")
+@click.option("--verbose", is_flag=True, help="Log details to stderr.")
+@tls_options
+def import_cmd(file: Path, digest: str | None, node: str, home: str, ip: str | None, port: int, timeout: str,
+               expiretime: str, alivetime: str, as_json: bool, verbose: bool, cacert: str | None,
+               cert: str | None, key: str | None, client_ca: str | None) -> None:
+    """Put FILE into the swarm with no origin: this host's peer server seeds it, the
+    supernode checks it, and other hosts get it with `dfget --digest sha256:<hex> -o OUT`."""
+    from .importer import ImportConfig, run_import
+
+    client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
+    cfg = ImportConfig(
+        path=file.expanduser().absolute(), home=Path(home).expanduser().absolute(),
+        nodes=_cfg(C.parse_nodes, node), digest=_cfg(C.check_digest, digest, None, None), ip=ip, port=port,
+        timeout=_cfg(C.parse_duration, timeout, "--timeout"),
+        alivetime=_cfg(C.parse_duration, alivetime, "--alivetime"),
+        expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), tls=client_tls, server_tls=server_tls)
+    logs.setup("info" if verbose else "error", as_json=False, text_format="dfget: %(name)s: %(message)s")
+    notices.configure(as_json=False)
+    code, report = EXIT_OK, None
+    try:
+        report = asyncio.run(run_import(cfg))
+    except DfError as exc:
+        code = exc.exit_code
+        click.echo(f"dfget: error: {exc.message}", err=True)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+        click.echo("dfget: interrupted", err=True)
+    if report is not None and not as_json:
+        click.echo(f"dfget: imported {report['path']} as {report['digest']} ({report['length']} bytes, "
+                   f"{report['pieces']} pieces); get it elsewhere with: dfget --digest {report['digest']} -o OUT",
+                   err=True)
+    if as_json:
+        click.echo(json.dumps({**(report or {}), "exit_code": code}))
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "version":
@@ -283,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_OK)
     if args[:2] == ["server", "stop"]:
         server_stop_cmd.main(args[2:], prog_name="dfget server stop")
+    elif args and args[0] == "import":
+        import_cmd.main(args[1:], prog_name="dfget import")
     elif args and args[0] == "server":
         server_cmd.main(args[1:], prog_name="dfget server")
     elif args and args[0] == "upload":

@@ -54,6 +54,9 @@ class DownloadConfig:
     nodes: tuple[Node, ...] = (Node("127.0.0.1", DEFAULT_NODE_PORT),)
     md5: str | None = None
     identifier: str | None = None
+    # --digest sha256:<hex>: the task is the digest (identifier = digest), the whole file is
+    # checked against it before the rename; with url "" the swarm must know the digest
+    digest: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     filter_keys: tuple[str, ...] = ()
     locallimit: int = 0  # bytes/s; 0 = no cap (v1's 20 MB/s default throttled every fast link)
@@ -153,6 +156,24 @@ def default_output(url: str, output: str | None) -> Path:
     if not name or name in (".", "..") or "/" in name:
         raise ConfigError("cannot name the output from the URL; give -o FILE")
     return (Path.cwd() / name).absolute()
+
+
+def check_digest(digest: str | None, identifier: str | None, md5: str | None) -> str | None:
+    """--digest sha256:<64 lower-case hex>: refused up front (a usage error) when it is
+    malformed or fights -i/--md5 (the task's identity must be the digest alone)."""
+    if digest is None:
+        return None
+    from common import content
+
+    try:
+        content.parse(digest)
+    except content.BadDigest as exc:
+        raise ConfigError(f"--digest: {exc}") from None
+    if identifier is not None and identifier != digest:
+        raise ConfigError("--digest and -i/--identifier name the task twice; give only --digest")
+    if md5 is not None:
+        raise ConfigError("--digest and --md5 cannot be combined (the digest already checks the bytes)")
+    return digest
 
 
 def parse_rate(text: str, flag: str) -> int:

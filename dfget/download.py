@@ -7,6 +7,7 @@ transfers. Origin refusals (404/401/403) are final: the origin is not asked agai
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from common.errors import (
     P2PFailed,
     SupernodeUnavailable,
     TlsError,
+    UnknownDigest,
 )
 from common.wire import BackToSourceReason
 
@@ -43,7 +45,7 @@ log = logging.getLogger("dfget")
 # Final answers about the file itself: going to the origin ourselves would only repeat them.
 # A supernode TLS cannot work with answers all the same: the user must fix a flag.
 _FINAL = (OriginNotFound, OriginUnauthorized, OriginForbidden, IntegrityError, LocalDiskError, TlsError,
-          RangeOutsideFile, DownloadInvalidated)
+          RangeOutsideFile, DownloadInvalidated, UnknownDigest)
 
 
 def _session(cfg: DownloadConfig) -> aiohttp.ClientSession:
@@ -95,6 +97,10 @@ async def download(cfg: DownloadConfig, stats: Stats, want: Want | None = None) 
             reason = why[1]
         async with _session(cfg) as session:
             await _back_to_source(cfg, session, part, stats, throttles, reason)
+    except (IntegrityError, UnknownDigest):
+        # bytes that are not the file asked for (or no file at all): nothing to resume
+        await asyncio.to_thread(part.discard)
+        raise
     finally:
         part.close()
 
@@ -158,4 +164,5 @@ async def _back_to_source(cfg: DownloadConfig, session: aiohttp.ClientSession, p
                                    throttles=throttles, on_bytes=on_bytes)
     stats.length = result.length
     stats.bytes_from_origin = result.length
-    await asyncio.to_thread(part.finish, result.length, cfg.md5, result.md5)
+    await asyncio.to_thread(functools.partial(part.finish, result.length, cfg.md5, result.md5,
+                                              sha256=cfg.digest.split(":", 1)[1] if cfg.digest else None))

@@ -13,10 +13,10 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from common import digest
-from common.errors import IntegrityError, LocalDiskError
+from common.errors import ContentDigestMismatch, IntegrityError, LocalDiskError
 from common.taskid import is_short_id
 
 READ_CHUNK = 1 << 20
@@ -163,8 +163,13 @@ class PartFile:
         return str(h.hexdigest())
 
     def file_md5(self) -> str:
+        return self._file_hash(hashlib.md5(usedforsecurity=False))
+
+    def file_sha256(self) -> str:
+        return self._file_hash(hashlib.sha256())
+
+    def _file_hash(self, h: Any) -> str:
         assert self.fd is not None
-        h = hashlib.md5(usedforsecurity=False)
         pos = 0
         with disk_errors(f"cannot read {self.path}"):
             while chunk := os.pread(self.fd, READ_CHUNK, pos):
@@ -173,7 +178,7 @@ class PartFile:
         return h.hexdigest()
 
     def finish(self, length: int, md5: str | None, md5_actual: str | None = None, *,
-               keep_part: bool = False) -> None:
+               keep_part: bool = False, sha256: str | None = None) -> None:
         """fsync, check size and md5, then rename onto the output (`keep_part`: link it
         there, the part file's name stays until release()). On an integrity failure the
         temporary file is removed; the output is never touched."""
@@ -189,6 +194,14 @@ class PartFile:
             if actual.lower() != md5.lower():
                 self.discard()
                 raise IntegrityError(f"md5 mismatch: expected {md5}, got {actual}")
+        if sha256 is not None:
+            # --digest: every piece was checked against the supernode's digests, and this
+            # pins the whole file to the digest the user gave, whoever published those
+            actual = self.file_sha256()
+            if actual != sha256:
+                self.discard()
+                raise ContentDigestMismatch(f"the downloaded file hashes to sha256:{actual}, not "
+                                            f"sha256:{sha256}; nothing was written to {self.output}")
         with disk_errors(f"cannot move the download to {self.output}"):
             if keep_part:
                 # The output appears under its name while the part file keeps its own, so

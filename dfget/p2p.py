@@ -79,7 +79,7 @@ class P2PSession:
 
     def _register_request(self) -> wire.RegisterRequest:
         return wire.RegisterRequest(
-            url=self.cfg.url, peer=self.peer.addr, headers=self.cfg.headers, md5=self.cfg.md5,
+            url=self.cfg.url or None, peer=self.peer.addr, headers=self.cfg.headers, md5=self.cfg.md5,
             identifier=self.cfg.identifier, filter=list(self.cfg.filter_keys),
             pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid)
 
@@ -360,9 +360,10 @@ class P2PSession:
             self.want.partial = True
             return
         length = self.task.length
-        await asyncio.to_thread(functools.partial(self.part.finish, length, self.cfg.md5, keep_part=True))
+        await asyncio.to_thread(functools.partial(self.part.finish, length, self.cfg.md5, keep_part=True,
+                                                  sha256=_hex(self.cfg.digest)))
         try:
-            await self.peer.moved(self.task_id, self.cfg.output)
+            await self.peer.moved(self.task_id, self.cfg.output, await self._content())
             # A server we launched may not be up yet, with this news in its queue: the part
             # file's name stays until it has heard where the file went (else peers asking
             # meanwhile find neither name)
@@ -371,6 +372,20 @@ class P2PSession:
             await asyncio.to_thread(self.part.release)
         with contextlib.suppress(SupernodeDown, DfError):
             await self._final_report("finished")
+
+    async def _content(self) -> str | None:
+        """The output's sha256: --digest's (checked by finish), else the supernode's, which
+        hashed the same bytes every piece of ours was verified against (asked once more if
+        our last news of the task is older than its CDN's end; never waited for)."""
+        if self.cfg.digest:
+            return _hex(self.cfg.digest)
+        if self.task is not None and self.task.content is None and self.peer.addr is not None:
+            with contextlib.suppress(SupernodeDown, DfError):
+                self.task = (await self.sn.digests(self.task_id)).task
+        content = self.task.content if self.task is not None else None
+        if content and content.startswith("sha256:") and len(content) == 71:
+            return content[7:]
+        return None
 
     async def leave(self, back_to_source: wire.BackToSourceReason | None) -> None:
         """Tell the supernode this client gives up (its in-flight pieces are released), and
@@ -423,6 +438,10 @@ def _without_refused(batch: list[wire.Report], exc: DfError) -> list[wire.Report
         return []
     rest = [r for r in batch if r.piece != piece]
     return rest if len(rest) < len(batch) else []
+
+
+def _hex(digest: str | None) -> str | None:
+    return digest.split(":", 1)[1] if digest else None
 
 
 def _task_error(task: wire.TaskInfo) -> DfError:

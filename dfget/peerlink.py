@@ -137,8 +137,10 @@ class PeerLink:
         if pieces or length is not None:
             await self._call("POST", f"/files/{task_id}/verified", MarkVerified(pieces, length))
 
-    async def moved(self, task_id: str, path: Path) -> None:
-        await self._call("POST", f"/files/{task_id}/moved", MovedFile(str(path)))
+    async def moved(self, task_id: str, path: Path, content: str | None = None) -> None:
+        """`content`: the file's sha256 hex, when known (outputs of one content stand in
+        for each other at the peer server)."""
+        await self._call("POST", f"/files/{task_id}/moved", MovedFile(str(path), content or None))
 
     async def remove(self, task_id: str) -> None:
         await self._call("DELETE", f"/files/{task_id}", None)

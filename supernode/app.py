@@ -27,7 +27,7 @@ from common.taskid import is_short_id, new_id
 from common.tls import ServerTls
 from common.tokens import Signer
 
-from .api import guard, preheat, ui, uploads
+from .api import guard, imports, preheat, ui, uploads
 from .api import handlers as api
 from .api.peerauth import PeerSecrets
 from .auth import KeyRing, PieceGate, load_or_create_key
@@ -189,6 +189,7 @@ def create_app(settings: Settings) -> web.Application:
     ui.routes(app)
     preheat.routes(app)
     uploads.setup(app)
+    imports.routes(app)
     return app
 
 

@@ -19,7 +19,7 @@ _SIZES = {"max_bandwidth", "upload_limit", "disk_gc_threshold", "max_file_size",
 _DURATIONS = {"fail_access_interval", "task_expire_time", "peer_gc_delay", "gc_initial_delay",
               "gc_meta_interval", "register_wait", "origin_read_timeout", "shutdown_timeout", "lease_ttl",
               "piece_token_ttl", "header_timeout", "body_timeout", "pop_interval", "pop_timeout",
-               "upload_ttl"}
+               "upload_ttl", "blob_ttl"}
 _CIDRS = {"allow_origin", "deny_origin", "allow_peer", "deny_peer"}
 
 
@@ -60,6 +60,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--gc-initial-delay", dict(default="6s", show_default=True, help="Wait before the first garbage collection after start.")),
     ("--gc-meta-interval", dict(default="2m", show_default=True, help="Interval between garbage collections of tasks, peers and cached files.")),
     ("--disk-gc-threshold", dict(default="5GB", show_default=True, help="Evict unused cached files below this free space.")),
+    ("--blob-ttl", dict(default="3m", show_default=True,
+                        help="A cached file (blob, stored once per content) that no task refers to any "
+                             "more is removed this long after its last reference went (sooner below "
+                             "--disk-gc-threshold).")),
     ("--max-file-size", dict(default="64GB", show_default=True, help="Largest origin file accepted (also chunked).")),
     ("--max-fetches", dict(type=int, default=16, show_default=True, help="Concurrent origin fetches.")),
     ("--origin-parallel", dict(type=int, default=1, show_default=True,

@@ -50,6 +50,7 @@ class Settings:
     gc_initial_delay: float = 6.0
     gc_meta_interval: float = 120.0
     disk_gc_threshold: int = 5 << 30  # below this free space, evict unused cached files
+    blob_ttl: float = 180.0  # a cached blob nothing refers to any more is removed after this
     max_file_size: int = 64 << 30
     max_fetches: int = 16
     origin_parallel: int = 1  # Range requests one origin fetch may run at once (cdn/parallel.py)

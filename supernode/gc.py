@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from common import errors
 
+from .cdn.cache import PieceCache
 from .state import SupernodeState
 from .store.connection import raise_if_cancelled
 
@@ -16,7 +18,7 @@ log = logging.getLogger("supernode.gc")
 
 async def collect_once(st: SupernodeState) -> dict[str, int]:
     s = st.settings
-    stats = {"tasks": 0, "clients": 0, "files": 0}
+    stats = {"tasks": 0, "clients": 0, "files": 0, "blobs": 0}
     for tid in await st.repo.idle_tasks(int(s.task_expire_time * 1000)):
         if tid in st.cdn.running or await st.repo.lease_holder(tid):
             continue
@@ -37,7 +39,23 @@ async def collect_once(st: SupernodeState) -> dict[str, int]:
         await st.repo.remove_clients(tid, dead)
         stats["clients"] += len(dead)
     stats["files"] = await _disk(st)
+    stats["blobs"] = await asyncio.to_thread(collect_blobs, st.cache, st.settings.blob_ttl,
+                                             st.settings.disk_gc_threshold)
     return stats
+
+
+def collect_blobs(cache: PieceCache, ttl: float, threshold: int, now: float | None = None) -> int:
+    """Blobs (complete files by content) that nothing refers to any more, removed once
+    unreferenced for `ttl` seconds, or at once while free space is below `threshold`
+    (oldest first). A blob any task's entry refers to is never removed."""
+    now = time.time() if now is None else now
+    removed = 0
+    for content, refs, changed, _size in sorted(cache.blobs(), key=lambda b: b[2]):
+        if refs:
+            continue
+        if now - changed >= ttl or cache.free_bytes() < threshold:
+            removed += cache.remove_blob(content)
+    return removed
 
 
 async def _disk(st: SupernodeState) -> int:

@@ -33,7 +33,7 @@ class Row:
 
 def _commands() -> list[tuple[str, click.Command, str]]:
     """(program name, command, note) in the order they are documented."""
-    from dfget.cli import download_cmd, server_cmd
+    from dfget.cli import download_cmd, import_cmd, server_cmd
     from dfget.upload import upload_cmd
     from supernode.cli import main as supernode_cmd
 
@@ -45,6 +45,8 @@ def _commands() -> list[tuple[str, click.Command, str]]:
         ("dfget", download_cmd, "The downloader."),
         ("dfget upload", upload_cmd,
          "Resumable upload of a local file into a supernode's CDN cache, named by its digest."),
+        ("dfget import", import_cmd,
+         "Puts a local file into the swarm with no origin (README \"Content-addressed store\")."),
     ]
 
 

@@ -111,7 +111,7 @@ async def moved(request: web.Request) -> web.Response:
     s = request.app[STATE]
     tid = _task_id(request)
     body = await _body(request, MovedFile)
-    if not s.table.moved(tid, Path(body.path)):
+    if not s.table.moved(tid, Path(body.path), body.content or ""):
         raise NotFound("unknown task or file")
     s.table_changed()
     return _json({"ok": True})

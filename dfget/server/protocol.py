@@ -60,6 +60,9 @@ class MarkVerified(Struct, frozen=True):
 
 class MovedFile(Struct, frozen=True):
     path: AbsPath
+    # sha256 hex of the whole file (a digest task's, checked by dfget; else the
+    # supernode's): outputs with one content stand in for each other (table.py)
+    content: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")] | None = None
 
 
 class PeerSecret(Struct, frozen=True):

@@ -27,6 +27,7 @@ class FileEntry:
     complete: bool = False  # moved to its final path by its dfget
     verified: set[int] = field(default_factory=set)
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) when it became complete
+    content: str = ""  # sha256 hex of the complete file, when known: see FileTable.stand_in
     last_access: float = field(default_factory=time.monotonic)
 
     def holds(self, piece: int) -> bool:
@@ -80,12 +81,13 @@ class FileTable:
         entry.verified.update(p for p in pieces if count < 0 or p < count)
         return True
 
-    def moved(self, task_id: str, path: Path) -> bool:
+    def moved(self, task_id: str, path: Path, content: str = "") -> bool:
         entry = self.files.get(task_id)
         if entry is None:
             return False
         entry.path = path
         entry.complete = True
+        entry.content = content
         try:
             st = path.stat()
         except OSError:
@@ -98,14 +100,42 @@ class FileTable:
     def remove(self, task_id: str) -> FileEntry | None:
         return self.files.pop(task_id, None)
 
+    # --- references: complete files by content ------------------------------------
+    def refs(self, content: str) -> list[FileEntry]:
+        """The tasks (and through them the outputs) that refer to this content."""
+        return [e for e in self.files.values() if e.complete and content and e.content == content]
+
+    def stand_in(self, entry: FileEntry) -> FileEntry | None:
+        """For a complete entry whose own output is gone or changed: another task's
+        output with the same content, still as it was verified (its pieces are this
+        task's pieces: same bytes, same length, same piece size)."""
+        if not entry.complete or not entry.content:
+            return None
+        for other in self.refs(entry.content):
+            if other is not entry and (other.length, other.piece_size) == (entry.length, entry.piece_size) \
+                    and other.still_valid():
+                return other
+        return None
+
     def sweep(self, now: float, expiretime: float) -> list[FileEntry]:
         """Drop files that changed, vanished, or (complete ones) were not read for
-        `expiretime`. Returns what was dropped so supernodes can be told."""
+        `expiretime`. Returns what was dropped so supernodes can be told.
+
+        A complete file of known content is one entry with references: a read of any
+        task of that content counts for all of them, and a task whose own output went is
+        kept while another output of that content stands in for it. The content goes
+        when nothing refers to it any more, or none of its tasks was read for
+        `expiretime`."""
         gone: list[FileEntry] = []
+        last_read: dict[str, float] = {}
+        for e in self.files.values():
+            if e.complete and e.content:
+                last_read[e.content] = max(last_read.get(e.content, 0.0), e.last_access)
         for tid, entry in list(self.files.items()):
-            expired = entry.complete and now - entry.last_access > expiretime
+            read = last_read.get(entry.content, entry.last_access) if entry.complete else entry.last_access
+            expired = entry.complete and now - read > expiretime
             orphan = not entry.complete and not entry.in_progress() and now - entry.last_access > expiretime
-            if expired or orphan or not entry.still_valid():
+            if expired or orphan or not (entry.still_valid() or self.stand_in(entry) is not None):
                 gone.append(self.files.pop(tid))
         return gone
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from common import __version__, errors, httperrors, wire
+from common import __version__, content, errors, httperrors, wire
 from common.taskid import is_task_id, new_id, redact_url, split_credentials, task_key
 from common.taskid import task_id as make_task_id
 from supernode.cdn import origin
@@ -96,6 +96,22 @@ async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md
     return meta
 
 
+async def known_digest(st: SupernodeState, req: wire.RegisterRequest) -> TaskMeta:
+    """A registration without a URL joins the task its content digest names, which the
+    swarm must already have (imported, or registered by someone with a URL)."""
+    if req.md5 or req.range or req.filter or req.headers:
+        raise errors.BadRequest("a registration without url takes only a sha256 identifier")
+    try:
+        digest = content.parse(req.identifier or "")
+    except content.BadDigest as exc:
+        raise errors.BadRequest(f"a registration without url needs identifier sha256:<hex>: {exc}") from None
+    meta = await st.repo.get_meta(content.task_id_of(digest))
+    if meta is None:
+        raise errors.UnknownDigest(f"no task of this swarm has {digest} (import it, or give a URL)",
+                                   detail={"digest": digest})
+    return meta
+
+
 def _check_peer(st: SupernodeState, peer: wire.PeerAddr) -> None:
     try:
         ipaddress.ip_address(peer.ip)
@@ -116,13 +132,19 @@ async def register(request: web.Request) -> web.Response:
     req = await body(request, wire.RegisterRequest)
     if req.range is not None and not _RANGE_RE.match(req.range):
         raise errors.BadRequest("range must be bytes=START-[END]")
+    # by digest alone: refused (unknown digest, malformed) before anything is written
+    joined = await known_digest(st, req) if req.url is None else None
     peer_secret = None
     if req.peer is not None:
         _check_peer(st, req.peer)
         peer_secret = await _peer_secrets(st).for_registration(
             req.peer.peer_id, request.headers.get(peerauth.HEADER))
-    meta = await open_task(st, req.url, headers=dict(req.headers), md5=req.md5, identifier=req.identifier,
-                           filter_keys=list(req.filter), range_=req.range)
+    if joined is not None:
+        meta = joined
+    else:
+        assert req.url is not None
+        meta = await open_task(st, req.url, headers=dict(req.headers), md5=req.md5, identifier=req.identifier,
+                               filter_keys=list(req.filter), range_=req.range)
     tid = meta.task_id
     cid = req.cid if req.cid else new_id()
     kind = "peer-cdn" if req.pattern == "cdn" else "peer"
@@ -146,7 +168,8 @@ async def register(request: web.Request) -> web.Response:
     await st.cdn.ensure(meta)
     await st.dispatcher.wait_started(tid, st.settings.register_wait)
     meta = await st.repo.get_meta(tid) or meta
-    log.info("registered %s for task %s (%s) state=%s", cid[:8], tid[:12], redact_url(req.url), meta.status)
+    log.info("registered %s for task %s (%s) state=%s", cid[:8], tid[:12],
+             redact_url(req.url or req.identifier or ""), meta.status)
     keys = await st.keyring.current() if st.settings.piece_auth and st.keyring is not None else []
     return reply(request, wire.RegisterReply(cid=cid, supernode_id=st.sn_id, task=meta.info(),
                                              piece_auth=st.settings.piece_auth, keys=keys,

@@ -30,7 +30,7 @@ from supernode.store import keys
 from supernode.store.repo import Repo, TaskMeta, now_ms
 from supernode.tasks import TaskOwner, cancel_and_wait
 
-from . import parallel, takeover
+from . import imports, parallel, takeover
 from .cache import CacheEntry, PieceCache
 from .lease import Leases
 from .origin import OriginClient, validators
@@ -83,6 +83,7 @@ class Cdn:
         self._slots = asyncio.Semaphore(settings.max_fetches)
         self.bytes_fetched = 0
         self.repair = CacheRepair(self)
+        self.imports = imports.Imports()  # dfget import: claims to check on the importer's bytes
         self.copier = takeover.PeerCopier(repo, origin.policy, settings.min_rate)
         # task id -> credential headers of its registrations (memory only, see api.open_task)
         self.credentials: dict[str, dict[str, str]] = {}
@@ -202,6 +203,9 @@ class Cdn:
     # --- the fetch ------------------------------------------------------------------
     async def _fetch(self, meta: TaskMeta) -> None:
         tid = meta.task_id
+        if tid in self.imports.claims or imports.is_import(meta):
+            await self.imports.fetch(self, meta)  # no origin: the importer's peer server
+            return
         published = await self.repo.digests(tid)
         entry = self.cache.load(tid)
         headers = self.origin_headers(meta)
@@ -446,20 +450,21 @@ class Cdn:
     async def finish_fetch(self, meta: TaskMeta, entry: CacheEntry, count: int) -> None:
         """The whole file is here: check it against a content identifier, mark the cache
         entry complete and record success with every digest (store outages ridden out)."""
+        got = await asyncio.to_thread(sha256_file, self.cache.data_path(meta.task_id), entry.length)
         if is_content_identifier(meta.identifier):
             # The task is named by the digest of its bytes (a registry blob): a URL that
             # served other bytes must not poison the task for every URL sharing the digest.
             want = meta.identifier.split(":", 1)[1]
-            got = await asyncio.to_thread(sha256_file, self.cache.data_path(meta.task_id), entry.length)
             if got != want:
                 self.cache.remove(meta.task_id)
                 raise errors.ContentDigestMismatch(
                     f"{redact_url(meta.url)} sent bytes hashing to sha256:{got}, not {meta.identifier}")
         entry.complete = True
-        await asyncio.to_thread(self.cache.save, entry)
+        # one copy on disk per content: a task with bytes another task has shares its blob
+        await asyncio.to_thread(self.cache.share, entry, got)
         fields: dict[str, object] = dict(
             status="success", length=entry.length, piece_size=entry.piece_size, piece_count=count,
-            file_digest=file_digest(entry.digests, count), cdn=self.sn_id)
+            file_digest=file_digest(entry.digests, count), cdn=self.sn_id, content=got)
         await self._patiently(f"task {meta.task_id[:12]}: recording success", lambda: self.repo.finish_task(
             meta.task_id, self.sn_id, fields, sorted(entry.digests.items())))
         log.info("task %s: CDN has %s (%d bytes, %d pieces)", meta.task_id[:12],

@@ -55,6 +55,7 @@ class TaskMeta:
     error: str
     error_message: str
     created_ms: int
+    content: str = ""  # sha256 hex of the whole file, once the CDN has it all
 
     @classmethod
     def from_hash(cls, task_id: str, h: dict[str, str]) -> TaskMeta:
@@ -75,6 +76,7 @@ class TaskMeta:
             error=h.get("error", ""),
             error_message=h.get("error_message", ""),
             created_ms=int(h.get("created_ms", "0")),
+            content=h.get("content", ""),
         )
 
     def info(self) -> wire.TaskInfo:
@@ -87,6 +89,7 @@ class TaskMeta:
             status=self.status,
             file_digest=self.file_digest or None,
             error=err,
+            content=f"sha256:{self.content}" if self.content else None,
         )
 
 
