@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 
+from .errors import Error
 from .taskid import task_id
 
 PREFIX = "sha256:"
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
-class BadDigest(ValueError):
+class BadDigest(Error, ValueError):
     """A digest string we refuse; the message says what is wrong with it."""
 
 
