@@ -25,6 +25,7 @@ from common.errors import (
     EXIT_OK,
     DfError,
     DownloadTimeout,
+    LocalDiskError,
 )
 from common.tls import ClientTls, ServerTls, TlsConfigError, check_pair
 
@@ -306,15 +307,28 @@ def server_stop_cmd(home: str) -> None:
 @click.option("--alivetime", default="5m", show_default=True, help="Peer server: exit after this long idle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (digest, task_id, length, pieces, ...).")
 @click.option("--verbose", is_flag=True, help="Log details to stderr.")
+@click.option("--upload", is_flag=True,
+              help="Also upload FILE into the supernode's CDN cache first, resumably (as `dfget upload`): "
+                   "the swarm then keeps it without this host. Re-run the same command to resume.")
+@click.option("--chunk-size", default="8MiB", show_default=True, help="With --upload: bytes per chunk (4KiB..64MiB).")
+@click.option("-s", "--locallimit", default="0", show_default=True, help="With --upload: its rate limit (e.g. 20MB); 0 = none.")
+@click.option("--admin-token", default="", envvar="DFGET_ADMIN_TOKEN", show_envvar=True,
+              help="With --upload: the supernode's admin token, when it has one.")
 @tls_options
 def import_cmd(file: Path, digest: str | None, node: str, home: str, ip: str | None, port: int, timeout: str,
-               expiretime: str, alivetime: str, as_json: bool, verbose: bool, cacert: str | None,
-               cert: str | None, key: str | None, client_ca: str | None) -> None:
+               expiretime: str, alivetime: str, as_json: bool, verbose: bool, upload: bool, chunk_size: str,
+               locallimit: str, admin_token: str, cacert: str | None, cert: str | None, key: str | None,
+               client_ca: str | None) -> None:
     """Put FILE into the swarm with no origin: this host's peer server seeds it, the
     supernode checks it, and other hosts get it with `dfget --digest sha256:<hex> -o OUT`."""
     from .importer import ImportConfig, run_import
 
     client_tls, server_tls = _cfg(parse_tls, cacert, cert, key, client_ca)
+    chunk = limit = 0
+    if upload:
+        from .upload import check_chunk
+
+        chunk, limit = _cfg(check_chunk, chunk_size), _cfg(C.parse_rate, locallimit, "--locallimit")
     cfg = ImportConfig(
         path=file.expanduser().absolute(), home=Path(home).expanduser().absolute(),
         nodes=_cfg(C.parse_nodes, node), digest=_cfg(C.check_digest, digest, None, None), ip=ip, port=port,
@@ -323,8 +337,10 @@ def import_cmd(file: Path, digest: str | None, node: str, home: str, ip: str | N
         expiretime=_cfg(C.parse_duration, expiretime, "--expiretime"), tls=client_tls, server_tls=server_tls)
     logs.setup("info" if verbose else "error", as_json=False, text_format="dfget: %(name)s: %(message)s")
     notices.configure(as_json=False)
-    code, report = EXIT_OK, None
+    code, report, uploaded = EXIT_OK, None, None
     try:
+        if upload:  # first, so that the supernode's check finds the verified copy in its cache
+            uploaded = asyncio.run(_upload_for_import(cfg, chunk, limit, admin_token.strip(), client_tls))
         report = asyncio.run(run_import(cfg))
     except DfError as exc:
         code = exc.exit_code
@@ -337,8 +353,29 @@ def import_cmd(file: Path, digest: str | None, node: str, home: str, ip: str | N
                    f"{report['pieces']} pieces); get it elsewhere with: dfget --digest {report['digest']} -o OUT",
                    err=True)
     if as_json:
-        click.echo(json.dumps({**(report or {}), "exit_code": code}))
+        click.echo(json.dumps({**(report or {}), **({"upload": uploaded} if uploaded else {}), "exit_code": code}))
     sys.exit(code)
+
+
+async def _upload_for_import(cfg: object, chunk: int, limit: int, admin_token: str, tls: ClientTls) -> dict[str, object]:
+    """`dfget import --upload`: the resumable upload of dfget/upload.py, for the digest
+    given or computed here (the import hashes the file again: it needs the pieces)."""
+    import dataclasses
+
+    from .importer import hash_file
+    from .upload import UploadConfig, upload_file
+
+    path, digest = cfg.path, cfg.digest  # type: ignore[attr-defined]
+    if digest is None:
+        try:
+            digest = (await asyncio.to_thread(hash_file, path)).digest
+        except OSError as exc:
+            raise LocalDiskError(f"cannot read {path}: {exc.strerror or exc}") from None
+    ucfg = UploadConfig(file=path, digest=digest, home=cfg.home, nodes=cfg.nodes,  # type: ignore[attr-defined]
+                        chunk_size=chunk, limit=limit, admin_token=admin_token, tls=tls)
+    rep = await upload_file(ucfg)
+    keep = ("state", "bytes_sent", "resumed_from", "supernode", "session")
+    return {k: v for k, v in dataclasses.asdict(rep).items() if k in keep}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -345,6 +345,17 @@ def _detail_offset(resp: Response) -> int:
         raise _Transient("409 without the current offset") from None
 
 
+def check_chunk(text: str) -> int:
+    """--chunk-size: a size between MIN_CHUNK and MAX_CHUNK (ConfigError otherwise)."""
+    try:
+        chunk = units.parse_size(text)
+    except ValueError as exc:
+        raise C.ConfigError(f"--chunk-size: {exc}") from None
+    if not MIN_CHUNK <= chunk <= MAX_CHUNK:
+        raise C.ConfigError("--chunk-size must be between 4KiB and 64MiB")
+    return chunk
+
+
 async def upload_file(cfg: UploadConfig) -> UploadReport:
     """Upload `cfg.file` (checked against `cfg.digest` first) and return the report."""
     t0 = time.monotonic()
@@ -409,9 +420,7 @@ def upload_cmd(file: str, digest: str, node: str, home: str, chunk_size: str, lo
     """Upload FILE into the supernode's CDN cache as the content-addressed task of its
     digest (resumable: run the same command again after an interruption)."""
     try:
-        chunk = units.parse_size(chunk_size)
-        if not MIN_CHUNK <= chunk <= MAX_CHUNK:
-            raise C.ConfigError("--chunk-size must be between 4KiB and 64MiB")
+        chunk = check_chunk(chunk_size)
         cfg = UploadConfig(
             file=Path(file).expanduser().absolute(), digest=check_digest(digest),
             home=Path(home).expanduser().absolute(), nodes=C.parse_nodes(node), chunk_size=chunk,

@@ -282,3 +282,57 @@ async def test_upload_to_a_tls_supernode(tmp_path: Path) -> None:
         assert len(cached) == 1 and cached[0].read_bytes() == src.read_bytes()
     finally:
         runner.stop()
+
+
+async def test_import_with_upload_killed_half_way_resumes_then_serves_without_the_importer(supernode, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`dfget import FILE --upload`: the file goes into the CDN as a resumable upload
+    first. Killed half-way and run again, it resumes at the supernode's offset; then the
+    importer's peer server is stopped and another host still gets the file by digest."""
+    sn = supernode()
+    length = 16 * MIB
+    src = make_file(tmp_path / "f.bin", length, seed=33)
+    digest = sha256_of(src)
+    home = tmp_path / "imp"
+    state = home / "uploads" / f"{digest[7:]}.json"
+    args = ["import", str(src), "--upload", "-n", f"127.0.0.1:{sn.port}", "--home", str(home), "--ip", "127.0.0.1",
+            "--json"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dfget", *args, "--chunk-size", "256KiB", "-s", "2MB",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    killed_at = None
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(600):
+                await asyncio.sleep(0.05)
+                if not state.exists():
+                    continue
+                off = await _offset(s, sn, json.loads(state.read_text())["session"])
+                if off is not None and 0 < off < length // 2:
+                    proc.send_signal(signal.SIGKILL)
+                    await proc.wait()
+                    killed_at = await _offset(s, sn, json.loads(state.read_text())["session"])
+                    break
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert killed_at is not None and 0 < killed_at < length, killed_at
+    try:
+        res = await run_dfget(*args, "--chunk-size", "1MiB", timeout=90)
+        rep = report(res)
+        assert res.code == 0, res.stderr
+        assert rep["digest"] == digest and rep["status"] == "success"
+        up = rep["upload"]
+        assert up["state"] == "committed" and up["resumed_from"] == killed_at
+        assert up["bytes_sent"] == length - killed_at
+    finally:
+        await stop_server(home)  # the importer is gone: the CDN's copy must do
+    out = tmp_path / "got.bin"
+    res = await run_dfget("--digest", digest, "-o", str(out), "-n", f"127.0.0.1:{sn.port}",
+                          "--home", str(tmp_path / "dl"), "--ip", "127.0.0.1", "--json", timeout=90)
+    try:
+        assert res.code == 0, res.stderr
+        assert out.read_bytes() == src.read_bytes()
+        assert report(res)["bytes_from_supernode"] == length
+    finally:
+        await stop_server(tmp_path / "dl")
