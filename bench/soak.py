@@ -505,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12"))
     p.add_argument("--supernode-arg", action="append", default=[], help="extra supernode option (repeatable)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--name", default="soak", help="result files' name: <out>/<name>.md and .json")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, homes)")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     for hidden in ("--api", "--url", "--first", "--count", "--start-at", "--stop-at", "--api-port", "--work",
@@ -534,12 +535,16 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    nice = f" --download-nice {args.download_nice}" if args.download_nice else ""
     head = (f"# Soak\n\n`python -m bench.soak --duration {args.duration:g} --downloads {args.downloads} "
-            f"--hosts {args.hosts} --clients {args.clients} --think {args.think:g}` on {os.cpu_count()} cores "
-            f"({time.strftime('%Y-%m-%d %H:%M')}); origin, supernode, Redis, {args.hosts} peer servers and the "
-            "load processes share them.\n\n")
-    (out / "soak.md").write_text(head + text + "\n")
-    (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+            f"--hosts {args.hosts} --clients {args.clients} --think {args.think:g}{nice}` on {os.cpu_count()} cores "
+            f"({time.strftime('%Y-%m-%d %H:%M')}, code {commit}); origin, supernode, Redis, {args.hosts} peer "
+            "servers and the load processes share them.\n\n")
+    result["date"], result["commit"] = time.strftime("%Y-%m-%d %H:%M"), commit
+    (out / f"{args.name}.md").write_text(head + text + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
