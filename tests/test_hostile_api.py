@@ -235,6 +235,22 @@ MALFORMED_MSGPACK = [
 ]
 
 
+async def test_registration_without_url_needs_a_known_digest_and_nothing_else(world: World) -> None:
+    """No URL: only `identifier: sha256:<hex>` of a task the swarm has (404 unknown_digest
+    otherwise); anything else is 400, and nothing is stored either way."""
+    before = await world.snapshot()
+    unknown = "sha256:" + "ab" * 32
+    for body, status in [({}, 400), ({"identifier": "x"}, 400), ({"identifier": unknown.upper()}, 400),
+                         ({"identifier": unknown, "md5": "0" * 32}, 400),
+                         ({"identifier": unknown, "range": "bytes=0-1"}, 400), ({"identifier": unknown}, 404)]:
+        body = {**body, "peer": {"peer_id": "a" * 32, "ip": "127.0.0.1", "port": 15001}}
+        resp = await world.client.post("/api/v1/tasks", data=json.dumps(body), headers=JSON)
+        err = await assert_error(resp, status)
+        if status == 404:
+            assert err["error"] == "unknown_digest"
+    assert await world.snapshot() == before and world.origin.stats.requests == 1
+
+
 async def test_malformed_json_registration_is_400(world: World) -> None:
     before = await world.snapshot()
     for i, body in enumerate(MALFORMED_JSON):
