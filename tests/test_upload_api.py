@@ -136,7 +136,7 @@ async def test_head_and_get_report_the_durable_offset(client: Any) -> None:
     assert await head_offset(client, s["id"]) == 100 * KIB
     resp = await client.get(f"/api/v1/uploads/{s['id']}")
     body = await resp.json()
-    assert body["offset"] == 100 * KIB and body["state"] == "pending" and body["length"] == len(data)
+    assert body["offset"] == 100 * KIB and body["state"] == "upload-pending" and body["length"] == len(data)
 
 
 async def test_unknown_and_malformed_session_ids_are_404(client: Any) -> None:

@@ -56,6 +56,7 @@ log = logging.getLogger("supernode.uploads")
 MAX_CHUNK = 64 << 20  # bytes of one PATCH body
 READ_SIZE = 1 << 20  # bytes read from the request and written at a time
 SPOOL_DIR = "uploads"
+PENDING = "upload-pending"  # a session until every byte is in and the digest is verified
 
 Reader = Callable[[int], Awaitable[bytes]]
 
@@ -102,7 +103,7 @@ class Session:
         self.task_id = task_id("", identifier=digest)
         self.piece_size = piece_size_for(length)
         self.offset = 0
-        self.state = "pending"  # -> committed | failed | cancelled | expired
+        self.state = PENDING  # -> committed | failed | cancelled | expired
         self.whole = hashlib.sha256()
         self.piece = hashlib.sha256()
         self.digests: dict[int, str] = {}
@@ -154,7 +155,7 @@ class Uploads:
                                 registry=reg)
         self.ended = Counter("supernode_uploads", "Upload sessions ended, by result.", ["result"], registry=reg)
         Gauge("supernode_upload_sessions", "Upload sessions pending.", registry=reg).set_function(
-            lambda: sum(x.state == "pending" for x in self.sessions.values()))
+            lambda: sum(x.state == PENDING for x in self.sessions.values()))
 
     # --- life cycle -------------------------------------------------------------------
     def clear_spool(self) -> int:
@@ -174,7 +175,7 @@ class Uploads:
         for s in list(self.sessions.values()):
             if s.lock.locked() or now - s.touched < self.limits.ttl:
                 continue
-            if s.state == "pending":
+            if s.state == PENDING:
                 log.info("upload %s (%s) expired at %d of %d bytes", s.id[:8], s.digest[:19], s.offset, s.length)
             self._drop(s, "expired")
             gone += 1
@@ -187,7 +188,7 @@ class Uploads:
             self.expire()
 
     def _drop(self, s: Session, state: str) -> None:
-        if s.state == "pending":
+        if s.state == PENDING:
             s.state = state
             self.ended.labels(state).inc()
         self.sessions.pop(s.id, None)
@@ -196,7 +197,7 @@ class Uploads:
 
     def pending_bytes(self) -> int:
         """Bytes the pending sessions may still write."""
-        return sum(s.length - s.offset for s in self.sessions.values() if s.state == "pending")
+        return sum(s.length - s.offset for s in self.sessions.values() if s.state == PENDING)
 
     # --- the API's operations -----------------------------------------------------------
     def cached(self, digest: str) -> CacheEntry | None:
@@ -211,7 +212,7 @@ class Uploads:
             raise upload_error(errors.PayloadTooLarge, "upload_too_large",
                                f"declared length {length} exceeds this supernode's maximum upload size "
                                f"{self.limits.max_size}", max_size=self.limits.max_size)
-        if sum(s.state == "pending" for s in self.sessions.values()) >= self.limits.max_sessions:
+        if sum(s.state == PENDING for s in self.sessions.values()) >= self.limits.max_sessions:
             raise upload_error(errors.Busy, "too_many_uploads",
                                f"{self.limits.max_sessions} upload sessions are open on this supernode; "
                                "try again later", retry_after=5)
@@ -258,7 +259,7 @@ class Uploads:
         return s
 
     def _check_chunk(self, s: Session, offset: int, size: int) -> None:
-        if s.state != "pending":
+        if s.state != PENDING:
             raise upload_error(errors.Conflict, "upload_not_pending", f"the upload is {s.state}", offset=s.offset)
         if offset != s.offset:
             raise upload_error(errors.Conflict, "upload_offset_mismatch",
@@ -297,7 +298,7 @@ class Uploads:
             raise
         finally:
             os.close(fd)
-        if self.sessions.get(s.id) is not s or s.state != "pending":
+        if self.sessions.get(s.id) is not s or s.state != PENDING:
             raise upload_error(errors.NotFound, "unknown_upload", f"the upload was {s.state} meanwhile")
         s.whole, s.piece, s.offset = whole, piece, end
         s.digests.update(digests)
@@ -309,7 +310,7 @@ class Uploads:
         async with s.lock:
             if s.state == "committed":
                 return s
-            if s.state != "pending":
+            if s.state != PENDING:
                 raise upload_error(errors.Conflict, "upload_not_pending", f"the upload is {s.state}", offset=s.offset)
             if s.offset != s.length:
                 raise upload_error(errors.Conflict, "upload_incomplete",
