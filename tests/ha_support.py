@@ -393,6 +393,8 @@ async def exercise_store(url: str) -> dict[str, Any]:
         assert await repo.claim(tid, cid_a, [(2, cdn, "cdn", 2**42, 0)], max_inflight=4, peer_cap=5,
                                 cdn_cap=4) == [2]
         assert await repo.release(tid, cid_a) == 1
+        # a failed possession challenge: cid_b stops holding piece 1 (supernode/pop/)
+        assert await repo.pop_failed(tid, cid_b, 1, 3) == ("ok", 1)
         assert await repo.heartbeat(peer_a) and await repo.is_alive(peer_a)
         assert await repo.host_tasks(peer_a) == [tid]
         assert await repo.clients_of_host(tid, peer_a) == [cid_a]
