@@ -386,6 +386,23 @@ async def test_import_api_hostile_claims(world: World) -> None:
     assert listing["tasks"] == []
 
 
+async def test_import_claim_of_a_30_gib_file_fits_the_import_routes_body_cap(world: World) -> None:
+    """2,048 piece digests (30 GiB in 15 MiB pieces) make a 140 KB body: over the API's
+    64 KiB cap, within the import route's own (guard.BODY_CAPS). The claim is taken; the
+    check then fails, as nobody serves the file."""
+    length = 30 << 30
+    ps = piece_size_for(length)
+    n = piece_count(length, ps)
+    assert n > 2000
+    d = sha(b"thirty gibibytes")
+    claim = {"digest": d, "length": length, "piece_size": ps, "digests": [d[7:]] * n,
+             "peer": {"peer_id": new_id(), "ip": "127.0.0.1", "port": 9}}
+    status, body = await world.api_call("POST", "/api/v1/import", claim)
+    assert status == 202, body
+    task = await world.wait_status(content.task_id_of(d), ("failed", "success"))
+    assert task["status"] == "failed"
+
+
 # --- 2. references ---------------------------------------------------------------------------
 
 @pytest.fixture

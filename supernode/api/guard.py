@@ -44,6 +44,9 @@ BODY_KEY: web.RequestKey[bytes] = web.RequestKey("df_body", bytes)
 EXEMPT = frozenset({"/_ping", "/version", "/metrics"})
 REGISTER_ROUTE = "/api/v1/tasks"
 PULL_ROUTE = "/api/v1/tasks/{task_id}/pull"
+# Routes whose bodies may be larger than Limits.max_body: an import's claim carries one
+# 64-hex digest per piece (wire.MAX_IMPORT_PIECES of them: about 240 GiB of 15 MiB pieces).
+BODY_CAPS = {"/api/v1/import": 2 << 20}
 # what dfget and peer servers call besides those two (with dfget's 5 s timeout)
 CLIENT_CALLS = frozenset({"/api/v1/tasks/{task_id}/report", "/api/v1/tasks/{task_id}/digests",
                           "/api/v1/peers/heartbeat", "/api/v1/peers/down"})
@@ -180,7 +183,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         pull = None
         if request.method == "POST":
-            data = await body_bytes(request, g.limits.max_body, g.limits.body_timeout)
+            data = await body_bytes(request, BODY_CAPS.get(route, g.limits.max_body), g.limits.body_timeout)
             wait = 0.0
             if route == REGISTER_ROUTE:
                 wait = g.register.check(request.remote or "local", time.monotonic())
