@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.errors import DfError, IntegrityError, OriginError
+from common.listen import BACKLOG
 from common.netpolicy import AddressPolicy
 from common.taskid import redact_url
 from common.taskid import task_id as make_task_id
@@ -443,7 +444,7 @@ async def serve(daemon: Daemon, sock: socket.socket) -> tuple[web.AppRunner, asy
         daemon.metrics.sent.labels("connect").inc(down)
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Front(http, daemon.open_tunnel, tunnelled), sock=sock)
+    server = await loop.create_server(lambda: Front(http, daemon.open_tunnel, tunnelled), sock=sock, backlog=BACKLOG)
     return runner, server
 
 

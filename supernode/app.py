@@ -22,7 +22,7 @@ from aiohttp import web
 
 from common import errors
 from common.hostport import hostport
-from common.listen import listen_socket
+from common.listen import BACKLOG, listen_socket
 from common.taskid import is_short_id, new_id
 from common.tls import ServerTls
 from common.tokens import Signer
@@ -203,7 +203,8 @@ async def _listen(runner: web.AppRunner, flag: str, host: str, port: int, tls: S
     """`--listen ::` is dual stack (common/listen.py). With `tls` the port speaks only
     HTTPS: a plain HTTP request gets its connection closed (the handshake fails)."""
     try:
-        site = web.SockSite(runner, listen_socket(host, port), ssl_context=tls.context() if tls else None)
+        site = web.SockSite(runner, listen_socket(host, port), ssl_context=tls.context() if tls else None,
+                            backlog=BACKLOG)
         await site.start()
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)

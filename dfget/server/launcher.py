@@ -22,7 +22,7 @@ import msgspec
 
 from common import wire
 from common.errors import Signal
-from common.listen import listen_socket
+from common.listen import BACKLOG, listen_socket
 from common.taskid import new_id
 from common.tls import ServerTls
 
@@ -244,7 +244,7 @@ async def launch_server(home: Path, ip: str, port: int, totallimit: int, aliveti
         peer_id = new_id()
         try:
             sock = listen_socket(ip, port)
-            sock.listen(512)
+            sock.listen(BACKLOG)
         except OSError as exc:
             await client.close()
             raise PeerServerError(f"cannot listen on {ip}:{port}: {exc}") from None

@@ -21,7 +21,7 @@ from aiohttp import web
 from common import logs, wire
 from common.errors import DfError, Signal
 from common.hostport import hostport
-from common.listen import listen_socket
+from common.listen import BACKLOG, listen_socket
 
 from ..neterr import describe
 from ..supernodes import PEER_SECRET_HEADER
@@ -232,7 +232,7 @@ async def serve(cfg: ServerConfig) -> None:
             with contextlib.suppress(OSError):
                 (cfg.home / PENDING).unlink()
             ssl_context = cfg.tls.context() if cfg.tls is not None else None
-            await web.SockSite(peer_runner, peer_sock, ssl_context=ssl_context).start()
+            await web.SockSite(peer_runner, peer_sock, ssl_context=ssl_context, backlog=BACKLOG).start()
             log.info("peer server %s on %s://%s, control %s", state.peer_id, "https" if ssl_context else "http",
                      hostport(cfg.ip, state.port), sock)
             await _periodic(state, notifier)
