@@ -459,7 +459,7 @@ def write_results(results: list[SizeResult], fixed: SizeResult | None, runs: int
             "best_s": {k: fixed.best(k) for k in ("curl", "fixed_start", "fixed_running")},
             "median_s": {k: statistics.median(fixed.times(k)) if fixed.times(k) else None
                          for k in ("curl", "fixed_start", "fixed_running")}}}
-    (out / "single.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{meta.get('name', 'single')}.json").write_text(json.dumps(data, indent=2) + "\n")
     all_runs = "\n".join(
         f"| {r.size / (1 << 30):g} GiB | {x.run} | {x.kind} | {x.seconds:.2f} | "
         f"{x.rss_kib / 1024:.1f} | {x.cpu_s:.2f} | {x.peer_cpu_s:.2f} | {x.supernode_cpu_s:.2f} | "
@@ -468,8 +468,8 @@ def write_results(results: list[SizeResult], fixed: SizeResult | None, runs: int
     md = f"""# bench.single: one client, one file, loopback
 
 `python -m bench.single {meta['argv']}` on {meta['host']} ({meta['cpus']} CPUs, Python {meta['python']}),
-{meta['date']}, code {meta['commit']}. **The machine was shared** with two other engineers'
-work during the run: figures are noisy; every contender ran in the same run, back to back.
+{meta['date']}, code {meta['commit']}. Every contender ran in the same run, back to back
+(see the notes below for what else the machine did meanwhile).
 
 Best of {runs} runs, wall clock of the whole command (process start-up, imports and
 dfget's final fsync included), dfget with default flags (no rate cap; plus `--notbs
@@ -503,7 +503,7 @@ Goal (issue 11): <= 0.30 s with the peer server not running, <= 0.15 s with it r
 |---|---|---|---|---|---|---|---|---|
 {all_runs}
 """
-    (out / "single.md").write_text(md)
+    (out / f"{meta.get('name', 'single')}.md").write_text(md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,13 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="scratch directory (default: a new one under /tmp)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--no-fixed", action="store_true", help="skip the 16-byte fixed-cost runs")
+    p.add_argument("--fixed-only", action="store_true", help="only the 16-byte fixed-cost runs")
+    p.add_argument("--name", default="single", help="result files' name: <out>/<name>.md and .json")
     p.add_argument("--notes", default="", help="a file whose text goes into single.md's notes")
     args = p.parse_args(argv)
-    sizes = args.size or [1 << 30]
+    sizes = [] if args.fixed_only else (args.size or [1 << 30])
     if shutil.which("curl") is None:
         p.error("curl is required")
     work = Path(tempfile.mkdtemp(prefix="bench-single-", dir=args.workdir))
-    need = max(sizes) * 3 + (1 << 30)
+    need = max(sizes, default=0) * 3 + (1 << 30)
     if shutil.disk_usage(work).free < need:
         p.error(f"need {need / (1 << 30):.1f} GiB free in {work}")
 
@@ -547,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "host": platform.node(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs, "commit": _commit()}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs, "commit": _commit(), "name": args.name}
     print()
     print(table(results, args.runs))
     print()
@@ -556,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     print(fixed_table(fixed))
     notes = Path(args.notes).read_text() if args.notes else ""
     write_results(results, fixed, args.runs, Path(args.out), meta, notes)
-    print(f"\nwritten {args.out}/single.md and single.json")
+    print(f"\nwritten {args.out}/{args.name}.md and {args.name}.json")
     return 0 if all(r.ok for s in results + ([fixed] if fixed else []) for r in s.runs) else 1
 
 
