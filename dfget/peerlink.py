@@ -112,10 +112,16 @@ class PeerLink:
             self.client = None  # the download goes on without serving
 
     async def drain(self, timeout: float) -> None:
-        """Until the calls queued for a server still coming up have reached it (at most
-        `timeout` seconds; a server that never comes up ends it at once)."""
+        """Until the calls queued for a server that is up have reached it (at most
+        `timeout` seconds; a server that never comes up ends it at once).
+
+        A server still starting is not waited for (that would add its start-up, about
+        0.3 s, to every small download): it has served nothing yet, and it learns the
+        queued news in order (register, verified, moved) from the flusher or, after
+        close(), from the spool; a piece request that reaches it between the register and
+        the moved waits for the news (server/app.py, CATCH_UP)."""
         flusher = self.flusher
-        if flusher is None or flusher.done():
+        if flusher is None or flusher.done() or not self._up():
             return
         with contextlib.suppress(Exception, TimeoutError):
             await asyncio.wait_for(asyncio.shield(flusher), timeout)
