@@ -23,7 +23,6 @@ not only the leading run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -33,6 +32,7 @@ from common import errors
 from common.pieces import DEFAULT_PIECE_SIZE, piece_count, piece_size_for
 from common.ranges import RangeSyntaxError, parse_content_range
 from supernode.store.repo import TaskMeta
+from supernode.tasks import cancel_and_wait
 
 from .cache import CacheEntry, PieceCache
 from .origin import OriginClient, validators
@@ -194,9 +194,4 @@ async def _all(jobs: list[Awaitable[None]]) -> None:
             if t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
     finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_and_wait(*tasks)  # without swallowing a cancellation of this task
