@@ -41,7 +41,9 @@ async def test_many_small_pieces_out_of_order(env: Env) -> None:
     assert code == 0, err
     assert out == data
     oks = [r.piece for _, r in env.sn[0].reports if r.result == "ok"]
-    assert sorted(oks) == list(range(61))
+    # every piece reported ok (a report may come twice: dfget sends a batch again when
+    # the answer to the pull that carried it was lost, and the supernode ignores repeats)
+    assert sorted(set(oks)) == list(range(61))
     # pieces were reported in another order than the file's at least once: they did
     # arrive out of order, and stdout still came out right
     assert oks != sorted(oks)
