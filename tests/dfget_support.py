@@ -225,7 +225,8 @@ class Result:
         return json.loads(self.stdout.strip().splitlines()[-1])
 
 
-async def run_dfget(*args: str, timeout: float = 60) -> Result:
+async def run_dfget_bytes(*args: str, timeout: float = 60) -> tuple[int, bytes, str]:
+    """(exit code, stdout as bytes, stderr): for `-o -`, whose stdout is the file."""
     proc = await asyncio.create_subprocess_exec(
         PY, "-m", "dfget", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
@@ -234,7 +235,12 @@ async def run_dfget(*args: str, timeout: float = 60) -> Result:
         proc.kill()
         await proc.wait()
         raise
-    return Result(proc.returncode or 0, out.decode(), err.decode())
+    return proc.returncode or 0, out, err.decode()
+
+
+async def run_dfget(*args: str, timeout: float = 60) -> Result:
+    code, out, err = await run_dfget_bytes(*args, timeout=timeout)
+    return Result(code, out.decode(), err)
 
 
 def server_pid(home: Path) -> int | None:

@@ -7,6 +7,7 @@ byte-exact without being sent to either fake."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -79,7 +80,7 @@ async def test_lying_and_slow_holders_are_dropped_and_downloads_go_elsewhere(
                 text = log.read_text(errors="replace")
                 if all(re.search(pattern.format(c[:12]), text) for c in (liar_cid, slow_cid)):
                     break
-                time.sleep(0.2)
+                await asyncio.sleep(0.2)
             else:
                 raise AssertionError("the fakes were not dropped:\n" + text[-3000:])
             assert re.search(f"client {slow_cid[:12]} .* timeout", text)
@@ -134,7 +135,7 @@ async def test_a_real_peer_whose_file_rotted_unnoticed_is_dropped(tmp_path: Path
             text = log.read_text(errors="replace")
             if "failed a possession challenge" in text:
                 break
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         else:
             raise AssertionError("the rotten peer was not caught:\n" + text[-3000:])
         assert re.search(r"failed a possession challenge of piece \d: failed \(wrong answer\); dropped as a source",

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from dfget_support import PY, run_dfget
+from dfget_support import PY, run_dfget, run_dfget_bytes
 from test_dfget_e2e import World, blob
 
 from common.pieces import DEFAULT_PIECE_SIZE
@@ -36,15 +36,7 @@ def stream_args(world: World, url: str, *extra: str) -> list[str]:
 
 
 async def run_raw(*args: str, timeout: float = 90) -> tuple[int, bytes, str]:
-    proc = await asyncio.create_subprocess_exec(
-        PY, "-m", "dfget", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc.returncode or 0, out, err.decode()
+    return await run_dfget_bytes(*args, timeout=timeout)
 
 
 async def test_stdout_is_the_file_and_nothing_else(world: World) -> None:
