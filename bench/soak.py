@@ -65,6 +65,11 @@ from bench.scheduler import (
 )
 
 HEARTBEAT = 30.0
+# On a 2-core box the supernode shares the CPU with ~25 load processes (20 peer servers,
+# the downloads, the simulated clients, the origin); at equal priority the OS hands it a
+# slice in turn with each of them and every request waits out their slices. Load at nice
+# 10 models what the soak stands for: clients on machines of their own.
+LOAD_NICE = 10
 THINK_MIN = 0.5
 
 
@@ -305,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         port_file = work / "origin.port"
         with open(logs / "origin.log", "wb") as log:
             origin = procs.start([py, "-m", "bench.origin", "--dir", str(files), "--port-file", str(port_file)],
-                                 stdout=log, stderr=subprocess.STDOUT)
+                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_niced(args.load_nice))
         origin_port = wait_port_file(port_file, origin)
         with open(files / "blob", "wb") as f:
             f.truncate(length_for(args.sim_pieces))  # sparse
@@ -335,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sims.append(procs.start([py, "-m", "bench.soak", "--role", "sim", "--api", api, "--url", blob,
                                      "--first", str(first), "--count", str(count), "--think", str(args.think),
                                      *common], stdout=_log(errlogs, logs / f"sim{i}.out"),
-                                    stderr=_log(errlogs, logs / f"sim{i}.log")))
+                                    stderr=_log(errlogs, logs / f"sim{i}.log"), preexec_fn=_niced(args.sim_nice)))
         for i in range(args.dl_procs):
             hosts = [h for h in range(args.hosts) if h % args.dl_procs == i]
             dls.append(procs.start([py, "-m", "bench.soak", "--role", "dl", "--api-port", str(api_port),
@@ -346,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warmup = start + max(10.0, args.duration / 10)
         timeline: list[tuple[float, float]] = []
         rss0 = cpu0 = rcpu0 = None
+        hist0: dict[str, dict[float, float]] = {}
         while any(p.poll() is None for p in sims + dls) and sn.poll() is None:
             now = time.time()
             if now >= start:
@@ -353,13 +359,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 timeline.append((round(now - start, 1), round(rss, 1)))
                 if rss0 is None and now >= warmup:
                     rss0, cpu0, rcpu0, t_cpu0 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url), now
+                    hist0 = _scrape(api)
             time.sleep(5.0 if now >= start else 0.2)
         sn_alive = sn.poll() is None
         if not sn_alive:
             raise SystemExit(f"the supernode died; see {sn_log} (run with --keep)")
         rss1, cpu1, rcpu1, t_cpu1 = proc_status(sn.pid), proc_cpu(sn.pid), _redis_cpu(args.redis_url), time.time()
+        hist1 = _scrape(api)
         if rss0 is None:  # a run shorter than the warm-up
-            rss0, cpu0, rcpu0, t_cpu0 = rss1, cpu1, rcpu1, t_cpu1
+            rss0, cpu0, rcpu0, t_cpu0, hist0 = rss1, cpu1, rcpu1, t_cpu1, {}
         origin_stats = _http("GET", f"http://127.0.0.1:{origin_port}/_stats")
         sizes = {t["name"]: t["size"] for t in tasks}
         sizes["blob"] = length_for(args.sim_pieces)
@@ -382,6 +390,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    (cpu1 - cpu0, rcpu1[0] - rcpu0[0], t_cpu1 - t_cpu0), work)
     # every task's file from the origin exactly once (x F): the CDN's one fetch
     out["origin_x_per_task"] = origin_x
+    # the supernode's own view of the same window: scheduling time and event-loop lag
+    for name, key in (("supernode_schedule_seconds", "schedule"), ("supernode_loop_lag_seconds", "loop_lag"),
+                      ("supernode_store_script_seconds", "store_script")):
+        for q in (0.5, 0.99):
+            out[f"{key}_p{int(q * 100)}_ms"] = _hist_pct(hist0.get(name, {}), hist1.get(name, {}), q)
     out["origin_exactly_once"] = bool(origin_x) and all(x == 1.0 for x in origin_x.values())
     return out
 
@@ -418,6 +431,33 @@ def _prefetch(api: str, url: str) -> None:
         raise SystemExit(f"CDN fetch of the simulated task failed: {task}")
 
 
+def _scrape(api: str) -> dict[str, dict[float, float]]:
+    """The supernode's unlabelled histograms from /metrics: name -> {upper bound: cumulative count}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{api}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, dict[float, float]] = {}
+    for line in text.splitlines():
+        if "_bucket{le=" not in line:
+            continue
+        head, _, count = line.rpartition(" ")
+        name, _, le = head.partition("_bucket{le=")
+        out.setdefault(name, {})[float(le.strip('"}'))] = float(count)
+    return out
+
+
+def _hist_pct(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The bucket bound (ms) under which a fraction q of the observations between two scrapes fall."""
+    diff = sorted((le, n - before.get(le, 0.0)) for le, n in after.items())
+    if not diff or diff[-1][1] <= 0:
+        return None
+    for le, n in diff:
+        if n >= q * diff[-1][1]:
+            return le * 1000 if le != float("inf") else None
+    return None
+
+
 def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dict[str, Any]],
              rss0: dict[str, int], rss1: dict[str, int], timeline: list[tuple[float, float]],
              tracebacks: int, sn_alive: bool, cpu: tuple[float, float, float], work: Path) -> dict[str, Any]:
@@ -435,7 +475,7 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
     return {
         "duration_s": args.duration, "clients": args.clients, "think_s": args.think,
         "downloads_concurrent": sum(r.get("concurrent", 0) for r in dls), "hosts": args.hosts,
-        "download_nice": args.download_nice,
+        "download_nice": args.download_nice, "load_nice": args.load_nice,
         "errors": sum(errors.values()), "errors_by_kind": errors,
         "last_errors": [r["last_error"] for r in sims + dls if r.get("last_error")][:5],
         "back_to_source": sum(r.get("back_to_source", 0) for r in dls),
@@ -462,10 +502,14 @@ ROWS = [
     ("downloads back to the origin (target 0)", "back_to_source"),
     ("origin bytes per task, x F (target 1.0 each)", "origin_exactly_once"),
     ("dfget downloads ok / concurrent / nice", ("downloads_ok", "downloads_concurrent", "download_nice")),
+    ("nice of the origin and simulated clients (supernode and Redis: 0)", "load_nice"),
     ("downloaded MiB / from peers %", ("download_mib", "from_peers_pct")),
     ("download time p50 / p99 s", ("download_p50_s", "download_p99_s")),
     ("simulated clients / think s", ("clients", "think_s")), ("pulls / pulls per s", ("pulls", "pulls_per_s")),
     ("pull latency p50 / p99 ms", ("pull_p50_ms", "pull_p99_ms")),
+    ("supernode's scheduling of a pull p50 / p99 ms (bucket bound)", ("schedule_p50_ms", "schedule_p99_ms")),
+    ("supernode's event-loop lag p50 / p99 ms (bucket bound)", ("loop_lag_p50_ms", "loop_lag_p99_ms")),
+    ("supernode's store script round trip p50 / p99 ms (bucket bound)", ("store_script_p50_ms", "store_script_p99_ms")),
     ("assignments / clients finished", ("assignments", "sim_finished")),
     ("429 / 503 busy waited out / re-registrations", ("throttled_429", "busy_503", "reregistered")),
     ("supernode RSS start -> end MiB", ("supernode_rss_start_mib", "supernode_rss_end_mib")),
@@ -499,9 +543,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sim-pieces", type=int, default=50, help="pieces of the simulated clients' task")
     p.add_argument("--sim-procs", type=int, default=2)
     p.add_argument("--dl-procs", type=int, default=2)
-    p.add_argument("--download-nice", type=int, default=0,
-                   help="run the real downloads (and the peer servers they start) at this nice level: "
-                        "on a shared box, what a supernode on its own host would see")
+    p.add_argument("--load-nice", type=int, default=LOAD_NICE,
+                   help="nice level of the load: the origin, the simulated clients and the downloads (with the "
+                        f"peer servers they start); default {LOAD_NICE}, so that the supernode under test gets the "
+                        "CPU it would have on a host of its own (0: everything competes equally)")
+    p.add_argument("--sim-nice", type=int, default=0,
+                   help="nice level of the simulated clients (default 0: they measure the pull latency, and "
+                        "their own wait for a CPU would count in it)")
+    p.add_argument("--download-nice", type=int, default=None,
+                   help="the downloads' (and their peer servers') nice level, if not --load-nice's")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12"))
     p.add_argument("--supernode-arg", action="append", default=[], help="extra supernode option (repeatable)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -528,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
             out = asyncio.run(run_downloads(args))
         print(json.dumps(out), flush=True)
         return
+    if args.download_nice is None:
+        args.download_nice = args.load_nice
     if args.downloads < 1 or args.hosts < 1 or args.downloads % args.hosts:
         raise SystemExit("--downloads must be a positive multiple of --hosts")
     result = run(args)
@@ -537,7 +589,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    nice = f" --download-nice {args.download_nice}" if args.download_nice else ""
+    nice = f" --load-nice {args.load_nice}" if args.load_nice != LOAD_NICE else ""
+    nice += f" --download-nice {args.download_nice}" if args.download_nice != args.load_nice else ""
     head = (f"# Soak\n\n`python -m bench.soak --duration {args.duration:g} --downloads {args.downloads} "
             f"--hosts {args.hosts} --clients {args.clients} --think {args.think:g}{nice}` on {os.cpu_count()} cores "
             f"({time.strftime('%Y-%m-%d %H:%M')}, code {commit}); origin, supernode, Redis, {args.hosts} peer "

@@ -89,6 +89,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     sn_id = _supernode_id(settings.home)
     keyring = KeyRing(store.client, signer, token_ttl=settings.piece_token_ttl)
     metrics = Metrics()
+    store.on_op = metrics.store_op.observe
     repo = Repo(store)
     hub = EventHub(store.client, wake_batch=settings.wake_batch)
     cdn = Cdn(repo, origin, cache, sn_id, Throttle(settings.max_bandwidth),
@@ -137,6 +138,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(hub.connected.wait(), 5.0)
     background.start("gc", gc_loop(st), name="gc")
+    background.start("lag", metrics.probe_loop_lag(), name="loop-lag")
     try:
         await keyring.publish()  # before the first registration hands out the key list
     except errors.StoreError as exc:

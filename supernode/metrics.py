@@ -7,6 +7,7 @@ scrape, and a store failure then leaves their last value instead of failing /met
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -36,6 +37,8 @@ SHAPE_TTL = 5.0  # seconds a task's piece layout and CDN id are reused for count
 COUNTED_WINDOW = 1 << 15
 REQUEST_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
 SCHEDULE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5)
+LAG_PROBE = 0.05  # seconds between two loop-lag samples
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,14 @@ class Metrics:
             "supernode_schedule_seconds",
             "Time to schedule one pull (read, rank, claim), long-poll waits excluded",
             registry=r, buckets=SCHEDULE_BUCKETS)
+        self.loop_lag = Histogram(
+            "supernode_loop_lag_seconds",
+            f"How late the event loop ran a timer due every {LAG_PROBE:g} s: every request waits this long "
+            "before its handler starts", registry=r, buckets=LAG_BUCKETS)
+        self.store_op = Histogram(
+            "supernode_store_script_seconds",
+            "Round trip of one store script as this process sees it: connection, Redis, and the wait for "
+            "the event loop to read the reply", registry=r, buckets=LAG_BUCKETS)
         self.assignments = counter("supernode_assignments", "Piece assignments handed out")
         self.reports = counter("supernode_piece_reports", "Piece reports (on pulls and reports)",
                                ["result", "reason"])
@@ -126,6 +137,13 @@ class Metrics:
         self.requests.labels(endpoint, method, str(status)).inc()
         if not endpoint.endswith("/pull"):  # pulls long-poll; their wait is not latency
             self.latency.labels(endpoint).observe(seconds)
+
+    async def probe_loop_lag(self) -> None:
+        """Forever: sleep LAG_PROBE and record how late the wake-up came (the loop's own queueing)."""
+        while True:  # time.monotonic, not loop.time: uvloop's clock stands still within an iteration
+            due = time.monotonic() + LAG_PROBE
+            await asyncio.sleep(LAG_PROBE)
+            self.loop_lag.observe(max(0.0, time.monotonic() - due))
 
     def seen_peer(self, peer_id: str) -> None:
         if len(self._peers_seen) >= 100_000:
