@@ -140,6 +140,24 @@ def test_free_sources_follow_holdings_uploads_and_departures() -> None:
     assert v.free == {B} and v.free_holders_of(0, 4, 0) == []
 
 
+def test_expire_frees_each_source_when_its_first_upload_ends_and_not_before() -> None:
+    v = TaskView("t" * 64, peer_cap=1)
+    v.apply([f"P {A} pa|127.0.0.2|1|peer", f"P {B} pb|127.0.0.3|1|peer", "G 0 d0", "G 1 d1",
+             f"H {A} 0", f"H {B} 1"])
+    v.apply([f"T {B} 0 {A} 9000", f"T {A} 1 {B} 3000"])  # both at their cap of 1
+    assert v.free == set()
+    v.expire(2999)
+    assert v.free == set()
+    v.expire(3000)  # B's upload is due; A's is not
+    assert v.free == {B} and v.load_of(B, 3000) == 0 and v.load_of(A, 3000) == 1
+    v.apply([f"R {B} 0", f"T {B} 0 {A} 4000"])  # A's upload ended and a shorter one began
+    v.expire(4000)
+    assert v.free == {A, B} and v.earliest == {}  # nothing in flight, nothing left to expire
+    v.apply([f"T {B} 0 {A} 5000", f"D {A}"])  # a source that left takes its uploads along
+    v.expire(10_000)
+    assert v.free == {B} and v.earliest == {}
+
+
 def test_a_client_that_serves_nobody_is_never_free() -> None:
     v = TaskView("t" * 64, peer_cap=2)
     v.apply([f"P {A} pa|127.0.0.2|1|cdn", "G 0 d0", f"H {A} 0"])

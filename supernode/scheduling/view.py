@@ -38,6 +38,7 @@ loads, feeds and evicts the views.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Iterable
 from itertools import compress
@@ -51,6 +52,7 @@ SOURCE_KINDS = ("peer", "peer-cdn")  # clients whose peer server serves pieces t
 HOLDER_SCAN = 64  # holder list entries looked at at most for free ones, per piece
 GAP_TIMEOUT = 1.0  # seconds a missing sequence number is waited for before a reload
 ORDER_TTL = 0.05  # seconds a rarity order is reused while holders change
+NEVER = 1 << 62  # a deadline that never comes
 MAX_PENDING = 4096  # out-of-order events kept at most before giving up and reloading
 
 
@@ -141,6 +143,9 @@ class TaskView:
         self.clients: dict[str, ClientRec] = {}
         self.uploads: dict[str, dict[str, int]] = {}  # source -> {"cid:piece": deadline ms}
         self.earliest: dict[str, int] = {}  # source -> no upload of it ends before this (ms)
+        # (deadline, source) for every value `earliest` took: expire() pops what is due
+        # instead of scanning every source (a heap entry whose source moved on is skipped)
+        self._due: list[tuple[int, str]] = []
         self.fails: dict[str, int] = {}
         self.bad: set[str] = set()
         self.pending: dict[int, list[str]] = {}  # seq -> ops that arrived early
@@ -339,14 +344,18 @@ class TaskView:
     def expire(self, now_ms: int) -> None:
         """Drop the uploads past their deadline (Redis drops them before it checks a cap):
         their sources are free again."""
-        for src in [s for s, e in self.earliest.items() if e <= now_ms]:
-            self.load_of(src, now_ms)
+        due = self._due
+        while due and due[0][0] <= now_ms:
+            deadline, src = heapq.heappop(due)
+            if self.earliest.get(src) == deadline:
+                self.load_of(src, now_ms)
 
     # --- reads for the scheduler --------------------------------------------------------
     def _upload(self, source: str, member: str, deadline: int) -> None:
         self.uploads.setdefault(source, {})[member] = deadline
-        if deadline < self.earliest.get(source, 1 << 62):
+        if deadline < self.earliest.get(source, NEVER):
             self.earliest[source] = deadline
+            heapq.heappush(self._due, (deadline, source))
 
     def load_of(self, source: str, now_ms: int) -> int:
         """Uploads `source` is doing (those past their deadline do not count: Redis
@@ -354,10 +363,14 @@ class TaskView:
         up = self.uploads.get(source)
         if not up:
             return 0
-        if now_ms >= self.earliest.get(source, 1 << 62):
+        if now_ms >= self.earliest.get(source, NEVER):
             for m in [m for m, dl in up.items() if dl <= now_ms]:
                 del up[m]
-            self.earliest[source] = min(up.values(), default=1 << 62)
+            if up:
+                self.earliest[source] = first = min(up.values())
+                heapq.heappush(self._due, (first, source))
+            else:
+                del self.earliest[source]
             self._refresh_free(source)
         return len(up)
 
