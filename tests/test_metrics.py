@@ -217,3 +217,26 @@ async def test_peer_server_counts_every_answer_by_status_and_reason(tmp_path: Pa
     assert value(m, "dfget_peer_upload_errors_total", reason="range_not_satisfiable") == 1
     assert value(m, "dfget_peer_upload_errors_total", reason="timeout") == 0
     assert value(m, "dfget_peer_files") == 1
+
+
+def test_a_repeated_report_counts_its_bytes_once_and_the_window_stays_bounded() -> None:
+    from common import wire
+    from supernode.metrics import COUNTED_WINDOW, Metrics, _Shape
+
+    m = Metrics()
+    cdn, peer = "c" * 32, "p" * 32
+    shape = _Shape(length=10 * 1024, piece_size=1024, cdn=cdn, until=float("inf"))
+
+    def counted(kind: str) -> float:
+        return m.bytes.labels(kind)._value.get()  # type: ignore[no-any-return]
+
+    first = [wire.Report(piece=0, result="ok", source=cdn), wire.Report(piece=1, result="ok", source=peer)]
+    m._count("t" * 64, "a" * 32, first, shape)
+    m._count("t" * 64, "a" * 32, first, shape)  # sent again: its answer was lost
+    assert (counted("cdn"), counted("peer")) == (1024, 1024)
+    m._count("t" * 64, "b" * 32, first[:1], shape)  # another client's piece 0 counts
+    assert counted("cdn") == 2048
+    for i in range(COUNTED_WINDOW * 2):  # far more reports than the window: it stays bounded
+        m._count("u" * 64, f"{i:032x}", first[:1], shape)
+    assert len(m._counted) + len(m._counted_old) <= COUNTED_WINDOW
+    assert counted("cdn") == 2048 + COUNTED_WINDOW * 2 * 1024

@@ -218,12 +218,14 @@ class TaskView:
             if code == "T":
                 rec = self.clients.get(f[1])
                 n, dl = int(f[2]), int(f[4])
+                src_rec = self.clients.get(f[3])
+                src = src_rec.cid if src_rec is not None else f[3]  # one copy of an id, not one an op
                 if rec is not None:
-                    rec.fly[n] = (f[3], dl)
+                    rec.fly[n] = (src, dl)
                     rec.fed_at = self.now
-                self._upload(f[3], f"{f[1]}:{n}", dl)
-                if f[3] in self.free:
-                    self._refresh_free(f[3])
+                self._upload(src, f"{f[1]}:{n}", dl)
+                if src in self.free:
+                    self._refresh_free(src)
             elif code == "R":
                 rec = self.clients.get(f[1])
                 if rec is not None:
@@ -241,7 +243,7 @@ class TaskView:
                 if rec is not None and rec.have.add(n):
                     self._grow(n)
                     self.counts[n] += 1
-                    self.holders[n].append(f[1])
+                    self.holders[n].append(rec.cid)  # the record's copy of the id, shared
                     self.order_dirty = True
                     if rec.have.n == 1:
                         self._refresh_free(f[1])
