@@ -29,6 +29,14 @@ download time p50/p99, 429s waited out, and the supernode's RSS at the start (af
 warm-up of max(10 s, 10 % of the duration)) and at the end (target: growth <= 20 %),
 sampled every 5 s. Reuses bench.scheduler's process and /proc helpers.
 
+Priorities: the origin and the downloads (with the peer servers they start) run at
+`--load-nice` (10), the simulated clients, whose pulls are the measured latency, at
+`--sim-nice` (0), like the supernode and Redis: the soak stands for clients on machines
+of their own, and on 2 shared cores at equal priority the supernode would wait out a
+slice of each of ~25 load processes before every request. The report also gives the
+supernode's own view of the window: its scheduling time, event-loop lag and store
+round trips (p50/p99 from its /metrics histograms, as bucket bounds).
+
 All clients come from 127.0.0.1 here, so the supernode runs with --register-rate 1000:
 its per-address limit models many hosts, not one.
 """
@@ -475,7 +483,7 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
     return {
         "duration_s": args.duration, "clients": args.clients, "think_s": args.think,
         "downloads_concurrent": sum(r.get("concurrent", 0) for r in dls), "hosts": args.hosts,
-        "download_nice": args.download_nice, "load_nice": args.load_nice,
+        "download_nice": args.download_nice, "load_nice": args.load_nice, "sim_nice": args.sim_nice,
         "errors": sum(errors.values()), "errors_by_kind": errors,
         "last_errors": [r["last_error"] for r in sims + dls if r.get("last_error")][:5],
         "back_to_source": sum(r.get("back_to_source", 0) for r in dls),
@@ -502,7 +510,7 @@ ROWS = [
     ("downloads back to the origin (target 0)", "back_to_source"),
     ("origin bytes per task, x F (target 1.0 each)", "origin_exactly_once"),
     ("dfget downloads ok / concurrent / nice", ("downloads_ok", "downloads_concurrent", "download_nice")),
-    ("nice of the origin and simulated clients (supernode and Redis: 0)", "load_nice"),
+    ("nice of the origin / of the simulated clients (supernode and Redis: 0)", ("load_nice", "sim_nice")),
     ("downloaded MiB / from peers %", ("download_mib", "from_peers_pct")),
     ("download time p50 / p99 s", ("download_p50_s", "download_p99_s")),
     ("simulated clients / think s", ("clients", "think_s")), ("pulls / pulls per s", ("pulls", "pulls_per_s")),
@@ -591,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
                             text=True).stdout.strip() or "unknown"
     nice = f" --load-nice {args.load_nice}" if args.load_nice != LOAD_NICE else ""
     nice += f" --download-nice {args.download_nice}" if args.download_nice != args.load_nice else ""
+    nice += f" --sim-nice {args.sim_nice}" if args.sim_nice else ""
     head = (f"# Soak\n\n`python -m bench.soak --duration {args.duration:g} --downloads {args.downloads} "
             f"--hosts {args.hosts} --clients {args.clients} --think {args.think:g}{nice}` on {os.cpu_count()} cores "
             f"({time.strftime('%Y-%m-%d %H:%M')}, code {commit}); origin, supernode, Redis, {args.hosts} peer "
