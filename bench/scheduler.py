@@ -451,6 +451,17 @@ ROWS = [
 ]
 
 
+def verdict(r: dict[str, Any]) -> str:
+    """Issue 10's target for this kind of run. Closed loop (no think time): latency is
+    queueing there (clients / pull rate), so only capacity counts; open loop: latency at
+    the offered rate."""
+    if r["think_s"] > 0:
+        met = r["errors"] == 0 and r["pull_p99_ms"] < 100
+        return f"Target (open loop): 0 errors and pull p99 < 100 ms: {'met' if met else 'NOT met'}."
+    met = r["errors"] == 0 and r["assignments_per_s"] >= 5000
+    return f"Target (closed loop): >= 5000 assignments/s with 0 errors: {'met' if met else 'NOT met'}."
+
+
 def table(runs: list[dict[str, Any]], best: dict[str, Any]) -> str:
     head = "| metric | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |"
     lines = [head, "|---" * (len(runs) + 1) + "|"]
@@ -462,8 +473,7 @@ def table(runs: list[dict[str, Any]], best: dict[str, Any]) -> str:
     lines += ["", f"Best of {len(runs)} (highest assignments/s): {b['assignments_per_s']} assignments/s, "
               f"pull p50 {b['pull_p50_ms']} ms, p99 {b['pull_p99_ms']} ms, supernode RSS "
               f"{b['supernode_rss_start_mib']} -> {b['supernode_rss_end_mib']} MiB "
-              f"(HWM {b['supernode_hwm_end_mib']} MiB). Target >= 5000/s and p99 < 50 ms: "
-              f"{'met' if b['assignments_per_s'] >= 5000 and b['pull_p99_ms'] < 50 else 'NOT met'}."]
+              f"(HWM {b['supernode_hwm_end_mib']} MiB). {verdict(b)}"]
     return "\n".join(lines)
 
 
