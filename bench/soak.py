@@ -443,16 +443,13 @@ def _scrape(api: str) -> dict[str, dict[float, float]]:
     """The supernode's unlabelled histograms from /metrics: name -> {upper bound: cumulative count}."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"{api}/metrics", timeout=30) as r:
         text = r.read().decode()
-    out: dict[str, dict[float, float]] = {}
-    for line in text.splitlines():
-        if "_bucket{le=" not in line:
-            continue
-        head, _, count = line.rpartition(" ")
-        name, _, le = head.partition("_bucket{le=")
-        out.setdefault(name, {})[float(le.strip('"}'))] = float(count)
-    return out
+    return {f.name: {float(s.labels["le"]): s.value for s in f.samples
+                     if s.name.endswith("_bucket") and s.labels.keys() == {"le"}}
+            for f in text_string_to_metric_families(text) if f.type == "histogram"}
 
 
 def _hist_pct(before: dict[float, float], after: dict[float, float], q: float) -> float | None:

@@ -321,13 +321,15 @@ async def reap(dls: Sequence[Dl]) -> None:
             await d.proc.wait()
 
 
-def metric(base_url: str, name: str) -> float:
-    """Sum of every sample of a Prometheus metric on a supernode (0 if absent)."""
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """Sum of every sample of a Prometheus metric on a supernode whose labels include
+    `labels` (0 if absent)."""
     status, body = http_get(f"{base_url}/metrics")
     assert status == 200
+    want = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0
     for line in body.decode().splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
+        if line.startswith(name) and (line[len(name)] in " {") and all(w in line for w in want):
             total += float(line.rsplit(" ", 1)[1])
     return total
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis
-from conftest import file_bytes, http_get
+from conftest import file_bytes
 from dfget_support import stop_server
 from ha_support import (
     Monitor,
@@ -184,9 +184,7 @@ async def test_long_poll_on_one_supernode_wakes_on_a_piece_published_by_another(
 
 def _registrations(base_url: str) -> float:
     """Task registrations a supernode answered with 200."""
-    _, body = http_get(f"{base_url}/metrics")
-    prefix = 'supernode_requests_total{endpoint="/api/v1/tasks",method="POST",status="200"} '
-    return sum(float(line[len(prefix):]) for line in body.decode().splitlines() if line.startswith(prefix))
+    return metric(base_url, "supernode_requests_total", endpoint="/api/v1/tasks", method="POST", status="200")
 
 
 async def test_cluster_download_three_supernodes_one_killed_mid_download(

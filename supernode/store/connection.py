@@ -33,7 +33,7 @@ _TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OS
 
 
 _HOLDING = contextvars.ContextVar("df_store_slot", default=False)
-SLOTS = 256  # Redis operations in flight at once per process (= the connection pool's size)
+SLOTS = 256  # Redis operations in flight at once per process (Store.slot)
 POOL_LIMIT = 4 * SLOTS  # connections at most: the slots, the pub/sub reader, and what runs outside a slot
 SHED_AFTER = 1.0  # seconds an operation may wait for a slot before the request is shed
 
@@ -101,9 +101,9 @@ def connect(url: str | None) -> Any:
 
         auth, hosts = _cluster_parts(url)
         # every listed node is a seed: the client starts from whichever answers
-        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p, connection_class=_inline_send(aioredis.Connection))
-                                              for h, p in hosts], **auth, **common)
-        # the nodes it discovers (every master, after CLUSTER SLOTS) are built from these
+        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts], **auth, **common)
+        # the nodes it discovers (every master, after CLUSTER SLOTS) are built from these;
+        # RedisCluster takes no connection class of its own and rebuilds the seeds from them
         kw = cluster.nodes_manager.connection_kwargs
         kw["connection_class"] = _inline_send(kw.get("connection_class", aioredis.Connection))
         return cluster
