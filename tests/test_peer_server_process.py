@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -174,5 +175,31 @@ async def test_a_download_does_not_wait_for_the_server_it_starts(tmp_path: Path)
         finally:
             await client.close()
         assert not list((home / "spool").glob("*.json"))  # replayed and removed
+    finally:
+        await stop_server(home)
+
+
+async def test_a_niced_dfget_leaves_a_niced_peer_server(tmp_path: Path) -> None:
+    """The peer server leads a session of its own; where the kernel schedules sessions as
+    groups (autogroup), that group must keep the nice level of the dfget that started it,
+    or `nice -n 7 dfget ...` leaves a server that competes for CPU as if not niced."""
+    if not Path("/proc/self/autogroup").exists():
+        import pytest
+
+        pytest.skip("this kernel has no autogroup: nice alone already holds")
+    home = tmp_path / "home"
+    code = ("import asyncio, os, sys; os.nice(7); from pathlib import Path; "
+            "from dfget.server.launcher import ensure_server; "
+            "_, info = asyncio.run(ensure_server(Path(sys.argv[1]), '127.0.0.1', 0, 0, 60, 60)); print(info.pid)")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, str(home),
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    pid = int(out.decode().split()[-1])
+    try:
+        group = Path(f"/proc/{pid}/autogroup").read_text()
+        assert group.split()[-1] == "7", group
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+        assert Path("/proc/self/autogroup").read_text() != group  # a group of its own, ours untouched
     finally:
         await stop_server(home)

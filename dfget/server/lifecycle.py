@@ -262,9 +262,28 @@ def _loop_factory(tls: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def keep_nice() -> int | None:
+    """A peer server started by dfget leads a session of its own, and where the kernel
+    groups the scheduling of each session (autogroup), that group competes at nice 0 with
+    the session of whoever started it: `nice -n 10 dfget ...` would leave a peer server
+    that takes CPU as if not niced. Give our own session's group the nice level we were
+    started with. Returns the level set, or None (not niced, not a session of our own, no
+    autogroup)."""
+    level = os.nice(0)
+    if level <= 0 or os.getsid(0) != os.getpid():
+        return None
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(level))
+    except OSError:
+        return None
+    return level
+
+
 def run_server(cfg: ServerConfig) -> int:
     logs.setup(cfg.log_level, as_json=cfg.log_json,
                text_format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    keep_nice()
     try:
         with server_lock(cfg.home), asyncio.Runner(loop_factory=_loop_factory(cfg.tls is not None)) as runner:
             runner.run(serve(cfg))
