@@ -33,7 +33,10 @@ Priorities: the origin and the downloads (with the peer servers they start) run 
 `--load-nice` (10), the simulated clients, whose pulls are the measured latency, at
 `--sim-nice` (0), like the supernode and Redis: the soak stands for clients on machines
 of their own, and on 2 shared cores at equal priority the supernode would wait out a
-slice of each of ~25 load processes before every request. The report also gives the
+slice of each of ~25 load processes before every request. Every process leads a session
+of its own, as a daemon would: where the kernel schedules each session as one group
+(autogroup), one session holding the supernode and the load would give them one group's
+share between them, whatever their nice levels. The report also gives the
 supernode's own view of the window: its scheduling time, event-loop lag and store
 round trips (p50/p99 from its /metrics histograms, as bucket bounds).
 
@@ -318,7 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         port_file = work / "origin.port"
         with open(logs / "origin.log", "wb") as log:
             origin = procs.start([py, "-m", "bench.origin", "--dir", str(files), "--port-file", str(port_file)],
-                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_niced(args.load_nice))
+                                 stdout=log, stderr=subprocess.STDOUT, **_own_session(args.load_nice))
         origin_port = wait_port_file(port_file, origin)
         with open(files / "blob", "wb") as f:
             f.truncate(length_for(args.sim_pieces))  # sparse
@@ -332,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", str(work / "sn"),
                               "--redis-url", args.redis_url, "--allow-origin", "127.0.0.0/8", "--allow-peer", "127.0.0.0/8",
                               "--max-bandwidth", "0", "--log-level", "warning", "--register-rate", "1000",
-                              *args.supernode_arg], stdout=log, stderr=subprocess.STDOUT)
+                              *args.supernode_arg], stdout=log, stderr=subprocess.STDOUT, **_own_session(0))
         _wait_port(api_port)
         api = f"http://127.0.0.1:{api_port}"
         blob = f"http://127.0.0.1:{origin_port}/files/blob"
@@ -348,14 +351,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sims.append(procs.start([py, "-m", "bench.soak", "--role", "sim", "--api", api, "--url", blob,
                                      "--first", str(first), "--count", str(count), "--think", str(args.think),
                                      *common], stdout=_log(errlogs, logs / f"sim{i}.out"),
-                                    stderr=_log(errlogs, logs / f"sim{i}.log"), preexec_fn=_niced(args.sim_nice)))
+                                    stderr=_log(errlogs, logs / f"sim{i}.log"), **_own_session(args.sim_nice)))
         for i in range(args.dl_procs):
             hosts = [h for h in range(args.hosts) if h % args.dl_procs == i]
             dls.append(procs.start([py, "-m", "bench.soak", "--role", "dl", "--api-port", str(api_port),
                                     "--work", str(work), "--tasks-file", str(work / "tasks.json"),
                                     "--hosts-list", ",".join(map(str, hosts)), "--per-host", str(per_host), *common],
                                    stdout=_log(errlogs, logs / f"dl{i}.out"), stderr=_log(errlogs, logs / f"dl{i}.log"),
-                                   preexec_fn=_niced(args.download_nice)))
+                                   **_own_session(args.download_nice)))
         warmup = start + max(10.0, args.duration / 10)
         timeline: list[tuple[float, float]] = []
         rss0 = cpu0 = rcpu0 = None
@@ -407,9 +410,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _niced(n: int) -> Any:
-    """For Popen: run the child at nice +n (0: as we are)."""
-    return (lambda: os.nice(n)) if n else None
+def _own_session(n: int) -> dict[str, Any]:
+    """For Popen: the child leads a session of its own, as a daemon or a process on a host
+    of its own would, at nice +n. Where the kernel schedules each session as one group
+    (autogroup), a session of ours would otherwise hold the supernode and the load together
+    and split one group's share of the CPU among them; the group's nice is set to n too."""
+    def niced() -> None:
+        os.nice(n)
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+            f.write(str(n))
+
+    return {"start_new_session": True, "preexec_fn": niced if n else None}
 
 
 def _log(opened: list[Any], path: Path) -> Any:
