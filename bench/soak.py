@@ -40,6 +40,12 @@ share between them, whatever their nice levels. The report also gives the
 supernode's own view of the window: its scheduling time, event-loop lag and store
 round trips (p50/p99 from its /metrics histograms, as bucket bounds).
 
+The machine's own stops are measured in the same run: one bench.stalls probe per CPU
+(pinned, SCHED_FIFO where allowed, waking every 0.5 ms) records every time its CPU did
+not run it for 10 ms or more. On a virtual machine that is the host running something
+else on that vCPU, and a pull in flight there waits it out, whatever this code does. The
+report gives the stalls, how many pulls overlapped one, and the p99 of the others.
+
 All clients come from 127.0.0.1 here, so the supernode runs with --register-rate 1000:
 its per-address limit models many hosts, not one.
 """
@@ -60,6 +66,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import stalls
 from bench.scheduler import (
     MIB,
     ROOT,
@@ -82,12 +89,14 @@ HEARTBEAT = 30.0
 # 10 models what the soak stands for: clients on machines of their own.
 LOAD_NICE = 10
 THINK_MIN = 0.5
+SLOW_S = 0.01  # a pull this long or longer is checked against the machine's stalls
 
 
 # --- simulated clients (own process) ---------------------------------------------------------
 class Sim:
     def __init__(self) -> None:
         self.lat: list[float] = []
+        self.slow: list[tuple[float, float]] = []  # wall [start, end] of pulls over SLOW_S (bench.stalls)
         self.pulls = self.assigned = self.finished = self.throttled = self.reregistered = 0
         self.busy = 0
         self.errors: dict[str, int] = {}
@@ -154,14 +163,16 @@ async def _sim_client(session: Any, api: str, url: str, idx: int, stop_at: float
         reports: list[Any] = []
         next_beat = time.time() + rnd.uniform(0, HEARTBEAT)
         while time.time() < stop_at:
-            t0 = time.perf_counter()
+            t0, t0_wall = time.perf_counter(), time.time()
             status, rep = await _call(session, stats, "POST", f"{api}/api/v1/tasks/{tid}/pull",
                                       wire.PullRequest(cid=cid, limit=4, wait=0, reports=reports), wire.PullReply)
             if rep is None:
                 if status == 404:  # forgotten (GC): come back as dfget does
                     stats.reregistered += 1
                 break
-            stats.lat.append(time.perf_counter() - t0)
+            stats.lat.append(took := time.perf_counter() - t0)
+            if took > SLOW_S:
+                stats.slow.append((t0_wall, time.time()))
             stats.pulls += 1
             stats.assigned += len(rep.assignments)
             reports = [wire.Report(a.piece, "ok", a.source.cid) for a in rep.assignments]
@@ -190,7 +201,7 @@ async def run_sim(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
         await asyncio.gather(*(_sim_client(session, args.api, args.url, i, args.stop_at, args.think, stats)
                                for i in range(args.first, args.first + args.count)))
-    return {"lat": stats.lat, "pulls": stats.pulls, "assigned": stats.assigned, "finished": stats.finished,
+    return {"lat": stats.lat, "slow": stats.slow, "pulls": stats.pulls, "assigned": stats.assigned, "finished": stats.finished,
             "throttled": stats.throttled, "busy": stats.busy, "reregistered": stats.reregistered,
             "errors": stats.errors,
             "last_error": stats.last_error, "cpu": time.process_time()}
@@ -345,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stop_at = start + args.duration
         common = ["--start-at", str(start), "--stop-at", str(stop_at)]
         sims, dls, errlogs = [], [], []
+        probes = stalls.start_probes(py, start, stop_at, work)
         for i in range(args.sim_procs):
             first = i * args.clients // args.sim_procs
             count = (i + 1) * args.clients // args.sim_procs - first
@@ -386,6 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if name in sizes}
         for f in errlogs:
             f.flush()
+        host_stalls = stalls.collect(probes)
         sim_res = [_result(p, logs / f"sim{i}.out") for i, p in enumerate(sims)]
         dl_res = [_result(p, logs / f"dl{i}.out") for i, p in enumerate(dls)]
     finally:
@@ -407,7 +420,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for q in (0.5, 0.99):
             out[f"{key}_p{int(q * 100)}_ms"] = _hist_pct(hist0.get(name, {}), hist1.get(name, {}), q)
     out["origin_exactly_once"] = bool(origin_x) and all(x == 1.0 for x in origin_x.values())
+    # the machine's own stops (bench/stalls.py): a floor under every latency measured here
+    out["host_stalls"] = stalls.summary(host_stalls)
+    stopped = [st for r in host_stalls for st in r["stalls"]]
+    slow = [tuple(x) for r in sim_res for x in r.get("slow", [])]
+    out["pulls_overlapping_stalls"] = stalls.overlapping(slow, stopped)
+    lat_outside = sorted(x for r in sim_res for x in r.get("lat", []))
+    for a, b in slow:  # drop the overlapping pulls' latencies, each by its value
+        if stalls.overlapping([(a, b)], stopped):
+            with contextlib.suppress(ValueError):
+                lat_outside.pop(_index_near(lat_outside, b - a))
+    out["pull_p99_outside_stalls_ms"] = round(pct(lat_outside, 0.99) * 1000, 1)
     return out
+
+
+def _index_near(sorted_values: list[float], value: float) -> int:
+    """Index of the value in `sorted_values` nearest to `value` (ValueError if empty)."""
+    import bisect
+
+    if not sorted_values:
+        raise ValueError("empty")
+    i = bisect.bisect_left(sorted_values, value)
+    if i == len(sorted_values) or (i > 0 and value - sorted_values[i - 1] < sorted_values[i] - value):
+        i -= 1
+    return i
 
 
 def _own_session(n: int) -> dict[str, Any]:
@@ -523,6 +559,10 @@ ROWS = [
     ("download time p50 / p99 s", ("download_p50_s", "download_p99_s")),
     ("simulated clients / think s", ("clients", "think_s")), ("pulls / pulls per s", ("pulls", "pulls_per_s")),
     ("pull latency p50 / p99 ms", ("pull_p50_ms", "pull_p99_ms")),
+    ("this machine's CPU stalls (bench.stalls): count / longest ms / % of CPU time",
+     ("host_stalls.count", "host_stalls.longest_ms", "host_stalls.stalled_pct")),
+    ("pulls that overlapped a CPU stall / pull p99 of the others ms",
+     ("pulls_overlapping_stalls", "pull_p99_outside_stalls_ms")),
     ("supernode's scheduling of a pull p50 / p99 ms (bucket bound)", ("schedule_p50_ms", "schedule_p99_ms")),
     ("supernode's event-loop lag p50 / p99 ms (bucket bound)", ("loop_lag_p50_ms", "loop_lag_p99_ms")),
     ("supernode's store script round trip p50 / p99 ms (bucket bound)", ("store_script_p50_ms", "store_script_p99_ms")),
@@ -539,14 +579,27 @@ def table(r: dict[str, Any]) -> str:
     lines = ["| metric | value |", "|---|---|"]
     for label, key in ROWS:
         keys = key if isinstance(key, tuple) else (key,)
-        lines.append(f"| {label} | " + " / ".join(str(r.get(k)) for k in keys) + " |")
+        lines.append(f"| {label} | " + " / ".join(str(_get(r, k)) for k in keys) + " |")
     met = (r["errors"] == 0 and r["back_to_source"] == 0 and r["origin_exactly_once"]
            and r["supernode_rss_growth_pct"] <= 20 and r["pull_p99_ms"] < 50)
     lines += ["", "Targets (0 errors, 0 back to source, origin 1.00 x F per task, RSS growth <= 20 %, "
               f"pull p99 < 50 ms): {'met' if met else 'NOT met'}."]
+    st = r.get("host_stalls") or {}
+    if st.get("count"):
+        lines += ["", f"The CPUs of this machine stopped {st['count']} times ({st['per_minute']} a minute per CPU, "
+                  f"median {st['median_ms']} ms, {st['stalled_pct']} % of the CPU time) while a probe at "
+                  f"{'/'.join(st['policy'])} wanted to run: time the host gave to others. Every pull in flight on a "
+                  f"stopped CPU waits it out; {r['pulls_overlapping_stalls']} pulls overlapped one."]
     if r["last_errors"]:
         lines += ["", "Last errors: " + "; ".join(r["last_errors"])]
     return "\n".join(lines)
+
+
+def _get(r: dict[str, Any], key: str) -> Any:
+    """r[key], where "a.b" is r["a"]["b"]."""
+    for part in key.split("."):
+        r = r.get(part) if isinstance(r, dict) else None  # type: ignore[assignment]
+    return r
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,150 @@
+"""How long this machine stops running a thread that wants to run: a probe per CPU.
+
+    python -m bench.stalls [--seconds 30] [--cpu 0] [--out stalls.json]
+
+A probe is pinned to one CPU, runs at the highest priority it may have (SCHED_FIFO as
+root, else nice -20, else as it is) and wakes every 0.5 ms; every wake-up later than
+`--gap-ms` (10) after the previous one is a stall: nothing inside this machine could have
+held it back that long, so a stall is time the CPU itself did not run (on a virtual
+machine: the host ran something else on that vCPU, which the guest counts as steal).
+
+Any latency a benchmark measures on this machine has these stalls as a floor: a request
+in flight on a CPU that stops for 100 ms takes at least 100 ms. bench.soak runs one probe
+per CPU during its load and reports which of its pulls overlapped a stall. Alone, without
+`--cpu`, one probe per CPU runs and a summary is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+WAKE_S = 0.0005
+GAP_MS = 10.0
+
+
+def _raise_priority() -> str:
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        return "SCHED_FIFO"
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, -20)
+        return "nice -20"
+    return f"nice {os.nice(0)}"
+
+
+def probe(cpu: int, start_at: float, stop_at: float, gap_ms: float = GAP_MS) -> dict[str, Any]:
+    """Stalls on `cpu` between the wall times start_at and stop_at: [start, end] pairs."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, {cpu})
+    policy = _raise_priority()
+    time.sleep(max(0.0, start_at - time.time()))
+    gap = gap_ms / 1000
+    stalls: list[tuple[float, float]] = []
+    last = time.time()
+    while last < stop_at:
+        time.sleep(WAKE_S)
+        now = time.time()
+        if now - last > gap:
+            stalls.append((round(last, 4), round(now, 4)))
+        last = now
+    return {"cpu": cpu, "policy": policy, "gap_ms": gap_ms, "seconds": round(stop_at - start_at, 1),
+            "stalls": stalls}
+
+
+def start_probes(py: str, start_at: float, stop_at: float, out_dir: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """One probe process per CPU this process may use; each writes <out_dir>/stalls-<cpu>.json."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    started = []
+    for cpu in cpus:
+        out = out_dir / f"stalls-{cpu}.json"
+        started.append((subprocess.Popen([py, "-m", "bench.stalls", "--cpu", str(cpu), "--start-at", str(start_at),
+                                          "--stop-at", str(stop_at), "--out", str(out)],
+                                         cwd=Path(__file__).resolve().parent.parent), out))
+    return started
+
+
+def collect(started: list[tuple[subprocess.Popen[bytes], Path]], timeout: float = 30.0) -> list[dict[str, Any]]:
+    results = []
+    for proc, out in started:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            results.append(json.loads(out.read_text()))
+    return results
+
+
+def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stalls of all CPUs together: count, the longest, and stalled ms per CPU-second."""
+    stalls = [s for r in results for s in r["stalls"]]
+    seconds = sum(r["seconds"] for r in results) or 1.0
+    lengths = sorted(1000 * (b - a) for a, b in stalls)
+    return {"cpus": len(results), "policy": sorted({r["policy"] for r in results}),
+            "count": len(stalls), "longest_ms": round(lengths[-1], 1) if lengths else 0.0,
+            "median_ms": round(lengths[len(lengths) // 2], 1) if lengths else 0.0,
+            "stalled_pct": round(100 * sum(lengths) / 1000 / seconds, 2),
+            "per_minute": round(60 * len(stalls) / seconds, 1)}  # per CPU
+
+
+def overlapping(intervals: list[tuple[float, float]], stalls: list[tuple[float, float]]) -> int:
+    """How many of `intervals` overlap at least one stall (both [start, end] wall times)."""
+    if not intervals or not stalls:
+        return 0
+    stalls = sorted(stalls)
+    import bisect
+
+    starts = [s[0] for s in stalls]
+    longest = max(b - a for a, b in stalls)
+    n = 0
+    for a, b in intervals:
+        # a stall overlaps [a, b] if it starts before b and ends after a; those that end
+        # after a start after a - longest
+        i = bisect.bisect_left(starts, a - longest)
+        j = bisect.bisect_right(starts, b)
+        if any(stalls[k][1] > a for k in range(i, j)):
+            n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.stalls", description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--cpu", type=int, help="probe this CPU only (default: one probe per CPU, and a summary)")
+    p.add_argument("--gap-ms", type=float, default=GAP_MS, help="a wake-up this much late is a stall")
+    p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--stop-at", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--out", help="write the result (JSON) here")
+    args = p.parse_args(argv)
+    start_at = args.start_at or time.time()
+    stop_at = args.stop_at or start_at + args.seconds
+    if args.cpu is not None:
+        res = probe(args.cpu, start_at, stop_at, args.gap_ms)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res))
+        else:
+            print(json.dumps(res))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-stalls-") as tmp:
+        started = start_probes(sys.executable, start_at, stop_at, Path(tmp))
+        results = collect(started, timeout=stop_at - time.time() + 30)
+    out = summary(results)
+    print(json.dumps(out))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"summary": out, "probes": results}, indent=1))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
