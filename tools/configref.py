@@ -41,7 +41,10 @@ def _commands() -> list[tuple[str, click.Command, str]]:
         ("supernode", supernode_cmd, "The tracker, scheduler and CDN seed (one or more per cluster)."),
         ("dfget server", server_cmd,
          ("The per-host peer server. `dfget` starts one on demand; run it as a service "
-          "(systemd unit, Kubernetes DaemonSet) to keep a host serving what it holds.")),
+          "(systemd unit, Kubernetes DaemonSet) to keep a host serving what it holds. One that "
+          "dfget starts leads a session of its own and keeps the nice level of the dfget that "
+          "started it, also where the kernel schedules each session as a group (autogroup): "
+          "`nice -n 10 dfget ...` leaves a peer server at nice 10.")),
         ("dfget", download_cmd, "The downloader."),
         ("dfget upload", upload_cmd,
          "Resumable upload of a local file into a supernode's CDN cache, named by its digest."),
