@@ -322,6 +322,8 @@ def _tracebacks(paths: list[Path]) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     py = sys.executable
     procs = Procs()
+    probes: list[Any] = []
+    errlogs: list[Any] = []
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     logs = work / "logs"
     logs.mkdir()
@@ -402,6 +404,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sim_res = [_result(p, logs / f"sim{i}.out") for i, p in enumerate(sims)]
         dl_res = [_result(p, logs / f"dl{i}.out") for i, p in enumerate(dls)]
     finally:
+        for probe, _ in probes:  # started apart from procs (they stop on their own at stop_at)
+            if probe.poll() is None:
+                probe.kill()
+                probe.wait()
         procs.stop()
         for f in errlogs:
             f.close()
@@ -451,10 +457,12 @@ def _own_session(n: int) -> dict[str, Any]:
     of its own would, at nice +n. Where the kernel schedules each session as one group
     (autogroup), a session of ours would otherwise hold the supernode and the load together
     and split one group's share of the CPU among them; the group's nice is set to n too."""
+    from dfget.server.lifecycle import set_group_nice
+
     def niced() -> None:
         os.nice(n)
-        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-            f.write(str(n))
+        if os.path.exists("/proc/self/autogroup"):
+            set_group_nice(n)
 
     return {"start_new_session": True, "preexec_fn": niced if n else None}
 
@@ -561,7 +569,7 @@ ROWS = [
     ("pull latency p50 / p99 ms", ("pull_p50_ms", "pull_p99_ms")),
     ("this machine's CPU stalls (bench.stalls): count / longest ms / % of CPU time",
      ("host_stalls.count", "host_stalls.longest_ms", "host_stalls.stalled_pct")),
-    ("pulls that overlapped a CPU stall / pull p99 of the others ms",
+    ("pulls in flight during a CPU stall (either CPU) / pull p99 of the others ms",
      ("pulls_overlapping_stalls", "pull_p99_outside_stalls_ms")),
     ("supernode's scheduling of a pull p50 / p99 ms (bucket bound)", ("schedule_p50_ms", "schedule_p99_ms")),
     ("supernode's event-loop lag p50 / p99 ms (bucket bound)", ("loop_lag_p50_ms", "loop_lag_p99_ms")),
@@ -588,8 +596,9 @@ def table(r: dict[str, Any]) -> str:
     if st.get("count"):
         lines += ["", f"The CPUs of this machine stopped {st['count']} times ({st['per_minute']} a minute per CPU, "
                   f"median {st['median_ms']} ms, {st['stalled_pct']} % of the CPU time) while a probe at "
-                  f"{'/'.join(st['policy'])} wanted to run: time the host gave to others. Every pull in flight on a "
-                  f"stopped CPU waits it out; {r['pulls_overlapping_stalls']} pulls overlapped one."]
+                  f"{'/'.join(st['policy'])} wanted to run: on a virtual machine, time its host did not give it. A pull "
+                  f"in flight on a stopped CPU waits out the rest of the stop; {r['pulls_overlapping_stalls']} pulls "
+                  "were in flight while one of the CPUs was stopped."]
     if r["last_errors"]:
         lines += ["", "Last errors: " + "; ".join(r["last_errors"])]
     return "\n".join(lines)

@@ -3,10 +3,12 @@
     python -m bench.stalls [--seconds 30] [--cpu 0] [--out stalls.json]
 
 A probe is pinned to one CPU, runs at the highest priority it may have (SCHED_FIFO as
-root, else nice -20, else as it is) and wakes every 0.5 ms; every wake-up later than
-`--gap-ms` (10) after the previous one is a stall: nothing inside this machine could have
-held it back that long, so a stall is time the CPU itself did not run (on a virtual
-machine: the host ran something else on that vCPU, which the guest counts as steal).
+root, else nice -20, else as it is; the result names it) and wakes every 0.5 ms; every
+wake-up later than `--gap-ms` (10) after the previous one is a stall. At SCHED_FIFO
+nothing inside this machine could have held it back that long, so a stall is time the
+CPU itself did not run: on a virtual machine, time the host did not give that vCPU
+(its other work, or a CPU quota on the VM), which the guest counts as steal. At a lower
+priority a stall may also be this machine's own load.
 
 Any latency a benchmark measures on this machine has these stalls as a floor: a request
 in flight on a CPU that stops for 100 ms takes at least 100 ms. bench.soak runs one probe
@@ -40,20 +42,25 @@ def _raise_priority() -> str:
     return f"nice {os.nice(0)}"
 
 
-def probe(cpu: int, start_at: float, stop_at: float, gap_ms: float = GAP_MS) -> dict[str, Any]:
-    """Stalls on `cpu` between the wall times start_at and stop_at: [start, end] pairs."""
+def probe(cpu: int, start_at: float, stop_at: float, gap_ms: float = GAP_MS, ready: str | None = None) -> dict[str, Any]:
+    """Stalls on `cpu` between the wall times start_at and stop_at: [start, end] pairs.
+    `ready`: a file touched when the probe starts watching."""
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setaffinity(0, {cpu})
     policy = _raise_priority()
     time.sleep(max(0.0, start_at - time.time()))
+    if ready:
+        Path(ready).touch()
     gap = gap_ms / 1000
     stalls: list[tuple[float, float]] = []
-    last = time.time()
-    while last < stop_at:
+    # timed on the monotonic clock (a clock step is no stall), reported as wall times
+    wall = time.time() - time.monotonic()
+    last, stop = time.monotonic(), stop_at - wall
+    while last < stop:
         time.sleep(WAKE_S)
-        now = time.time()
+        now = time.monotonic()
         if now - last > gap:
-            stalls.append((round(last, 4), round(now, 4)))
+            stalls.append((round(last + wall, 4), round(now + wall, 4)))
         last = now
     return {"cpu": cpu, "policy": policy, "gap_ms": gap_ms, "seconds": round(stop_at - start_at, 1),
             "stalls": stalls}
@@ -124,11 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     p.add_argument("--stop-at", type=float, help=argparse.SUPPRESS)
     p.add_argument("--out", help="write the result (JSON) here")
+    p.add_argument("--ready", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     start_at = args.start_at or time.time()
     stop_at = args.stop_at or start_at + args.seconds
     if args.cpu is not None:
-        res = probe(args.cpu, start_at, stop_at, args.gap_ms)
+        res = probe(args.cpu, start_at, stop_at, args.gap_ms, args.ready)
         if args.out:
             Path(args.out).write_text(json.dumps(res))
         else:
@@ -142,7 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     out = summary(results)
     print(json.dumps(out))
     if args.out:
-        Path(args.out).write_text(json.dumps({"summary": out, "probes": results}, indent=1))
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        Path(args.out).write_text(json.dumps({
+            "command": "python -m bench.stalls " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(start_at)), "commit": commit,
+            "summary": out, "probes": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

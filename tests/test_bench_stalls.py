@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from bench import stalls
 def test_overlap_counts_each_interval_that_touches_a_stall() -> None:
     stopped = [(10.0, 10.1), (20.0, 20.5)]
     intervals = [(9.0, 9.99), (9.95, 10.05), (10.05, 10.2), (10.2, 19.9), (19.0, 21.0), (20.4, 20.45), (21.0, 22.0)]
-    # inside, straddling the start, straddling the end, between, around, inside the long one, after
+    # before, straddling the start, straddling the end, between, around, inside the long one, after
     assert stalls.overlapping(intervals, stopped) == 4
     assert stalls.overlapping(intervals, []) == 0
     assert stalls.overlapping([], stopped) == 0
@@ -33,18 +34,27 @@ def test_summary_adds_up_every_cpu() -> None:
 
 def test_a_probe_sees_a_stop_it_is_made_to_take(tmp_path: Path) -> None:
     """A probe stopped with SIGSTOP for 0.3 s reports a stall of about that length."""
-    out = tmp_path / "p.json"
-    start = time.time() + 0.5
+    out, ready = tmp_path / "p.json", tmp_path / "ready"
+    start = time.time() + 0.3
     proc = subprocess.Popen([sys.executable, "-m", "bench.stalls", "--cpu", "0", "--start-at", str(start),
-                             "--stop-at", str(start + 1.5), "--out", str(out)], cwd=Path(stalls.__file__).parents[1])
+                             "--stop-at", str(start + 3), "--out", str(out), "--ready", str(ready)],
+                            cwd=Path(stalls.__file__).parents[1])
     try:
-        time.sleep(max(0.0, start - time.time()) + 0.5)
-        os.kill(proc.pid, 19)  # SIGSTOP
+        for _ in range(300):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        assert ready.exists(), "the probe never started watching"
+        time.sleep(0.2)
+        stopped_at = time.time()
+        os.kill(proc.pid, signal.SIGSTOP)
         time.sleep(0.3)
-        os.kill(proc.pid, 18)  # SIGCONT
-        assert proc.wait(10) == 0
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(30) == 0
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     res = json.loads(out.read_text())
-    longest = max((b - a for a, b in res["stalls"]), default=0.0)
-    assert 0.25 < longest < 1.0, res["stalls"]
+    hit = [(a, b) for a, b in res["stalls"] if a <= stopped_at + 0.05 and b >= stopped_at + 0.25]
+    assert hit and 0.25 < hit[0][1] - hit[0][0] < 1.0, res["stalls"]

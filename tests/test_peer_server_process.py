@@ -194,9 +194,9 @@ async def test_a_niced_dfget_leaves_a_niced_peer_server(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, str(home),
                                                 stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
-    assert proc.returncode == 0
-    pid = int(out.decode().split()[-1])
     try:
+        assert proc.returncode == 0
+        pid = int(out.decode().split()[-1])
         group = Path(f"/proc/{pid}/autogroup").read_text()
         assert group.split()[-1] == "7", group
         assert os.getpriority(os.PRIO_PROCESS, pid) == 7

@@ -270,14 +270,28 @@ def keep_nice() -> int | None:
     started with. Returns the level set, or None (not niced, not a session of our own, no
     autogroup)."""
     level = os.nice(0)
-    if level <= 0 or os.getsid(0) != os.getpid():
+    if level <= 0 or os.getsid(0) != os.getpid() or not os.path.exists("/proc/self/autogroup"):
         return None
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(level))
-    except OSError:
+    if not set_group_nice(level):
+        log.warning("could not give this session's scheduling group nice %d", level)
         return None
     return level
+
+
+def set_group_nice(level: int, attempts: int = 5) -> bool:
+    """Write `level` as the nice level of this process's autogroup. Without CAP_SYS_ADMIN
+    the kernel takes one such write per 100 ms on the whole machine and refuses the others
+    with EAGAIN (several peer servers starting at once), so that is retried a few times."""
+    for _ in range(attempts):
+        try:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(level))
+            return True
+        except BlockingIOError:
+            time.sleep(0.11)
+        except OSError:
+            return False
+    return False
 
 
 def run_server(cfg: ServerConfig) -> int:
