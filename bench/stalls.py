@@ -19,11 +19,13 @@ per CPU during its load and reports which of its pulls overlapped a stall. Alone
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -103,24 +105,27 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             "per_minute": round(60 * len(stalls) / seconds, 1)}  # per CPU
 
 
-def overlapping(intervals: list[tuple[float, float]], stalls: list[tuple[float, float]]) -> int:
-    """How many of `intervals` overlap at least one stall (both [start, end] wall times)."""
-    if not intervals or not stalls:
-        return 0
+def overlaps(intervals: list[tuple[float, float]], stalls: list[tuple[float, float]]) -> list[bool]:
+    """For each of `intervals`, whether it overlaps at least one stall (both [start, end]
+    wall times)."""
+    if not stalls:
+        return [False] * len(intervals)
     stalls = sorted(stalls)
-    import bisect
-
     starts = [s[0] for s in stalls]
     longest = max(b - a for a, b in stalls)
-    n = 0
+    hit = []
     for a, b in intervals:
         # a stall overlaps [a, b] if it starts before b and ends after a; those that end
         # after a start after a - longest
         i = bisect.bisect_left(starts, a - longest)
         j = bisect.bisect_right(starts, b)
-        if any(stalls[k][1] > a for k in range(i, j)):
-            n += 1
-    return n
+        hit.append(any(stalls[k][1] > a for k in range(i, j)))
+    return hit
+
+
+def overlapping(intervals: list[tuple[float, float]], stalls: list[tuple[float, float]]) -> int:
+    """How many of `intervals` overlap at least one stall."""
+    return sum(overlaps(intervals, stalls))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,8 +147,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(json.dumps(res))
         return
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="bench-stalls-") as tmp:
         started = start_probes(sys.executable, start_at, stop_at, Path(tmp))
         results = collect(started, timeout=stop_at - time.time() + 30)
