@@ -135,15 +135,18 @@ async def test_cdn_supernode_killed_mid_fetch_taker_resumes_without_refetching(
         r.close()
     elapsed = time.monotonic() - t0
     want = file_bytes(size, seed=12)
-    for i, d in enumerate(dls):
+    for d in dls:
         assert d.code == 0, d.stderr[-3000:]
         assert d.out.read_bytes() == want
         assert d.report["back_to_source"] is None and d.report["bytes_from_origin"] == 0
         # kept its pieces across the failover: every byte arrived exactly once
         assert d.report["bytes_from_peers"] + d.report["bytes_from_supernode"] == size, d.report
         assert d.report["supernode"] == b.url
-        if i % 2 == 0:  # listed the dead supernode first: moved over, kept what it had
-            assert d.report["failovers"] >= 1, d.report
+    # the clients that listed the dead supernode first moved over and kept what they had
+    # (bytes above). One of them may have registered with b from the start: a register
+    # that a loaded supernode answers late goes on to the next one without a failover,
+    # which a CI run showed (failovers 0, supernode b). At least one moved over.
+    assert any(d.report["failovers"] >= 1 for d in dls[0::2]), [d.report for d in dls[0::2]]
     log = _log_once_it_has(b, "takeover done")
     assert "taking over the fetch" in log and "CDN has" in log, log[-3000:]
     line = next(x for x in log.splitlines() if "taking over the fetch" in x)
