@@ -2,9 +2,9 @@
 
     python -m bench.digest [--total 1GiB] [--runs 5]
 
-Hashes `--total` bytes as pieces of each size with the project's digest (common.digest:
-SHA-256, streamed in 1 MiB updates as dfget and the CDN do) and reports the best of
-`--runs` in GB/s and GiB/s. Writes bench/results/digest.md and digest.json.
+Hashes `--total` bytes as pieces of each size with each of the project's piece digests
+(common.digest: blake3 and SHA-256, streamed in 1 MiB updates as dfget and the CDN do)
+and reports the best of `--runs` in GB/s and GiB/s. Writes bench/results/digest.md and digest.json.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 
 from common import digest
 from common.units import parse_size
+
+from .single import _commit
 
 MIB = 1 << 20
 CHUNK = MIB  # the update size of dfget's and the CDN's hashing
@@ -36,41 +38,17 @@ def cpu_flags() -> str:
     return "SHA-NI" if "sha_ni" in flags else "no SHA-NI"
 
 
-def rate(piece: int, total: int, block: bytes) -> float:
+def rate(algo: str, piece: int, total: int, block: bytes) -> float:
     """Bytes per second hashing `total` bytes as pieces of `piece` bytes."""
     pieces = max(1, total // piece)
     view = memoryview(block)
     t0 = time.perf_counter()
     for _ in range(pieces):
-        h = digest.new()
+        h = digest.new(algo)
         for off in range(0, piece, CHUNK):
             h.update(view[off:off + CHUNK])
         h.hexdigest()
     return pieces * piece / (time.perf_counter() - t0)
-
-
-def alternatives(total: int, runs: int, block: bytes) -> list[dict[str, object]]:
-    """Other strong digests measured the same way (4 MiB pieces, one thread), for the
-    choice of a per-task algorithm: BLAKE3 when its package (`blake3`) is installed."""
-    try:
-        import blake3  # type: ignore[import-not-found]
-    except ImportError:
-        return []
-    piece, view = 4 * MIB, memoryview(block)
-
-    def once() -> float:
-        pieces = max(1, total // piece)
-        t0 = time.perf_counter()
-        for _ in range(pieces):
-            h = blake3.blake3(max_threads=1)
-            for off in range(0, piece, CHUNK):
-                h.update(view[off:off + CHUNK])
-            h.hexdigest()
-        return pieces * piece / (time.perf_counter() - t0)
-
-    best = max(once() for _ in range(runs))
-    return [{"algorithm": f"blake3 {getattr(blake3, '__version__', '')}".strip(), "piece_size": piece,
-             "threads": 1, "bytes_per_s": best}]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,35 +62,29 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--total and --runs must be positive")
     block = os.urandom(max(PIECE_SIZES))
     rows = []
-    for piece in PIECE_SIZES:
-        best = max(rate(piece, args.total, block) for _ in range(args.runs))
-        rows.append({"piece_size": piece, "bytes_per_s": best})
-        print(f"piece {piece // MIB:>2} MiB: {best / 1e9:.2f} GB/s ({best / (1 << 30):.2f} GiB/s)")
-    alts = alternatives(args.total, args.runs, block)
-    for a in alts:
-        v = float(a["bytes_per_s"])  # type: ignore[arg-type]
-        print(f"{a['algorithm']} (one thread), piece 4 MiB: {v / 1e9:.2f} GB/s")
-    meta = {"algorithm": digest.ALGORITHM, "cpu": cpu_flags(), "python": platform.python_version(),
-            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "total": args.total, "runs": args.runs, "rows": rows, "alternatives": alts}
+    for algo in digest.ALGORITHMS:
+        for piece in PIECE_SIZES:
+            best = max(rate(algo, piece, args.total, block) for _ in range(args.runs))
+            rows.append({"algorithm": algo, "piece_size": piece, "bytes_per_s": best})
+            print(f"{algo:>7}, piece {piece // MIB:>2} MiB: {best / 1e9:.2f} GB/s ({best / (1 << 30):.2f} GiB/s)")
+    meta = {"algorithms": list(digest.ALGORITHMS), "cpu": cpu_flags(), "python": platform.python_version(),
+            "commit": _commit(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "total": args.total, "runs": args.runs, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "digest.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = ["# Piece digest throughput (`python -m bench.digest`)", "",
-             f"{digest.ALGORITHM.upper()} on one core ({meta['cpu']}, Python {meta['python']}), "
-             f"{args.total / (1 << 30):g} GiB per piece size, 1 MiB updates, best of {args.runs}; "
-             f"{meta['measured']}. The machine may have been shared with other work: best of "
-             f"{args.runs} is kept.", "",
-             "| piece size | GB/s | GiB/s | CPU seconds per GiB |", "|---|---|---|---|"]
+             f"Every piece digest algorithm on one core ({meta['cpu']} for SHA-256, Python "
+             f"{meta['python']}, blake3 from its Python bindings of the Rust crate, one thread), "
+             f"{args.total / (1 << 30):g} GiB per piece size, 1 MiB updates as dfget and the CDN "
+             f"hash, best of {args.runs}; {meta['measured']}, code {meta['commit']}. The machine may "
+             f"have been shared with other work: best of {args.runs} is kept.", "",
+             "| algorithm | piece size | GB/s | GiB/s | CPU seconds per GiB |", "|---|---|---|---|---|"]
     for r in rows:
         v = r["bytes_per_s"]
-        lines.append(f"| {r['piece_size'] // MIB} MiB | {v / 1e9:.2f} | {v / (1 << 30):.2f} "
+        lines.append(f"| {r['algorithm']} | {r['piece_size'] // MIB} MiB | {v / 1e9:.2f} | {v / (1 << 30):.2f} "
                      f"| {(1 << 30) / v:.2f} |")
-    for a in alts:
-        v = float(a["bytes_per_s"])  # type: ignore[arg-type]
-        lines += ["", f"For comparison, {a['algorithm']} (Python bindings of the Rust crate, one thread, "
-                  f"4 MiB pieces, measured in the same run): {v / 1e9:.2f} GB/s, "
-                  f"{(1 << 30) / v:.2f} CPU seconds per GiB. Not used yet: a per-task choice of "
-                  "digest would need the supernode, dfget and the peer servers to agree on it."]
+    lines += ["", "New tasks use blake3 where the registering dfget can check it (`--piece-digest`, "
+              "common/digest.py); tasks named by a sha256 content digest use sha256."]
     (args.out / "digest.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -269,6 +269,14 @@ class UnknownDigest(NotFound):
     exit_code = 10
 
 
+class DigestUnsupported(Conflict):
+    """The task's pieces are hashed with an algorithm this client did not say it can
+    check (an older dfget joining a blake3 task): it must be upgraded, or the task
+    registered again once collected, or the supernodes run with --piece-digest sha256."""
+
+    code = "digest_unsupported"
+
+
 class ImportRejected(IntegrityError):
     """An imported file's bytes, as its importer's peer server served them, do not match
     the piece digests or the whole-file digest the importer claimed."""

@@ -34,6 +34,9 @@ FilterKeys = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]],
 Token = Annotated[str, Meta(min_length=1, max_length=552, pattern=r"^[A-Za-z0-9_-]+\Z")]  # common/tokens.py
 
 Pattern = Literal["p2p", "cdn"]
+DigestAlgo = Literal["blake3", "sha256"]  # common.digest.ALGORITHMS
+# what a client offers: names this supernode may not know (a newer client) are ignored
+DigestAlgos = Annotated[list[Annotated[str, Meta(max_length=16)]], Meta(max_length=8)]
 ReportResult = Literal["ok", "failed", "have"]
 FailReason = Literal[
     "not_found", "digest_mismatch", "timeout", "refused", "short_body", "long_body", "error"
@@ -68,6 +71,9 @@ class RegisterRequest(Struct, frozen=True):
     range: Annotated[str, Meta(max_length=128)] | None = None
     pattern: Pattern = "p2p"
     cid: Id32 | None = None  # given when a client moves to another supernode mid-download
+    # the piece digests this client can check (common/digest.py); a client from before
+    # the choice sends none and can check only sha256
+    digest_algos: DigestAlgos = msgspec.field(default_factory=lambda: ["sha256"])
 
 
 class TaskInfo(Struct, frozen=True):
@@ -76,7 +82,7 @@ class TaskInfo(Struct, frozen=True):
     piece_size: int
     piece_count: int  # -1 while unknown
     status: str  # pending | fetching | success | failed
-    digest_algo: str = "sha256"
+    digest_algo: DigestAlgo = "sha256"  # of the piece digests (common/digest.py)
     file_digest: str | None = None
     error: dict[str, str] | None = None
     # sha256 of the whole file once the CDN has it all (`sha256:<hex>`): the content a

@@ -148,10 +148,10 @@ class PartFile:
             self.write(offset + n, b"".join(chunks)[n:])
         start_writeback(self.fd, offset, n)
 
-    def piece_digest(self, start: int, end: int) -> str | None:
-        """sha256 of [start, end] as on disk, or None when the file is shorter."""
+    def piece_digest(self, start: int, end: int, algo: str) -> str | None:
+        """The digest (by `algo`) of [start, end] as on disk, or None when the file is shorter."""
         assert self.fd is not None
-        h = digest.new()
+        h = digest.new(algo)
         pos = start
         with disk_errors(f"cannot read {self.path}"):
             while pos <= end:
@@ -256,7 +256,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def recheck(part: PartFile, ranges: list[tuple[int, int, int, str | None]],
+def recheck(part: PartFile, ranges: list[tuple[int, int, int, str | None]], algo: str,
             stop: Callable[[], bool] = lambda: False) -> list[int]:
     """Pieces (number, start, end, expected digest) whose bytes on disk match: resume."""
     good: list[int] = []
@@ -265,7 +265,7 @@ def recheck(part: PartFile, ranges: list[tuple[int, int, int, str | None]],
             break
         if expected is None:
             continue
-        actual = part.piece_digest(start, end)
+        actual = part.piece_digest(start, end, algo)
         if actual is not None and digest.matches(expected, actual):
             good.append(number)
     return good

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from common import wire
+from common import digest, wire
 from common.errors import (
     DfError,
     PeerAddressDenied,
@@ -81,7 +81,8 @@ class P2PSession:
         return wire.RegisterRequest(
             url=self.cfg.url or None, peer=self.peer.addr, headers=self.cfg.headers, md5=self.cfg.md5,
             identifier=self.cfg.identifier, filter=list(self.cfg.filter_keys),
-            pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid)
+            pattern="cdn" if self.cfg.pattern == "cdn" else "p2p", cid=self.cid,
+            digest_algos=list(digest.ALGORITHMS))
 
     async def _register(self, *, skip_current: bool = False) -> None:
         self.sn.peer_secrets.update(await self.peer.secrets())
@@ -170,7 +171,7 @@ class P2PSession:
         count = piece_count(t.length, t.piece_size)
         ranges = [(n, *piece_range(n, t.length, t.piece_size), reply.digests[n])
                   for n in range(min(count, len(reply.digests)))]
-        good = await asyncio.to_thread(recheck, self.part, ranges)
+        good = await asyncio.to_thread(recheck, self.part, ranges, t.digest_algo)
         for n in good:
             start, end = piece_range(n, t.length, t.piece_size)
             self.done.add(n)
@@ -270,8 +271,9 @@ class P2PSession:
             self._start(a)
 
     def _start(self, a: wire.Assignment) -> None:
+        assert self.task is not None
         task = asyncio.create_task(fetch_piece(None, self.task_id, a, self.part, self.limits,
-                                               self.cid))
+                                               self.cid, self.task.digest_algo))
         self.flights[task] = Flight(a, self.generation)
 
     async def _piece_done(self, task: asyncio.Task[int]) -> None:

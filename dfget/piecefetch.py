@@ -74,15 +74,16 @@ def auth_headers(a: Assignment, client: str | None) -> str:
 
 
 async def fetch_piece(session: object | None, task_id: str, a: Assignment,
-                      part: PartFile, limits: FetchLimits, client: str | None = None) -> int:
+                      part: PartFile, limits: FetchLimits, client: str | None = None,
+                      algo: str = digest.LEGACY) -> int:
     """Returns the number of bytes of the verified piece; raises PieceFailed. Logs one
     line per transfer at debug level (piece, source, bytes, ms, result). `client` is our
-    cid, sent with the piece token."""
+    cid, sent with the piece token; `algo` the task's piece digest."""
     if not log.isEnabledFor(logging.DEBUG):
-        return await _fetch_piece(session, task_id, a, part, limits, client)
+        return await _fetch_piece(session, task_id, a, part, limits, client, algo)
     t0 = time.perf_counter()
     try:
-        n = await _fetch_piece(session, task_id, a, part, limits, client)
+        n = await _fetch_piece(session, task_id, a, part, limits, client, algo)
     except PieceFailed as exc:
         _log_transfer(task_id, a, 0, t0, exc.reason)
         raise
@@ -103,13 +104,13 @@ def _log_transfer(task_id: str, a: Assignment, nbytes: int, t0: float, result: s
 
 
 async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
-                       part: PartFile, limits: FetchLimits, client: str | None) -> int:
+                       part: PartFile, limits: FetchLimits, client: str | None, algo: str) -> int:
     expected = a.end - a.start + 1
     try:
         async with asyncio.timeout(limits.deadline(expected)):
             for attempt in range(BUSY_RETRIES + 1):
                 try:
-                    return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client))
+                    return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client), algo)
                 except _Busy as exc:
                     if attempt == BUSY_RETRIES:
                         raise PieceFailed("refused", f"source busy (HTTP {exc.status})") from None
@@ -142,7 +143,7 @@ class _Busy(Signal):
 
 
 async def _fetch(session: object | None, task_id: str, a: Assignment, part: PartFile,
-                 limits: FetchLimits, expected: int, extra: str = "") -> int:
+                 limits: FetchLimits, expected: int, extra: str = "", algo: str = digest.LEGACY) -> int:
     """`session` is unused: pieces go over their own connection (see piecewire)."""
     path = f"/peer/file/{task_id}"
     async with asyncio.timeout(STALL) as stall:
@@ -155,7 +156,7 @@ async def _fetch(session: object | None, task_id: str, a: Assignment, part: Part
             raise _Refused() from exc
         try:
             _check_head(await proto.head, a, expected)
-            hasher = digest.new()
+            hasher = digest.new(algo)
             if proto.head.result().chunked:
                 received = await _dechunked(proto, a, part, hasher, expected)
             else:

@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import digest
 from common.netpolicy import AddressPolicy
 from common.tls import ClientTls, ServerTls, TlsConfigError, check_pair
 
@@ -72,6 +73,7 @@ class Settings:
     allow_peer: tuple[str, ...] = ()
     deny_peer: tuple[str, ...] = ()
     piece_auth: bool = True
+    piece_digest: str = "blake3"  # of new tasks, when the registering client can check it
     piece_token_ttl: float = 300.0
     admin_token: str = field(default="", repr=False)
     # TLS (issue 14): both ports serve https with cert/key; client_ca makes them require a
@@ -116,6 +118,8 @@ class Settings:
             raise ValueError("--lease-ttl must be between 1s and 1h")
         self.origin_policy()  # raises on bad CIDRs
         self.peer_policy()
+        if self.piece_digest not in digest.ALGORITHMS:
+            raise ValueError(f"--piece-digest must be one of {', '.join(digest.ALGORITHMS)}")
         if not 10 <= self.piece_token_ttl <= 86400:
             raise ValueError("--piece-token-ttl must be between 10s and 24h")
         if self.admin_token and (len(self.admin_token) < 16 or self.admin_token != self.admin_token.strip()):

@@ -16,7 +16,7 @@ from supernode.gc import collect_blobs
 
 
 def _complete(cache: PieceCache, tid: str, data: bytes) -> CacheEntry:
-    entry = cache.create(tid)
+    entry = cache.create(tid, "sha256")
     entry.length, entry.piece_size, entry.complete = len(data), 4 << 20, True
     cache.data_path(tid).write_bytes(data)
     cache.share(entry, hashlib.sha256(data).hexdigest())
@@ -64,7 +64,7 @@ def test_a_later_task_with_the_same_bytes_frees_its_duplicate(tmp_path: Path) ->
     cache = PieceCache(tmp_path)
     data = os.urandom(5000)
     _complete(cache, "e" * 64, data)
-    entry = cache.create("f" * 64)
+    entry = cache.create("f" * 64, "sha256")
     entry.length, entry.piece_size, entry.complete = len(data), 4 << 20, True
     cache.data_path("f" * 64).write_bytes(data)
     assert not os.path.samefile(cache.data_path("e" * 64), cache.data_path("f" * 64))

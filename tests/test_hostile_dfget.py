@@ -174,7 +174,7 @@ def test_resume_counts_only_pieces_whose_bytes_re_hash(tmp_path: Path) -> None:
         ranges = [(n, n * ps, n * ps + ps - 1, digest.of(data[n * ps:(n + 1) * ps])) for n in range(4)]
         ranges[3] = (3, 3 * ps, 4 * ps - 1, None)  # no digest from the supernode yet: not a pass
         ranges[1] = (1, ps, 2 * ps - 1, "")  # an empty digest is never a pass either
-        assert recheck(p, ranges) == [0]
+        assert recheck(p, ranges, "sha256") == [0]
     finally:
         p.close()
 

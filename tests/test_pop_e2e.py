@@ -28,7 +28,8 @@ SIZE = 10 * MIB + 4321  # 3 pieces
 async def _register_fake(sn_url: str, url: str, port: int) -> tuple[str, str]:
     """Register a fake peer server as a client of the task and claim every piece."""
     async with aiohttp.ClientSession() as s:
-        body = {"url": url, "peer": {"peer_id": new_id(), "ip": "127.0.0.1", "port": port}}
+        body = {"url": url, "peer": {"peer_id": new_id(), "ip": "127.0.0.1", "port": port},
+                "digest_algos": ["blake3", "sha256"]}
         async with s.post(f"{sn_url}/api/v1/tasks", json=body) as r:
             assert r.status == 200, await r.text()
             reg = await r.json()

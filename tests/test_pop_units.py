@@ -163,10 +163,10 @@ def test_outstanding_nonces_are_judged_once() -> None:
 def test_piece_answers_and_consequences() -> None:
     data = os.urandom(1000)
     d = hashlib.sha256(data).hexdigest()
-    assert decide.judge_piece(data, 1000, d)
-    assert not decide.judge_piece(data[:999], 1000, d)
-    assert not decide.judge_piece(data + b"x", 1000, d)
-    assert not decide.judge_piece(bytes(1000), 1000, d)
+    assert decide.judge_piece(data, 1000, d, "sha256")
+    assert not decide.judge_piece(data[:999], 1000, d, "sha256")
+    assert not decide.judge_piece(data + b"x", 1000, d, "sha256")
+    assert not decide.judge_piece(bytes(1000), 1000, d, "sha256")
     assert [decide.consequence(n, 3) for n in (1, 2, 3, 4)] == ["piece", "piece", "task", "task"]
     assert decide.consequence(1, 1) == "task"
 

@@ -24,7 +24,7 @@ PIECE = 1 << 20
 def _serve_and_fetch(tmp_path: Path, ranges: list[tuple[int, int]]) -> tuple[list[tuple[int, bytes]], bytes]:
     data = os.urandom(3 * PIECE + 123)
     cache = PieceCache(tmp_path)
-    entry = cache.create(TID)
+    entry = cache.create(TID, "sha256")
     entry.length, entry.piece_size = len(data), PIECE
     entry.digests = {n: "x" for n in range(4)}
     cache.data_path(TID).write_bytes(data)

@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from common import __version__, content, errors, httperrors, wire
-from common.taskid import is_task_id, new_id, redact_url, split_credentials, task_key
+from common import __version__, content, digest, errors, httperrors, wire
+from common.taskid import is_content_identifier, is_task_id, new_id, redact_url, split_credentials, task_key
 from common.taskid import task_id as make_task_id
 from supernode.cdn import origin
 from supernode.state import STATE, SupernodeState
@@ -73,9 +73,12 @@ async def _known_task(st: SupernodeState, tid: str) -> TaskMeta:
 
 
 async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md5: str | None,
-                    identifier: str | None, filter_keys: list[str], range_: str | None) -> TaskMeta:
+                    identifier: str | None, filter_keys: list[str], range_: str | None,
+                    digest_algos: list[str] | None = None) -> TaskMeta:
     """The task part of a registration (also preheat's): check the origin URL and register
-    the task (a conflict is 409). The caller starts the CDN fetch (`st.cdn.ensure`)."""
+    the task (a conflict is 409). The caller starts the CDN fetch (`st.cdn.ensure`).
+    A new task's piece digest is ours (--piece-digest) if every client named in
+    `digest_algos` can check it (None: no client, a preheat), else the legacy one."""
     origin.check_url(url, st.policy)
     await origin.check_resolvable(url, st.policy)
     tid = make_task_id(url, filter_keys=filter_keys, md5=md5, identifier=identifier, range_header=range_)
@@ -87,6 +90,7 @@ async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md
         tid, url=url, url_key=task_key(url, filter_keys, identifier, md5, range_), md5=md5 or "",
         identifier=identifier or "", range_=range_ or "", headers=headers,
         fail_interval_ms=int(st.settings.fail_access_interval * 1000),
+        digest_algo=_piece_digest(st, identifier, digest_algos),
     )
     if state == "conflict":
         raise errors.Conflict("task id already registered with another URL, md5 or identifier")
@@ -94,6 +98,16 @@ async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md
     if meta is None:
         raise errors.StoreError("task vanished during registration")
     return meta
+
+
+def _piece_digest(st: SupernodeState, identifier: str | None, offered: list[str] | None) -> str:
+    """A new task's piece digest: ours (--piece-digest) if the registering client can
+    check it (no client, a preheat: any), else the legacy one. A task named by its
+    content's sha256 (a registry blob) always uses sha256, the algorithm of every other
+    way into it (uploads, imports: their clients hash the pieces themselves)."""
+    if identifier and is_content_identifier(identifier):
+        return digest.SHA256
+    return digest.choose(digest.ALGORITHMS if offered is None else offered, st.settings.piece_digest)
 
 
 async def known_digest(st: SupernodeState, req: wire.RegisterRequest) -> TaskMeta:
@@ -144,7 +158,12 @@ async def register(request: web.Request) -> web.Response:
     else:
         assert req.url is not None
         meta = await open_task(st, req.url, headers=dict(req.headers), md5=req.md5, identifier=req.identifier,
-                               filter_keys=list(req.filter), range_=req.range)
+                               filter_keys=list(req.filter), range_=req.range, digest_algos=list(req.digest_algos))
+    if meta.digest_algo not in req.digest_algos:
+        raise errors.DigestUnsupported(
+            f"the task's pieces are hashed with {meta.digest_algo}, which this client cannot check "
+            f"(it offers {', '.join(req.digest_algos) or 'none'}): upgrade dfget",
+            detail={"digest_algo": meta.digest_algo})
     tid = meta.task_id
     cid = req.cid if req.cid else new_id()
     kind = "peer-cdn" if req.pattern == "cdn" else "peer"

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import digest
 from common.taskid import is_task_id
 
 _SAVING = threading.Lock()
@@ -37,6 +38,7 @@ class CacheEntry:
     complete: bool = False
     digests: dict[int, str] = field(default_factory=dict)
     content: str = ""  # sha256 hex of the complete file: the blob it shares (see `share`)
+    digest_algo: str = digest.LEGACY  # of `digests` (the task's, common/digest.py)
 
     def verified_prefix(self) -> int:
         """Number of leading pieces verified. A parallel fetch (--origin-parallel) leaves
@@ -80,6 +82,7 @@ class PieceCache:
                 complete=bool(raw.get("complete", False)),
                 digests={int(k): str(v) for k, v in raw.get("digests", {}).items()},
                 content=str(raw.get("content", "")),
+                digest_algo=digest.check(str(raw.get("digest_algo", digest.LEGACY))),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -87,10 +90,10 @@ class PieceCache:
             return None
         return entry
 
-    def create(self, task_id: str) -> CacheEntry:
+    def create(self, task_id: str, digest_algo: str) -> CacheEntry:
         path = self.data_path(task_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        entry = CacheEntry(task_id=task_id)
+        entry = CacheEntry(task_id=task_id, digest_algo=digest.check(digest_algo))
         self.entries[task_id] = entry
         return entry
 

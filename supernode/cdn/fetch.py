@@ -208,6 +208,11 @@ class Cdn:
             return
         published = await self.repo.digests(tid)
         entry = self.cache.load(tid)
+        if entry is not None and entry.digest_algo != meta.digest_algo:
+            # a copy kept from an earlier task of this id, hashed another way: its
+            # digests would contradict the task's, so it is fetched again
+            self.cache.remove(tid)
+            entry = None
         headers = self.origin_headers(meta)
         if meta.range:
             headers["Range"] = meta.range
@@ -288,7 +293,7 @@ class Cdn:
             raise errors.OriginTooLarge(
                 f"origin file of {length} bytes exceeds the {self.settings.max_file_size} limit")
         self.cache.remove(meta.task_id)
-        entry = self.cache.create(meta.task_id)
+        entry = self.cache.create(meta.task_id, meta.digest_algo)
         entry.length = length
         entry.piece_size = piece_size_for(length) if length >= 0 else DEFAULT_PIECE_SIZE
         entry.etag, entry.last_modified = validators(resp)

@@ -78,7 +78,7 @@ class Imports:
         tid, length, ps = meta.task_id, claim.length, claim.piece_size
         count = piece_count(length, ps)
         cdn.cache.remove(tid)
-        entry = cdn.cache.create(tid)
+        entry = cdn.cache.create(tid, meta.digest_algo)
         entry.length, entry.piece_size = length, ps
         path = cdn.cache.data_path(tid)
         await asyncio.to_thread(allocate, path, length)
@@ -96,7 +96,7 @@ class Imports:
                                                 copier._auth(tid, n, start, end, claim.peer))
             if data is None:
                 raise errors.ImportRejected(f"the importer's peer server did not serve piece {n}")
-            got = await asyncio.to_thread(digest.of, data)
+            got = await asyncio.to_thread(digest.of, data, entry.digest_algo)
             if got != claim.digests[n]:
                 raise errors.ImportRejected(
                     f"piece {n} from the importer hashes to {got}, not the digest it claimed")

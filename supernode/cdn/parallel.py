@@ -149,7 +149,7 @@ async def fetch(cdn: Cdn, meta: TaskMeta, headers: dict[str, str],
 
 def _new_entry(cdn: Cdn, meta: TaskMeta, resp: Any, length: int) -> CacheEntry:
     cdn.cache.remove(meta.task_id)
-    entry = cdn.cache.create(meta.task_id)
+    entry = cdn.cache.create(meta.task_id, meta.digest_algo)
     entry.length = length
     entry.piece_size = piece_size_for(length)
     entry.etag, entry.last_modified = validators(resp)

@@ -49,8 +49,8 @@ def sha256_file(path: os.PathLike[str] | str, length: int) -> str:
     return h.hexdigest()
 
 
-def hash_range(fd: int, offset: int, size: int) -> str:
-    return digest.of(os.pread(fd, size, offset))
+def hash_range(fd: int, offset: int, size: int, algo: str) -> str:
+    return digest.of(os.pread(fd, size, offset), algo)
 
 
 
@@ -72,7 +72,7 @@ class PiecePipe:
     async def add(self, piece: int, offset: int, chunks: list[bytes]) -> None:
         await self._wait()
         if piece != self.piece:
-            self.piece, self.hasher = piece, digest.new()
+            self.piece, self.hasher = piece, digest.new(self.entry.digest_algo)
         loop = asyncio.get_running_loop()
         self.pending = loop.run_in_executor(None, write_and_hash, self.fd, self.hasher, offset, chunks)
 

@@ -66,7 +66,7 @@ def _check_piece(path: str, entry: CacheEntry, n: int, expected: str) -> bool:
         data = os.pread(fd, end - start + 1, start)
     finally:
         os.close(fd)
-    return digest.matches(expected, digest.of(data))
+    return digest.matches(expected, digest.of(data, entry.digest_algo))
 
 
 class _Rates(Protocol):
@@ -155,7 +155,7 @@ class CacheRepair:
             if meta is None:
                 return
             data = await self._range(meta, entry, n)
-            if not digest.matches(expected, digest.of(data)):
+            if not digest.matches(expected, digest.of(data, entry.digest_algo)):
                 raise errors.OriginChanged(f"piece {n} from the origin differs from the one sent")
             start, _ = piece_range(n, entry.length, entry.piece_size)
             path = str(self.cdn.cache.data_path(task_id))

@@ -54,7 +54,8 @@ def trusted_prefix(path: Path, entry: CacheEntry) -> int:
         return 0
     try:
         good = 0
-        while good < n and hash_range(fd, good * entry.piece_size, entry.piece_size) == entry.digests[good]:
+        ps, algo = entry.piece_size, entry.digest_algo
+        while good < n and hash_range(fd, good * ps, ps, algo) == entry.digests[good]:
             good += 1
     finally:
         os.close(fd)
@@ -71,7 +72,7 @@ def verify_file(path: Path, entry: CacheEntry, count: int) -> bool:
     try:
         for n in range(count):
             size = min(entry.piece_size, entry.length - n * entry.piece_size)
-            if entry.digests.get(n) != hash_range(fd, n * entry.piece_size, size):
+            if entry.digests.get(n) != hash_range(fd, n * entry.piece_size, size, entry.digest_algo):
                 return False
         return True
     finally:

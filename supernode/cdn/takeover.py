@@ -65,7 +65,7 @@ def trusted_pieces(path: Path, entry: CacheEntry, published: dict[int, str]) -> 
         good = {}
         for n, d in entry.digests.items():
             start, end = piece_range(n, entry.length, entry.piece_size)
-            if published.get(n, d) == d and digest.of(os.pread(fd, end - start + 1, start)) == d:
+            if published.get(n, d) == d and digest.of(os.pread(fd, end - start + 1, start), entry.digest_algo) == d:
                 good[n] = d
         return good
     finally:
@@ -120,7 +120,7 @@ class PeerCopier:
                 for info in infos:
                     data = await self._piece_from(session, info, task_id, start, end,
                                                   self._auth(task_id, n, start, end, info))
-                    if data is None or await asyncio.to_thread(digest.of, data) != published[n]:
+                    if data is None or await asyncio.to_thread(digest.of, data, entry.digest_algo) != published[n]:
                         continue
                     await asyncio.to_thread(write_at, path, start, data)
                     entry.digests[n] = published[n]
@@ -191,7 +191,7 @@ async def take_over(cdn: Host, meta: TaskMeta, entry: CacheEntry | None, publish
     have = await asyncio.to_thread(trusted_pieces, path, entry, published) if same and entry else {}
     if not same:
         cdn.cache.remove(tid)
-        entry = cdn.cache.create(tid)
+        entry = cdn.cache.create(tid, meta.digest_algo)
         entry.length, entry.piece_size, entry.etag, entry.last_modified = length, ps, etag, lm
     assert entry is not None
     entry.digests, entry.complete = have, False

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
-from common import errors
+from common import digest, errors
 from common.pieces import piece_count, piece_size_for
 from common.taskid import is_content_identifier, is_short_id, new_id, task_id
 from supernode.store.repo import Repo
@@ -344,7 +344,7 @@ class Uploads:
                                "a fetch of this digest is writing the cache now; commit again shortly", retry_after=2)
         dest = cache.data_path(tid)
         entry = CacheEntry(task_id=tid, length=s.length, piece_size=s.piece_size, complete=True,
-                           digests=dict(s.digests))
+                           digests=dict(s.digests), digest_algo=digest.SHA256)
 
         def move() -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,8 @@ class Verdict:
     why: str = ""
 
 
-def read_own(path: Path, start: int, end: int, p_start: int, p_end: int, published: str) -> bytes | None:
+def read_own(path: Path, start: int, end: int, p_start: int, p_end: int, published: str,
+             algo: str) -> bytes | None:
     """Bytes start..end of our copy, if the whole piece p_start..p_end still hashes to
     `published`; None otherwise."""
     try:
@@ -64,7 +65,7 @@ def read_own(path: Path, start: int, end: int, p_start: int, p_end: int, publish
         data = os.pread(fd, p_end - p_start + 1, p_start)
     finally:
         os.close(fd)
-    if len(data) != p_end - p_start + 1 or digest.of(data) != published:
+    if len(data) != p_end - p_start + 1 or digest.of(data, algo) != published:
         return None
     return data[start - p_start:end - p_start + 1]
 
@@ -144,7 +145,7 @@ class Challenger:
         own: bytes | None = None
         if mode == pop.HASH:
             own = await asyncio.to_thread(read_own, self.cache.data_path(tid), start, end, p_start, p_end,
-                                          published)
+                                          published, meta.digest_algo)
             if own is None:  # our copy is not trustworthy: ask for the piece instead
                 mode, start, end = pop.PIECE, p_start, p_end
         timeout = self.settings.timeout
@@ -157,7 +158,8 @@ class Challenger:
                          mode=mode, nonce=nonce, expires=int(time.time() + timeout) + EXPIRY_SLACK)
         self.metrics.pop_sent.labels("hash" if mode == pop.HASH else "piece").inc()
         try:
-            verdict = await self._ask(info, tid, text, nonce, own, published, p_end - p_start + 1, timeout)
+            verdict = await self._ask(info, tid, text, nonce, own, published, meta.digest_algo,
+                                      p_end - p_start + 1, timeout)
         finally:
             self.outstanding.settle(nonce)
         self.metrics.pop_results.labels(verdict.result).inc()
@@ -168,7 +170,7 @@ class Challenger:
         return verdict
 
     async def _ask(self, info: PeerInfo, tid: str, text: str, nonce: bytes, own: bytes | None, published: str,
-                   size: int, timeout: float) -> Verdict:
+                   algo: str, size: int, timeout: float) -> Verdict:
         assert self.session is not None, "run() opens the session"
         url = f"{'https' if info.tls else 'http'}://{hostport(info.ip, info.port)}/peer/pop/{tid}"
         try:
@@ -188,7 +190,7 @@ class Challenger:
             return Verdict("timeout", f"no answer in {timeout:.1f} s")
         except (aiohttp.ClientError, OSError) as exc:
             return Verdict("unreachable", type(exc).__name__)
-        ok = await asyncio.to_thread(decide.judge_piece, data, size, published)
+        ok = await asyncio.to_thread(decide.judge_piece, data, size, published, algo)
         return Verdict("passed") if ok else Verdict("failed", "wrong piece bytes")
 
     async def _failed(self, tid: str, info: PeerInfo, t: decide.Target, verdict: Verdict) -> None:

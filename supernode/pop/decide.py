@@ -84,9 +84,10 @@ def judge_hash(nonce: bytes, own_bytes: bytes, answer: object) -> bool:
     return isinstance(answer, str) and pop.matches(pop.answer(nonce, own_bytes), answer)
 
 
-def judge_piece(data: bytes, size: int, digest: str) -> bool:
-    """A PIECE answer is right when it is the whole piece and hashes to its digest."""
-    return len(data) == size and digest_of(data) == digest
+def judge_piece(data: bytes, size: int, digest: str, algo: str) -> bool:
+    """A PIECE answer is right when it is the whole piece and hashes to its digest (by
+    the task's algorithm)."""
+    return len(data) == size and digest_of(data, algo) == digest
 
 
 def consequence(failures: int, max_failures: int) -> str:

@@ -9,9 +9,10 @@ interpolates them into the Lua source at import time.
 Per task T (`df:t:{T}:...`):
   meta        HASH   url, url_key, md5, identifier, headers, length, piece_size,
                      piece_count, status, error, error_message, file_digest, cdn,
-                     created_ms, failed_ms
+                     created_ms, failed_ms, digest_algo
   cdnmap      STRING bitmap: pieces verified on the CDN (its digest is in `dig`)
-  dig         HASH   piece -> sha256 hex (computed by the CDN from the origin stream)
+  dig         HASH   piece -> hex digest, by the task's digest_algo (computed by the
+                     CDN from the origin stream)
   cnt         STRING BITFIELD u16 per piece: number of peer holders (rarest first)
   h:<n>       SET    peer holders (client ids) of piece n
   peers       HASH   cid -> "peer_id|ip|port|kind" (kind: peer or cdn)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from common import wire
+from common import digest, wire
 from common.errors import Signal, StoreError
 
 from . import keys
@@ -56,6 +56,7 @@ class TaskMeta:
     error_message: str
     created_ms: int
     content: str = ""  # sha256 hex of the whole file, once the CDN has it all
+    digest_algo: str = digest.LEGACY  # of its pieces (common/digest.py): fixed at registration
 
     @classmethod
     def from_hash(cls, task_id: str, h: dict[str, str]) -> TaskMeta:
@@ -77,6 +78,7 @@ class TaskMeta:
             error_message=h.get("error_message", ""),
             created_ms=int(h.get("created_ms", "0")),
             content=h.get("content", ""),
+            digest_algo=h.get("digest_algo") or digest.LEGACY,
         )
 
     def info(self) -> wire.TaskInfo:
@@ -87,6 +89,7 @@ class TaskMeta:
             piece_size=self.piece_size,
             piece_count=self.piece_count,
             status=self.status,
+            digest_algo=self.digest_algo,
             file_digest=self.file_digest or None,
             error=err,
             content=f"sha256:{self.content}" if self.content else None,
@@ -169,13 +172,14 @@ class Repo:
     # --- tasks ------------------------------------------------------------------------
     async def register_task(
         self, task_id: str, *, url: str, url_key: str, md5: str, identifier: str,
-        range_: str, headers: dict[str, str], fail_interval_ms: int,
+        range_: str, headers: dict[str, str], fail_interval_ms: int, digest_algo: str = digest.LEGACY,
     ) -> tuple[str, str]:
+        """A task that already exists keeps its fields, its `digest_algo` too."""
         res = await self.store.run(
             "register_task",
             [keys.meta(task_id)],
             [url, url_key, md5, identifier, range_, json.dumps(headers, sort_keys=True),
-             now_ms(), self.ttl, fail_interval_ms],
+             now_ms(), self.ttl, fail_interval_ms, digest.check(digest_algo)],
         )
         await self.touch(task_id)
         return _s(res[0]), _s(res[1])

@@ -191,7 +191,7 @@ def _eventful(body: str) -> str:
     return _PRELUDE + "local function body()\n" + body + "\nend\nlocal r = body()\nreturn {flush(), r}\n"
 
 
-# ARGV: url, url_key, md5, identifier, range, headers_json, now_ms, ttl_ms, fail_interval_ms
+# ARGV: url, url_key, md5, identifier, range, headers_json, now_ms, ttl_ms, fail_interval_ms, digest_algo
 # -> {"new"|"exists"|"conflict", status}
 REGISTER_TASK = _eventful(r"""
 local now = tonumber(ARGV[7])
@@ -209,7 +209,8 @@ if redis.call('EXISTS', meta) == 1 then
 end
 redis.call('HSET', meta, 'url', ARGV[1], 'url_key', ARGV[2], 'md5', ARGV[3],
   'identifier', ARGV[4], 'range', ARGV[5], 'headers', ARGV[6], 'status', 'pending',
-  'length', '-1', 'piece_size', '0', 'piece_count', '-1', 'created_ms', ARGV[7])
+  'length', '-1', 'piece_size', '0', 'piece_count', '-1', 'created_ms', ARGV[7],
+  'digest_algo', ARGV[10])
 touch(meta, tonumber(ARGV[8]))
 emit('M')
 return {'new', 'pending'}

@@ -102,7 +102,7 @@ def test_resume_keeps_only_pieces_matching_a_known_digest(tmp_path: Path) -> Non
     try:
         ranges = [(0, 0, 99_999, good), (1, 100_000, 199_999, None), (2, 0, 99_999, ""),
                   (3, 0, 99_999, digest.of(b"other")), (4, 100_000, 250_000, good)]
-        assert recheck(part, ranges) == [0]
+        assert recheck(part, ranges, "sha256") == [0]
     finally:
         part.close()
 
