@@ -1,16 +1,24 @@
 """Fetch one piece: GET with Range from the assigned source, stream it to disk at its
 offset while hashing, and verify the digest the supernode gave.
 
-Memory per piece in flight is two buffers of CHUNK bytes whatever the piece or file size:
-one being received into, one being hashed and written in a worker thread. The piece counts as
-present only after `digest.matches`; until then its bytes on disk mean nothing.
+Two ways to receive, the same checks and failure reasons:
+- plain HTTP without a rate cap (the common case): one worker thread per piece in flight
+  reads a blocking socket a whole CHUNK per recv (MSG_WAITALL) and hashes and writes
+  each buffer itself; one CHUNK of memory per thread (`_fetch_threaded`);
+- TLS sources and rate-capped downloads: the event loop receives into two CHUNK buffers
+  per piece while a worker thread hashes and writes the other (`_fetch`, piecewire).
+The piece counts as present only after `digest.matches`; until then its bytes on disk
+mean nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +32,7 @@ from common.tokenheaders import CLIENT_HEADER, SOURCE_HEADER, TOKEN_HEADER
 from common.wire import Assignment
 
 from .output import PartFile
-from .piecewire import Head, PieceProtocol, WireError, dechunk, open_piece
+from .piecewire import BlockingPiece, Head, PieceProtocol, WireError, dechunk, open_piece, request
 from .throttle import Throttle
 
 log = logging.getLogger("dfget.piece")
@@ -110,7 +118,9 @@ async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
         async with asyncio.timeout(limits.deadline(expected)):
             for attempt in range(BUSY_RETRIES + 1):
                 try:
-                    return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client), algo)
+                    if not threaded(a, limits):
+                        return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client), algo)
+                    return await _fetch_threaded(task_id, a, part, expected, auth_headers(a, client), algo)
                 except _Busy as exc:
                     if attempt == BUSY_RETRIES:
                         raise PieceFailed("refused", f"source busy (HTTP {exc.status})") from None
@@ -221,6 +231,136 @@ async def _stream(proto: PieceProtocol, a: Assignment, part: PartFile, limits: F
             proto.release(buf)
         offset += n
     return offset - a.start
+
+
+# --- plain HTTP without a rate cap: the whole piece in one worker thread ------------------
+_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def threaded(a: Assignment, limits: FetchLimits) -> bool:
+    """Whether the piece goes through a worker thread's blocking socket: plain HTTP and
+    no rate cap (a TLS source and a throttled download stay on the loop)."""
+    return not a.source.tls and not limits.throttles
+
+_BUF = threading.local()  # each worker's receive buffer, reused: no page faults per piece
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    if not _POOL:  # one thread per piece in flight (--pull-limit is at most 16)
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="piece"))
+    return _POOL[0]
+
+
+class _Abort:
+    """The loop's handle on a piece read in a worker thread: abort() ends it (a
+    cancelled fetch: deadline, failover, shutdown) however it is blocked."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reader: BlockingPiece | None = None
+        self.aborted = False
+
+    def attach(self, reader: BlockingPiece) -> None:
+        with self.lock:
+            self.reader = reader
+            if self.aborted:
+                reader.abort()
+
+    def abort(self) -> None:
+        with self.lock:
+            self.aborted = True
+            if self.reader is not None:
+                self.reader.abort()
+
+
+async def _fetch_threaded(task_id: str, a: Assignment, part: PartFile, expected: int, extra: str,
+                          algo: str) -> int:
+    """The piece received, hashed and written by one worker thread on a blocking socket.
+    On the loop, one piece from a fast source cost a callback per recv (~64-256 KiB)
+    and a hand-off per buffer; here a buffer costs three system calls and no Python in
+    between (recv with MSG_WAITALL, the hash and pwrite release the GIL). TLS sources
+    and rate-capped downloads keep the asyncio path (`_fetch`)."""
+    box = _Abort()
+    fut = asyncio.get_running_loop().run_in_executor(
+        _pool(), _fetch_blocking, task_id, a, part, expected, extra, algo, box)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        # the caller relies on "no writes in flight" once we return or raise
+        box.abort()
+        await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # retrieved: its error is moot now
+        raise
+
+
+def _fetch_blocking(task_id: str, a: Assignment, part: PartFile, expected: int, extra: str, algo: str,
+                    box: _Abort) -> int:
+    stall = STALL  # read at call time (tests shorten it)
+    try:
+        sock = _connect(a.source.ip, a.source.port, CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise _Refused() from exc
+    with sock:
+        sock.settimeout(None)
+        reader = BlockingPiece(sock, stall)
+        box.attach(reader)
+        if box.aborted:
+            raise OSError("piece fetch aborted")
+        sock.sendall(request(a.source.ip, a.source.port, f"/peer/file/{task_id}", a.start, a.end, extra))
+        head = reader.head()
+        _check_head(head, a, expected)
+        hasher = digest.new(algo)
+        if head.chunked:
+            received = _dechunk_blocking(reader, a, part, hasher, expected)
+        else:
+            received = _body_blocking(reader, a, part, hasher, expected)
+    if received < expected:
+        raise PieceFailed("short_body", f"got {received} of {expected} bytes")
+    if not digest.matches(a.digest, hasher.hexdigest()):
+        raise PieceFailed("digest_mismatch", f"piece {a.piece} from {a.source.ip}:{a.source.port}")
+    return received
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def _body_blocking(reader: BlockingPiece, a: Assignment, part: PartFile, hasher: Any, expected: int) -> int:
+    buf = getattr(_BUF, "buf", None)
+    if buf is None:
+        buf = _BUF.buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    got = 0
+    while got < expected:
+        want = min(CHUNK, expected - got)
+        n = reader.fill(view[:want])
+        if n:
+            hasher.update(view[:n])
+            part.write(a.start + got, view[:n])
+            got += n
+        if n < want:
+            break  # the stream ended early
+    if got == expected and reader.fill(view[:1]):
+        # Connection: close was asked for: past the piece comes the end of the stream
+        raise WireError("long_body", f"more than {expected} body bytes")
+    return got
+
+
+def _dechunk_blocking(reader: BlockingPiece, a: Assignment, part: PartFile, hasher: Any, expected: int) -> int:
+    limit = expected * 2 + 65536  # framing bytes come on top of the body
+    raw = bytearray()
+    chunk = memoryview(bytearray(65536))
+    while n := reader.fill(chunk):
+        raw += chunk[:n]
+        if len(raw) > limit:
+            raise WireError("long_body", f"more than {limit} body bytes")
+    body = dechunk(bytes(raw))
+    if len(body) > expected:
+        raise PieceFailed("long_body", f"more than {expected} bytes")
+    hasher.update(body)
+    part.write(a.start, body)
+    return len(body)
 
 
 async def _dechunked(proto: PieceProtocol, a: Assignment, part: PartFile, hasher: Any, expected: int) -> int:

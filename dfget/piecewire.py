@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
 import ssl
+import struct
+import time
 from dataclasses import dataclass
 
 from common.errors import Signal
@@ -220,20 +224,89 @@ class PieceProtocol(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
 
+def request(host: str, port: int, path: str, first: int, last: int, extra: str) -> bytes:
+    """The GET of one piece. `extra`: more header lines, each ending in CRLF (checked
+    values only: the piece token and client id)."""
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nRange: bytes={first}-{last}\r\n{extra}"
+            "Accept-Encoding: identity\r\nConnection: close\r\nUser-Agent: dfget\r\n\r\n").encode("latin-1")
+
+
 async def open_piece(host: str, port: int, path: str, first: int, last: int,
                      bufsize: int, limit: int, extra: str = "",
                      tls: ssl.SSLContext | None = None) -> tuple[PieceProtocol, asyncio.Transport]:
-    """`extra`: more header lines, each ending in CRLF (checked values only: the piece
-    token and client id). `tls`: the source serves over TLS (asyncio's TLS transport
-    hands the decrypted bytes to the same buffers)."""
+    """`tls`: the source serves over TLS (asyncio's TLS transport hands the decrypted
+    bytes to the same buffers)."""
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_connection(lambda: PieceProtocol(bufsize, limit), host, port, ssl=tls,
                                                     server_hostname=host if tls is not None else None)
-    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    transport.write(
-        f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nRange: bytes={first}-{last}\r\n{extra}"
-        "Accept-Encoding: identity\r\nConnection: close\r\nUser-Agent: dfget\r\n\r\n".encode("latin-1"))
+    transport.write(request(host, port, path, first, last, extra))
     return proto, transport  # type: ignore[return-value]
+
+
+# --- the same GET on a blocking socket, in a worker thread ------------------------------
+class BlockingPiece:
+    """One piece's response read on a blocking socket by the thread that hashes and
+    writes it (dfget/piecefetch.py `_fetch_blocking`): no event-loop callback per recv,
+    and `MSG_WAITALL` fills a whole buffer per system call. `stall` bounds every wait
+    for bytes (SO_RCVTIMEO) as the loop's STALL timer does for the asyncio path;
+    `abort()` (from the loop's thread) ends a blocked read at once."""
+
+    def __init__(self, sock: socket.socket, stall: float) -> None:
+        self.sock = sock
+        self.stall = stall
+        secs = max(stall, 0.001)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", int(secs), int((secs % 1) * 1_000_000)))
+        self.rest = b""  # body bytes that came with the head
+
+    def _recv_into(self, view: memoryview, flags: int = 0) -> int:
+        try:
+            return self.sock.recv_into(view, len(view), flags)
+        except BlockingIOError:  # SO_RCVTIMEO ran out: nothing arrived for `stall`
+            raise TimeoutError("source stalled") from None
+
+    def head(self) -> Head:
+        """Read and parse the response head (within `stall` as a whole, however slowly
+        it trickles in)."""
+        deadline = time.monotonic() + self.stall
+        buf = bytearray(HEAD_MAX)
+        view, got = memoryview(buf), 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError("response head not received in time")
+            n = self._recv_into(view[got:])
+            if n == 0:
+                raise WireError("short_body", "connection closed before the response head")
+            got += n
+            end = buf.find(b"\r\n\r\n", 0, got)
+            if end >= 0:
+                self.rest = bytes(buf[end + 4:got])
+                return parse_head(bytes(buf[:end]))
+            if got >= HEAD_MAX:
+                raise WireError("error", "response head too large")
+
+    def fill(self, view: memoryview) -> int:
+        """Fill `view` with body bytes; fewer only at the end of the stream. A buffer
+        that does not fill within `stall` of its first wait is a stalled source."""
+        got = 0
+        if self.rest:
+            got = min(len(self.rest), len(view))
+            view[:got] = self.rest[:got]
+            self.rest = self.rest[got:]
+        deadline = time.monotonic() + self.stall
+        while got < len(view):
+            n = self._recv_into(view[got:], socket.MSG_WAITALL)
+            if n == 0:
+                break
+            got += n
+            if got < len(view) and time.monotonic() > deadline:
+                raise TimeoutError("source stalled")
+        return got
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
 
 def dechunk(raw: bytes) -> bytes:

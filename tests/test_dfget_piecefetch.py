@@ -153,19 +153,75 @@ async def test_big_piece_through_several_buffers(tmp_path: Path, chunked: bool) 
         await runner.cleanup()
 
 
-async def test_unreachable_source_fails_fast_as_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_unreachable_source_fails_fast_as_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        threaded: bool) -> None:
+    import time
+
     import dfget.piecefetch as pf
 
     async def never_connects(*args: object, **kw: object) -> None:
         await asyncio.sleep(3600)  # a peer whose SYNs are dropped
 
+    def connect_times_out(host: str, port: int, timeout: float) -> None:
+        time.sleep(timeout)  # what create_connection does for such a peer
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(pf, "threaded", lambda a, limits: threaded)
     monkeypatch.setattr(pf, "open_piece", never_connects)
+    monkeypatch.setattr(pf, "_connect", connect_times_out)
     monkeypatch.setattr(pf, "CONNECT_TIMEOUT", 0.2)
     part = PartFile(tmp_path / "out", TID)
     part.open(len(DATA))
+    t0 = time.monotonic()
     try:
         with pytest.raises(PieceFailed) as info:
             await fetch_piece(None, TID, assignment(9), part, FetchLimits(minrate=1))
         assert info.value.reason == "refused"
+        assert time.monotonic() - t0 < 3
     finally:
         part.close()
+
+
+async def test_a_cancelled_threaded_fetch_ends_at_once_and_writes_nothing_after(tmp_path: Path) -> None:
+    """A piece read by a worker thread (plain HTTP, no rate cap) from a source that went
+    quiet mid-body: cancelling the fetch (its deadline, a failover) ends the blocked read
+    at once, not after the 30 s stall, and no write lands after it returned."""
+    import time
+
+    import dfget.piecefetch as pf
+
+    sent, stop = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=206, headers={"Content-Range": f"bytes {START}-{END}/{len(DATA)}"})
+        resp.content_length = len(GOOD)
+        await resp.prepare(request)
+        await resp.write(GOOD[:40_000])
+        sent.set()
+        await asyncio.wait_for(stop.wait(), 60)  # then silence
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/peer/file/{tid}", handler)
+    runner, port = await start_app(app)
+    part = PartFile(tmp_path / "out", TID)
+    part.open(len(DATA))
+    a = assignment(port)
+    assert pf.threaded(a, FetchLimits(minrate=1))
+    try:
+        task = asyncio.create_task(fetch_piece(None, TID, a, part, FetchLimits(minrate=1)))
+        await asyncio.wait_for(sent.wait(), 10)
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - t0 < 2
+        before = part.path.read_bytes()
+        await asyncio.sleep(0.3)
+        assert part.path.read_bytes() == before  # nothing written after the fetch ended
+    finally:
+        stop.set()
+        part.close()
+        await runner.cleanup()
