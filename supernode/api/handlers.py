@@ -77,8 +77,8 @@ async def open_task(st: SupernodeState, url: str, *, headers: dict[str, str], md
                     digest_algos: list[str] | None = None) -> TaskMeta:
     """The task part of a registration (also preheat's): check the origin URL and register
     the task (a conflict is 409). The caller starts the CDN fetch (`st.cdn.ensure`).
-    A new task's piece digest is ours (--piece-digest) if every client named in
-    `digest_algos` can check it (None: no client, a preheat), else the legacy one."""
+    `digest_algos`: the piece digests the registering client can check (None: there is
+    no client, a preheat); see `_piece_digest`."""
     origin.check_url(url, st.policy)
     await origin.check_resolvable(url, st.policy)
     tid = make_task_id(url, filter_keys=filter_keys, md5=md5, identifier=identifier, range_header=range_)
