@@ -572,9 +572,11 @@ def main(argv: list[str] | None = None) -> int:
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        # results files written by an earlier benchmark of the same run are not code
+        # results files written by an earlier benchmark of the same run, and prose, are
+        # not code
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results"], capture_output=True, text=True, timeout=10).stdout.strip()
+                                ":(exclude)bench/results", ":(exclude)docs", ":(exclude)README.md"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
