@@ -20,7 +20,7 @@ from pathlib import Path
 from common import digest
 from common.units import parse_size
 
-from .single import _commit
+from .version import code_version
 
 MIB = 1 << 20
 CHUNK = MIB  # the update size of dfget's and the CDN's hashing
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"algorithm": algo, "piece_size": piece, "bytes_per_s": best})
             print(f"{algo:>7}, piece {piece // MIB:>2} MiB: {best / 1e9:.2f} GB/s ({best / (1 << 30):.2f} GiB/s)")
     meta = {"algorithms": list(digest.ALGORITHMS), "cpu": cpu_flags(), "python": platform.python_version(),
-            "commit": _commit(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": code_version(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "total": args.total, "runs": args.runs, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "digest.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.version import code_version
+
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
 LONG_POLL = 5.0
@@ -532,8 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in best.items() if k != "assignments_per_second_timeline"}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = code_version()
     given = list(sys.argv[1:] if argv is None else argv)
     flags = " ".join(a for i, a in enumerate(given)
                      if not a.startswith(("--out", "--home", "--origin-port", "--name"))

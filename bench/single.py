@@ -42,6 +42,8 @@ from typing import Any
 
 from common.units import parse_size
 
+from .version import code_version
+
 PY = sys.executable
 MIB = 1 << 20
 GEN_CHUNK = 16 * MIB
@@ -553,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "host": platform.node(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs, "commit": _commit(), "name": args.name}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs, "commit": code_version(), "name": args.name}
     print()
     print(table(results, args.runs))
     print()
@@ -568,18 +570,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwritten {args.out}/{args.name}.md and {args.name}.json")
     return 0 if all(r.ok for s in results + ([fixed] if fixed else []) for r in s.runs) else 1
 
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        # results files written by an earlier benchmark of the same run, and prose, are
-        # not code
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results", ":(exclude)docs", ":(exclude)README.md"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ from bench.scheduler import (
     proc_status,
     wait_port_file,
 )
+from bench.version import code_version
 
 HEARTBEAT = 30.0
 # On a 2-core box the supernode shares the CPU with ~25 load processes (20 peer servers,
@@ -652,8 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = code_version()
     nice = f" --load-nice {args.load_nice}" if args.load_nice != LOAD_NICE else ""
     nice += f" --download-nice {args.download_nice}" if args.download_nice != args.load_nice else ""
     nice += f" --sim-nice {args.sim_nice}" if args.sim_nice else ""

@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     out = summary(results)
     print(json.dumps(out))
     if args.out:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
+        from .version import code_version
+
+        commit = code_version()
         Path(args.out).write_text(json.dumps({
             "command": "python -m bench.stalls " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(start_at)), "commit": commit,

@@ -44,6 +44,8 @@ from typing import Any
 
 from common.units import parse_size
 
+from .version import code_version
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 MIB = 1 << 20
@@ -479,20 +481,6 @@ class ScenarioResult:
     measured: str = ""  # UTC date and time the scenario ran
     commit: str = ""  # git commit of the code measured ("+dirty" when uncommitted edits)
 
-
-def code_version() -> str:
-    """The measured code's git commit, marked +dirty when the tree has edits."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        # the benchmarks' own output under bench/results/ is not the measured code
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":!bench/results"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha or "unknown") + ("+dirty" if dirty else "")
 
 
 def summarize(results: list[ClientResult], size: int, origin_bytes: int, t_min: float,

@@ -37,7 +37,8 @@ from typing import Any
 from common.units import parse_size
 
 from .pki import TestCA
-from .single import PY, Procs, _commit, cpu_seconds, free_port, make_source, run_timed, sha256_file, wait_until
+from .single import PY, Procs, cpu_seconds, free_port, make_source, run_timed, sha256_file, wait_until
+from .version import code_version
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -163,7 +164,7 @@ def best(legs: list[Leg], mode: str, leg: str) -> dict[str, float]:
 
 def write_results(legs: list[Leg], size: int, runs: int, out: Path) -> None:
     gib = size / GIB
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(), "size": size,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": code_version(), "size": size,
             "runs": runs, "python": platform.python_version(), "openssl": ssl.OPENSSL_VERSION,
             "legs": [asdict(x) for x in legs]}
     out.mkdir(parents=True, exist_ok=True)
