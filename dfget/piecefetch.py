@@ -3,8 +3,9 @@ offset while hashing, and verify the digest the supernode gave.
 
 Two ways to receive, the same checks and failure reasons:
 - plain HTTP without a rate cap (the common case): one worker thread per piece in flight
-  reads a blocking socket a whole CHUNK per recv (MSG_WAITALL) and hashes and writes
-  each buffer itself; one CHUNK of memory per thread (`_fetch_threaded`);
+  (up to 16 a process: more go the other way) reads a blocking socket a whole CHUNK per
+  recv (MSG_WAITALL) and hashes and writes each buffer itself; one CHUNK of memory per
+  thread (`_fetch_threaded`);
 - TLS sources and rate-capped downloads: the event loop receives into two CHUNK buffers
   per piece while a worker thread hashes and writes the other (`_fetch`, piecewire).
 The piece counts as present only after `digest.matches`; until then its bytes on disk
@@ -118,9 +119,12 @@ async def _fetch_piece(session: object | None, task_id: str, a: Assignment,
         async with asyncio.timeout(limits.deadline(expected)):
             for attempt in range(BUSY_RETRIES + 1):
                 try:
-                    if not threaded(a, limits):
-                        return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client), algo)
-                    return await _fetch_threaded(task_id, a, part, expected, auth_headers(a, client), algo)
+                    if threaded(a, limits) and WORKERS.take():
+                        try:
+                            return await _fetch_threaded(task_id, a, part, expected, auth_headers(a, client), algo)
+                        finally:
+                            WORKERS.give()
+                    return await _fetch(session, task_id, a, part, limits, expected, auth_headers(a, client), algo)
                 except _Busy as exc:
                     if attempt == BUSY_RETRIES:
                         raise PieceFailed("refused", f"source busy (HTTP {exc.status})") from None
@@ -234,21 +238,41 @@ async def _stream(proto: PieceProtocol, a: Assignment, part: PartFile, limits: F
 
 
 # --- plain HTTP without a rate cap: the whole piece in one worker thread ------------------
-_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
-
-
 def threaded(a: Assignment, limits: FetchLimits) -> bool:
-    """Whether the piece goes through a worker thread's blocking socket: plain HTTP and
-    no rate cap (a TLS source and a throttled download stay on the loop)."""
+    """Whether the piece may go through a worker thread's blocking socket: plain HTTP
+    and no rate cap (a TLS source and a throttled download stay on the loop)."""
     return not a.source.tls and not limits.throttles
 
+
+class _Workers:
+    """At most `size` pieces of this process in worker threads at once, each with its
+    thread ready: a piece finding them all busy goes through the event loop instead of
+    waiting for one (a dfdaemon runs up to 64 downloads x 4 pieces at once; a thread per
+    piece would cost a 1 MiB buffer each, and a queue would spend the waiting pieces'
+    deadlines on pieces from slow peers)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+        self.lock = threading.Lock()
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.busy >= self.size:
+                return False
+            self.busy += 1
+            if self.pool is None:
+                self.pool = concurrent.futures.ThreadPoolExecutor(self.size, thread_name_prefix="piece")
+            return True
+
+    def give(self) -> None:
+        with self.lock:
+            self.busy -= 1
+
+
+WORKERS = _Workers(16)  # one dfget's pieces in flight (--pull-limit is at most 16) all fit
 _BUF = threading.local()  # each worker's receive buffer, reused: no page faults per piece
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    if not _POOL:  # one thread per piece in flight (--pull-limit is at most 16)
-        _POOL.append(concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="piece"))
-    return _POOL[0]
 
 
 class _Abort:
@@ -281,8 +305,9 @@ async def _fetch_threaded(task_id: str, a: Assignment, part: PartFile, expected:
     between (recv with MSG_WAITALL, the hash and pwrite release the GIL). TLS sources
     and rate-capped downloads keep the asyncio path (`_fetch`)."""
     box = _Abort()
+    assert WORKERS.pool is not None  # a slot was taken (WORKERS.take)
     fut = asyncio.get_running_loop().run_in_executor(
-        _pool(), _fetch_blocking, task_id, a, part, expected, extra, algo, box)
+        WORKERS.pool, _fetch_blocking, task_id, a, part, expected, extra, algo, box)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

@@ -225,3 +225,50 @@ async def test_a_cancelled_threaded_fetch_ends_at_once_and_writes_nothing_after(
         stop.set()
         part.close()
         await runner.cleanup()
+
+
+async def test_pieces_beyond_the_workers_go_through_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every worker thread busy (a dfdaemon runs many downloads at once), the next
+    piece is fetched on the event loop at once instead of queueing for a thread; a
+    cancelled piece gives its worker back."""
+    import dfget.piecefetch as pf
+
+    monkeypatch.setattr(pf, "WORKERS", pf._Workers(1))
+    slow_tid = "ef" * 32
+    sent, stop = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        cr = {"Content-Range": f"bytes {START}-{END}/{len(DATA)}"}
+        if request.match_info["tid"] != slow_tid:
+            return web.Response(status=206, body=GOOD, headers=cr)
+        resp = web.StreamResponse(status=206, headers=cr)
+        resp.content_length = len(GOOD)
+        await resp.prepare(request)
+        await resp.write(GOOD[:1000])
+        sent.set()
+        await asyncio.wait_for(stop.wait(), 60)  # then silence
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/peer/file/{tid}", handler)
+    runner, port = await start_app(app)
+    part = PartFile(tmp_path / "out", TID)
+    part.open(len(DATA))
+    paths: list[str] = []
+    real_threaded, real_loop = pf._fetch_threaded, pf._fetch
+    monkeypatch.setattr(pf, "_fetch_threaded", lambda *a, **k: (paths.append("thread"), real_threaded(*a, **k))[1])
+    monkeypatch.setattr(pf, "_fetch", lambda *a, **k: (paths.append("loop"), real_loop(*a, **k))[1])
+    try:
+        held = asyncio.create_task(fetch_piece(None, slow_tid, assignment(port), part, FetchLimits(minrate=1)))
+        await asyncio.wait_for(sent.wait(), 10)
+        assert pf.WORKERS.busy == 1
+        n = await asyncio.wait_for(fetch_piece(None, TID, assignment(port), part, FetchLimits(minrate=1)), 10)
+        assert n == len(GOOD) and paths == ["thread", "loop"]
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert pf.WORKERS.busy == 0
+    finally:
+        stop.set()
+        part.close()
+        await runner.cleanup()
