@@ -3,7 +3,7 @@ offset while hashing, and verify the digest the supernode gave.
 
 Two ways to receive, the same checks and failure reasons:
 - plain HTTP without a rate cap (the common case): one worker thread per piece in flight
-  (up to 16 a process: more go the other way) reads a blocking socket a whole CHUNK per
+  (up to 256 a process: more go the other way) reads a blocking socket a whole CHUNK per
   recv (MSG_WAITALL) and hashes and writes each buffer itself; one CHUNK of memory per
   thread (`_fetch_threaded`);
 - TLS sources and rate-capped downloads: the event loop receives into two CHUNK buffers
@@ -246,10 +246,11 @@ def threaded(a: Assignment, limits: FetchLimits) -> bool:
 
 class _Workers:
     """At most `size` pieces of this process in worker threads at once, each with its
-    thread ready: a piece finding them all busy goes through the event loop instead of
-    waiting for one (a dfdaemon runs up to 64 downloads x 4 pieces at once; a thread per
-    piece would cost a 1 MiB buffer each, and a queue would spend the waiting pieces'
-    deadlines on pieces from slow peers)."""
+    thread ready (threads are started as needed and kept): a piece finding them all busy
+    goes through the event loop instead of waiting for one, as a queue would spend the
+    waiting pieces' deadlines on pieces from slow peers. A worker holds one CHUNK buffer,
+    half of what a piece costs on the loop (two), and a thread blocked in recv costs no
+    CPU: `size` covers a dfdaemon's default 64 downloads x 4 pieces at once."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -271,7 +272,7 @@ class _Workers:
             self.busy -= 1
 
 
-WORKERS = _Workers(16)  # one dfget's pieces in flight (--pull-limit is at most 16) all fit
+WORKERS = _Workers(256)
 _BUF = threading.local()  # each worker's receive buffer, reused: no page faults per piece
 
 
