@@ -128,7 +128,7 @@ async def test_range_byte_exact(world: World) -> None:
     }
     for i, (rng, want) in enumerate(cases.items()):
         out = world.tmp / f"range{i}"
-        r = await run_dfget(*world.args(url, out, "--range", rng))
+        r = await run_dfget(*world.args(url, out, "--range", rng), timeout=120)
         assert r.code == 0, (rng, r.stderr)
         assert out.read_bytes() == want, rng
         assert r.report["range"] == rng
@@ -148,7 +148,7 @@ async def test_bad_ranges_are_refused(world: World) -> None:
     url = world.add("small", data)
     for rng in ("bytes=9-3", "bytes=a-b", "items=0-1", "bytes=0-1,5-6", "bytes=-0", "0-10"):
         out = world.tmp / "bad"
-        r = await run_dfget(*world.args(url, out, "--range", rng))
+        r = await run_dfget(*world.args(url, out, "--range", rng), timeout=120)
         assert r.code == 2, (rng, r.stderr)
         assert "--range" in r.stderr
         assert not out.exists()
