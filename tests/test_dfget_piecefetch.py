@@ -183,6 +183,27 @@ async def test_unreachable_source_fails_fast_as_refused(tmp_path: Path, monkeypa
         part.close()
 
 
+def _quiet_source(sent: asyncio.Event, stop: asyncio.Event, head: int, quiet_tid: str | None = None) -> web.Application:
+    """A source that sends the first `head` bytes of the piece, sets `sent`, then nothing
+    until `stop` (for every task, or only `quiet_tid`: the others get the whole piece)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        cr = {"Content-Range": f"bytes {START}-{END}/{len(DATA)}"}
+        if quiet_tid is not None and request.match_info["tid"] != quiet_tid:
+            return web.Response(status=206, body=GOOD, headers=cr)
+        resp = web.StreamResponse(status=206, headers=cr)
+        resp.content_length = len(GOOD)
+        await resp.prepare(request)
+        await resp.write(GOOD[:head])
+        sent.set()
+        await asyncio.wait_for(stop.wait(), 60)  # then silence
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/peer/file/{tid}", handler)
+    return app
+
+
 async def test_a_cancelled_threaded_fetch_ends_at_once_and_writes_nothing_after(tmp_path: Path) -> None:
     """A piece read by a worker thread (plain HTTP, no rate cap) from a source that went
     quiet mid-body: cancelling the fetch (its deadline, a failover) ends the blocked read
@@ -192,19 +213,7 @@ async def test_a_cancelled_threaded_fetch_ends_at_once_and_writes_nothing_after(
     import dfget.piecefetch as pf
 
     sent, stop = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(status=206, headers={"Content-Range": f"bytes {START}-{END}/{len(DATA)}"})
-        resp.content_length = len(GOOD)
-        await resp.prepare(request)
-        await resp.write(GOOD[:40_000])
-        sent.set()
-        await asyncio.wait_for(stop.wait(), 60)  # then silence
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/peer/file/{tid}", handler)
-    runner, port = await start_app(app)
+    runner, port = await start_app(_quiet_source(sent, stop, 40_000))
     part = PartFile(tmp_path / "out", TID)
     part.open(len(DATA))
     a = assignment(port)
@@ -236,22 +245,7 @@ async def test_pieces_beyond_the_workers_go_through_the_loop(tmp_path: Path, mon
     monkeypatch.setattr(pf, "WORKERS", pf._Workers(1))
     slow_tid = "ef" * 32
     sent, stop = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        cr = {"Content-Range": f"bytes {START}-{END}/{len(DATA)}"}
-        if request.match_info["tid"] != slow_tid:
-            return web.Response(status=206, body=GOOD, headers=cr)
-        resp = web.StreamResponse(status=206, headers=cr)
-        resp.content_length = len(GOOD)
-        await resp.prepare(request)
-        await resp.write(GOOD[:1000])
-        sent.set()
-        await asyncio.wait_for(stop.wait(), 60)  # then silence
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/peer/file/{tid}", handler)
-    runner, port = await start_app(app)
+    runner, port = await start_app(_quiet_source(sent, stop, 1000, quiet_tid=slow_tid))
     part = PartFile(tmp_path / "out", TID)
     part.open(len(DATA))
     paths: list[str] = []
