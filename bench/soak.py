@@ -30,7 +30,10 @@ warm-up of max(10 s, 10 % of the duration)) and at the end (target: growth <= 20
 sampled every 5 s. Reuses bench.scheduler's process and /proc helpers.
 
 Priorities: the origin and the downloads (with the peer servers they start) run at
-`--load-nice` (10), the simulated clients, whose pulls are the measured latency, at
+SCHED_IDLE (`--load-sched idle`, where the kernel has it) and `--load-nice` (10): they
+get the CPU time the supernode, Redis and the simulated clients leave, and yield it the
+moment one of those wakes. The download hosts' homes and files live in RAM (/dev/shm)
+where it has room: their writes are their own machines' cost. The simulated clients, whose pulls are the measured latency, at
 `--sim-nice` (0), like the supernode and Redis: the soak stands for clients on machines
 of their own, and on 2 shared cores at equal priority the supernode would wait out a
 slice of each of ~25 load processes before every request. Every process leads a session
