@@ -37,7 +37,7 @@ from .cdn.origin import OriginClient, OriginSettings
 from .cdn.seed import Seed
 from .cdn.throttle import Throttle
 from .config import Settings
-from .gc import announce_loop, gc_loop
+from .gc import announce_loop, gc_loop, heap_trim_loop
 from .metrics import Metrics
 from .pop.challenger import Challenger, PopSettings
 from .scheduling.dispatch import Dispatcher
@@ -138,6 +138,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(hub.connected.wait(), 5.0)
     background.start("gc", gc_loop(st), name="gc")
+    background.start("heap-trim", heap_trim_loop(), name="heap-trim")
     background.start("lag", metrics.probe_loop_lag(), name="loop-lag")
     try:
         await keyring.publish()  # before the first registration hands out the key list

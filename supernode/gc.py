@@ -1,11 +1,14 @@
-"""Garbage collection: idle tasks, dead peers, cached files under disk pressure, and the
-supernode's own liveness record."""
+"""Garbage collection: idle tasks, dead peers, cached files under disk pressure, freed
+heap memory, and the supernode's own liveness record."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import time
+from collections.abc import Callable
 
 from common import errors
 
@@ -85,6 +88,37 @@ async def gc_loop(st: SupernodeState) -> None:
             log.warning("gc skipped: %s", exc.message)
         raise_if_cancelled()
         await asyncio.sleep(st.settings.gc_meta_interval)
+
+
+HEAP_TRIM_INTERVAL = 30.0  # seconds between two returns of freed heap memory to the OS
+
+
+def heap_trimmer() -> Callable[[], bool] | None:
+    """glibc's malloc_trim(0), where the C library is glibc: it gives the pages of freed
+    heap memory back to the OS. glibc keeps them otherwise: after a burst of requests
+    the supernode's RSS stays at the burst's high-water mark. None elsewhere."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+
+    def trim() -> bool:
+        return bool(fn(0))
+
+    return trim
+
+
+async def heap_trim_loop(interval: float = HEAP_TRIM_INTERVAL) -> None:
+    """Forever: return freed heap memory every `interval` seconds (0.1-0.4 ms a pass with
+    the soak's ~100 MiB heap: on the loop, not worth a thread)."""
+    trim = heap_trimmer()
+    if trim is None:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        trim()
 
 
 async def announce_loop(st: SupernodeState, ip: str, port: int, download_port: int, tls: bool = False) -> None:
