@@ -31,9 +31,10 @@ sampled every 5 s. Reuses bench.scheduler's process and /proc helpers.
 
 Priorities: the origin and the downloads (with the peer servers they start) run at
 SCHED_IDLE (`--load-sched idle`, where the kernel has it) and `--load-nice` (19): they
-get the CPU time the supernode, Redis and the simulated clients leave, and yield it the
-moment one of those wakes. The download hosts' homes and files live in RAM (/dev/shm)
-where it has room: their writes are their own machines' cost. The simulated clients, whose pulls are the measured latency, at
+give up their CPU the moment the supernode, Redis or a simulated client wakes, and
+their session groups (below) weigh the least a group can. The download hosts' homes
+and files live in RAM (/dev/shm) where it has room: their writes are their own
+machines' cost. The simulated clients, whose pulls are the measured latency, run at
 `--sim-nice` (0), like the supernode and Redis: the soak stands for clients on machines
 of their own, and on 2 shared cores at equal priority the supernode would wait out a
 slice of each of ~25 load processes before every request. Every process leads a session
@@ -339,6 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logs.mkdir()
     hosts_dir = _hosts_dir(work, args.hosts * max(1, args.downloads // args.hosts))
     _clean_redis(args.redis_url)
+    finished = False
     try:
         files = work / "files"
         files.mkdir()
@@ -385,6 +387,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "--hosts-list", ",".join(map(str, hosts)), "--per-host", str(per_host), *common],
                                    stdout=_log(errlogs, logs / f"dl{i}.out"), stderr=_log(errlogs, logs / f"dl{i}.log"),
                                    **_own_session(args.download_nice, args.load_sched == "idle")))
+        args.load_sched_ran = args.load_sched
+        if args.load_sched == "idle" and not all(_sched_idle(p.pid) for p in dls):
+            args.load_sched_ran = "normal"  # the kernel refused SCHED_IDLE: report what ran
         warmup = start + max(10.0, args.duration / 10)
         timeline: list[tuple[float, float]] = []
         rss0 = cpu0 = rcpu0 = None
@@ -415,6 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         host_stalls = stalls.collect(probes)
         sim_res = [_result(p, logs / f"sim{i}.out") for i, p in enumerate(sims)]
         dl_res = [_result(p, logs / f"dl{i}.out") for i, p in enumerate(dls)]
+        finished = True
     finally:
         for probe, _ in probes:  # started apart from procs (they stop on their own at stop_at)
             if probe.poll() is None:
@@ -424,6 +430,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for f in errlogs:
             f.close()
         _clean_redis(args.redis_url)
+        if not finished and not args.keep:
+            _drop_hosts_dir(hosts_dir, logs)
     log_paths = [sn_log, *logs.glob("dl*.log"), *logs.glob("sim*.log"), *hosts_dir.glob("host*/logs/server.log")]
     tracebacks = _tracebacks(log_paths)
     if not args.keep:
@@ -475,21 +483,45 @@ def _own_session(n: int, idle: bool = False) -> dict[str, Any]:
 
 def _hosts_dir(work: Path, downloads: int) -> Path:
     """Where the download hosts keep their homes and write their files: a directory in RAM
-    (/dev/shm) where it has room for every download's file twice over (the host's copy
-    and the one in flight), else `work`/hosts. On this machine's virtual disk the
-    downloads' ~150 MB/s of writes kept the kernel's writeback busy on both CPUs, ahead of
-    any process: 841 of the supernode's Redis scripts took over 25 ms in a 40 s run, and
-    31 with the hosts in RAM. Those writes are the clients' machines' cost, not the
-    supernode's (its own cache stays on disk, in `work`)."""
+    (/dev/shm) where it and the machine's free memory have room for every download's
+    file twice over (the host's copy and the one in flight) with 1 GiB (and 4 GiB of
+    memory) to spare, else `work`/hosts. On this machine's virtual disk the downloads'
+    ~150 MB/s of writes kept the kernel's writeback threads busy (at nice 0, outside the
+    load's session groups): 841 of the supernode's Redis scripts took over 25 ms in a
+    40 s run, and 31 with the hosts in RAM. Those writes are the clients' machines' cost,
+    not the supernode's (its own cache stays on disk, in `work`)."""
     need = downloads * 2 * 6 * MIB + (1 << 30)
     ram = Path("/dev/shm")
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ValueError, StopIteration):
         st = os.statvfs(ram)
-        if st.f_bavail * st.f_frsize >= need and os.access(ram, os.W_OK):
+        avail_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+        if (st.f_bavail * st.f_frsize >= need and avail_kib * 1024 >= need + (4 << 30)
+                and os.access(ram, os.W_OK)):
             return Path(tempfile.mkdtemp(prefix="bench-soak-hosts-", dir=ram))
     d = work / "hosts"
     d.mkdir()
     return d
+
+
+def _sched_idle(pid: int) -> bool:
+    try:
+        return os.sched_getscheduler(pid) == os.SCHED_IDLE
+    except (OSError, AttributeError):
+        return False
+
+
+def _drop_hosts_dir(hosts_dir: Path, logs: Path) -> None:
+    """After a failed run: the hosts' peer-server logs go to `logs` (kept on disk with the
+    rest of the work directory) and a hosts directory in RAM is removed, as it would
+    otherwise hold memory until the next boot."""
+    if not str(hosts_dir).startswith("/dev/shm/"):
+        return
+    for log in hosts_dir.glob("host*/logs/server.log"):
+        with contextlib.suppress(OSError):
+            (logs / f"{log.parent.parent.name}-server.log").write_bytes(log.read_bytes())
+    subprocess.run(["rm", "-rf", str(hosts_dir)], check=False)
+    print(f"soak failed: logs kept in {logs}", file=sys.stderr)
 
 
 def _log(opened: list[Any], path: Path) -> Any:
@@ -561,7 +593,7 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
         "duration_s": args.duration, "clients": args.clients, "think_s": args.think,
         "downloads_concurrent": sum(r.get("concurrent", 0) for r in dls), "hosts": args.hosts,
         "download_nice": args.download_nice, "load_nice": args.load_nice, "sim_nice": args.sim_nice,
-        "load_sched": args.load_sched,
+        "load_sched": getattr(args, "load_sched_ran", args.load_sched),
         "errors": sum(errors.values()), "errors_by_kind": errors,
         "last_errors": [r["last_error"] for r in sims + dls if r.get("last_error")][:5],
         "back_to_source": sum(r.get("back_to_source", 0) for r in dls),
@@ -650,13 +682,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sim-procs", type=int, default=2)
     p.add_argument("--dl-procs", type=int, default=2)
     p.add_argument("--load-nice", type=int, default=LOAD_NICE,
-                   help="nice level of the load: the origin, the simulated clients and the downloads (with the "
-                        f"peer servers they start); default {LOAD_NICE}, so that the supernode under test gets the "
-                        "CPU it would have on a host of its own (0: everything competes equally)")
+                   help="nice level of the load: the origin and the downloads (with the peer servers they "
+                        f"start); default {LOAD_NICE}, so that the supernode under test gets the CPU it would have "
+                        "on a host of its own (0: everything competes equally)")
     p.add_argument("--load-sched", choices=("idle", "normal"), default="idle",
                    help="the load's scheduling class: idle (default; SCHED_IDLE where the kernel has it, at its "
-                        "nice level too) runs the origin and the downloads only on CPU time the supernode, Redis "
-                        "and the simulated clients leave, as on hosts of their own; normal: at their nice level only")
+                        "nice level too): the origin and the downloads give up their CPU the moment the supernode, "
+                        "Redis or a simulated client wakes, as on hosts of their own; normal: their nice level only")
     p.add_argument("--sim-nice", type=int, default=0,
                    help="nice level of the simulated clients (default 0: they measure the pull latency, and "
                         "their own wait for a CPU would count in it)")

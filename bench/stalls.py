@@ -4,16 +4,18 @@
 
 A probe is pinned to one CPU, runs at the highest priority it may have (SCHED_FIFO as
 root, else nice -20, else as it is; the result names it) and wakes every 5 ms; every
-wake-up later than `--gap-ms` (10) after the previous one is a stall. A stop of 10 ms or
-more always makes one (it ends after the probe's timer, so the gap is at least the stop);
-some stops of 5-10 ms do too. The probe wakes no more often than that because it costs
-what it measures: at SCHED_FIFO every wake-up preempts whatever runs on its CPU. Waking
-every 0.5 ms, the two probes took 14 % of this 2-core machine and preempted the
-supernode 4,000 times a second; a 60 s soak's pull p99 was 82 ms with them and 45 ms
-without. At SCHED_FIFO
-nothing inside this machine could have held it back that long, so a stall is time the
-CPU itself did not run: on a virtual machine, time the host did not give that vCPU
-(its other work, or a CPU quota on the VM), which the guest counts as steal. At a lower
+wake-up later than `--gap-ms` (10) after the previous one is a stall. The gap between
+two wake-ups holds any stop whole, so every stop of 10 ms or more makes one; so may a
+stop of 5-10 ms (the gap is up to the stop plus one period). A stall is recorded as the
+time from the missed wake-up to the late one, which the stop certainly covered. The
+probe wakes no more often than that because it costs what it measures: at SCHED_FIFO
+every wake-up preempts whatever runs on its CPU. Waking every 0.5 ms, the two probes
+took 14 % of this 2-core machine and woke 4,000 times a second between them, each time
+taking the CPU from whatever ran there, the supernode included; a 60 s soak's pull p99
+was 82 ms with them and 45 ms without. At SCHED_FIFO nothing inside this machine could
+have held it back that long, so a stall is time the CPU itself did not run: on a
+virtual machine, time the host did not give that vCPU (its other work, or a CPU quota
+on the VM), which the guest counts as steal. At a lower
 priority a stall may also be this machine's own load.
 
 Any latency a benchmark measures on this machine has these stalls as a floor: a request
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-WAKE_S = 0.005  # a stop of GAP_MS or more is caught at any wake-up period up to GAP_MS
+WAKE_S = 0.005  # well below GAP_MS, so that an ordinary sleep is never a stall
 GAP_MS = 10.0
 
 
@@ -67,8 +69,8 @@ def probe(cpu: int, start_at: float, stop_at: float, gap_ms: float = GAP_MS, rea
     while last < stop:
         time.sleep(WAKE_S)
         now = time.monotonic()
-        if now - last > gap:
-            stalls.append((round(last + wall, 4), round(now + wall, 4)))
+        if now - last > gap:  # from the wake-up it missed to the one that came
+            stalls.append((round(last + WAKE_S + wall, 4), round(now + wall, 4)))
         last = now
     return {"cpu": cpu, "policy": policy, "gap_ms": gap_ms, "seconds": round(stop_at - start_at, 1),
             "stalls": stalls}
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="write the result (JSON) here")
     p.add_argument("--ready", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.gap_ms <= 1000 * WAKE_S:
+        p.error(f"--gap-ms must be over {1000 * WAKE_S:g} (the probe's wake-up period)")
     start_at = args.start_at or time.time()
     stop_at = args.stop_at or start_at + args.seconds
     if args.cpu is not None:
