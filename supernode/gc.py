@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -95,11 +94,14 @@ HEAP_TRIM_INTERVAL = 30.0  # seconds between two returns of freed heap memory to
 
 def heap_trimmer() -> Callable[[], bool] | None:
     """glibc's malloc_trim(0), where the C library is glibc: it gives the pages of freed
-    heap memory back to the OS. glibc keeps them otherwise: after a burst of requests
-    the supernode's RSS stays at the burst's high-water mark. None elsewhere."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    heap memory back to the OS. glibc returns on its own only what is free at the top of
+    the heap; what a burst of requests freed below a block still in use stays in RSS.
+    None elsewhere."""
+    try:  # the symbols this process already has: no ldconfig run to find the C library
+        fn = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int

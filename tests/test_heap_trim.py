@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
@@ -41,3 +42,27 @@ def test_trimmer_is_none_or_callable() -> None:
     assert (trim is None) != GLIBC
     if trim is not None:
         assert isinstance(trim(), bool)
+
+
+async def test_the_loop_trims_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from supernode import gc as sngc
+
+    calls: list[float] = []
+    monkeypatch.setattr(sngc, "heap_trimmer", lambda: lambda: calls.append(1.0) is None)
+    task = asyncio.create_task(sngc.heap_trim_loop(0.02))
+    await asyncio.sleep(0.15)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert 3 <= len(calls) <= 8, calls
+
+
+async def test_the_loop_ends_where_there_is_nothing_to_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from supernode import gc as sngc
+
+    monkeypatch.setattr(sngc, "heap_trimmer", lambda: None)
+    await asyncio.wait_for(sngc.heap_trim_loop(0.01), 1.0)
