@@ -440,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    (cpu1 - cpu0, rcpu1[0] - rcpu0[0], t_cpu1 - t_cpu0), work)
     # every task's file from the origin exactly once (x F): the CDN's one fetch
     out["origin_x_per_task"] = origin_x
-    out["hosts_in_ram"] = str(hosts_dir).startswith("/dev/shm/")
+    out["hosts_in_ram"] = _in_ram(hosts_dir)
     if args.keep:
         out["hosts_dir"] = str(hosts_dir)
     # the supernode's own view of the same window: scheduling time and event-loop lag
@@ -481,6 +481,13 @@ def _own_session(n: int, idle: bool = False) -> dict[str, Any]:
     return {"start_new_session": True, "preexec_fn": niced if n or idle else None}
 
 
+RAM_DIR = Path("/dev/shm")
+
+
+def _in_ram(path: Path) -> bool:
+    return path.parent == RAM_DIR
+
+
 def _hosts_dir(work: Path, downloads: int) -> Path:
     """Where the download hosts keep their homes and write their files: a directory in RAM
     (/dev/shm) where it and the machine's free memory have room for every download's
@@ -491,7 +498,7 @@ def _hosts_dir(work: Path, downloads: int) -> Path:
     40 s run, and 31 with the hosts in RAM. Those writes are the clients' machines' cost,
     not the supernode's (its own cache stays on disk, in `work`)."""
     need = downloads * 2 * 6 * MIB + (1 << 30)
-    ram = Path("/dev/shm")
+    ram = RAM_DIR
     with contextlib.suppress(OSError, ValueError, StopIteration):
         st = os.statvfs(ram)
         avail_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
@@ -515,7 +522,7 @@ def _drop_hosts_dir(hosts_dir: Path, logs: Path) -> None:
     """After a failed run: the hosts' peer-server logs go to `logs` (kept on disk with the
     rest of the work directory) and a hosts directory in RAM is removed, as it would
     otherwise hold memory until the next boot."""
-    if not str(hosts_dir).startswith("/dev/shm/"):
+    if not _in_ram(hosts_dir):
         return
     for log in hosts_dir.glob("host*/logs/server.log"):
         with contextlib.suppress(OSError):
@@ -593,7 +600,7 @@ def _summary(args: argparse.Namespace, sims: list[dict[str, Any]], dls: list[dic
         "duration_s": args.duration, "clients": args.clients, "think_s": args.think,
         "downloads_concurrent": sum(r.get("concurrent", 0) for r in dls), "hosts": args.hosts,
         "download_nice": args.download_nice, "load_nice": args.load_nice, "sim_nice": args.sim_nice,
-        "load_sched": getattr(args, "load_sched_ran", args.load_sched),
+        "load_sched": args.load_sched_ran,
         "errors": sum(errors.values()), "errors_by_kind": errors,
         "last_errors": [r["last_error"] for r in sims + dls if r.get("last_error")][:5],
         "back_to_source": sum(r.get("back_to_source", 0) for r in dls),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import platform
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+from supernode import gc as sngc
 from supernode.gc import heap_trimmer
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -20,7 +22,6 @@ def test_freed_heap_in_the_middle_goes_back_to_the_os() -> None:
     # one block after them that stays, then the blocks freed: glibc keeps those pages
     # (they are below a live block) until malloc_trim returns them.
     code = """
-import sys
 from supernode.gc import heap_trimmer
 def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
@@ -45,10 +46,6 @@ def test_trimmer_is_none_or_callable() -> None:
 
 
 async def test_the_loop_trims_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    import asyncio
-
-    from supernode import gc as sngc
-
     calls: list[float] = []
     monkeypatch.setattr(sngc, "heap_trimmer", lambda: lambda: calls.append(1.0) is None)
     task = asyncio.create_task(sngc.heap_trim_loop(0.02))
@@ -60,9 +57,5 @@ async def test_the_loop_trims_every_interval(monkeypatch: pytest.MonkeyPatch) ->
 
 
 async def test_the_loop_ends_where_there_is_nothing_to_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    import asyncio
-
-    from supernode import gc as sngc
-
     monkeypatch.setattr(sngc, "heap_trimmer", lambda: None)
     await asyncio.wait_for(sngc.heap_trim_loop(0.01), 1.0)
